@@ -1,0 +1,289 @@
+"""Datasets (METHOD §6): ``digits`` (default), ``synthetic``, ``cifar100``, ``imagefolder``.
+
+:func:`load_dataset` returns a :class:`BackfillData`: a training split (augmented where the data
+are images), the same training items without augmentation (to cache embeddings), and a test split
+that is both query set and gallery (leave-one-out). Which classes the old model sees is a
+parameter; by default the first half.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Subset, TensorDataset
+
+DATASETS = ("digits", "synthetic", "cifar100", "imagefolder")
+DATA_ENV = "BACKFILL_DATA"
+
+CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
+CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class DataNotFoundError(FileNotFoundError):
+    """Data are not on disk and could not be downloaded."""
+
+
+@dataclass
+class BackfillData:
+    """A dataset prepared for the backfilling protocol.
+
+    Attributes
+    ----------
+    name : str
+    train : Dataset
+        Training items ``(x, y)``, augmented for images.
+    train_plain : Dataset
+        The same items in the same order without augmentation (for embedding caches).
+    test : Dataset
+        Evaluation items: every one is a query and a gallery item (leave-one-out).
+    train_labels, test_labels : arrays of int
+    num_classes : int
+    old_classes : tuple of int
+        Classes the old model is trained on.
+    input_shape : tuple of int
+        Shape of one input, e.g. ``(1, 8, 8)``.
+    """
+
+    name: str
+    train: Dataset
+    train_plain: Dataset
+    test: Dataset
+    train_labels: np.ndarray
+    test_labels: np.ndarray
+    num_classes: int
+    old_classes: tuple[int, ...]
+    input_shape: tuple[int, ...]
+    info: dict = field(default_factory=dict)
+
+    def train_subset(self, classes=None) -> Dataset:
+        """Training items whose label is in ``classes`` (default: the old classes)."""
+        classes = self.old_classes if classes is None else tuple(classes)
+        idx = np.flatnonzero(np.isin(self.train_labels, classes))
+        return Subset(self.train, idx.tolist())
+
+    def describe(self) -> str:
+        return (f"{self.name}: {len(self.train_labels)} train / {len(self.test_labels)} test items, "
+                f"{self.num_classes} classes, old model sees {format_classes(self.old_classes)}")
+
+
+def parse_classes(spec, num_classes: int | None = None) -> tuple[int, ...]:
+    """Parse ``"0-4"``, ``"0,2,5"``, ``"0-4,7"`` or a sequence of ints into a sorted tuple.
+
+    Examples
+    --------
+    >>> parse_classes("0-2,5")
+    (0, 1, 2, 5)
+    """
+    if isinstance(spec, str):
+        out: set[int] = set()
+        for part in spec.replace(" ", "").split(","):
+            if not part:
+                continue
+            try:
+                if "-" in part:
+                    a, b = (int(v) for v in part.split("-", 1))
+                    if b < a:
+                        raise ValueError
+                    out.update(range(a, b + 1))
+                else:
+                    out.add(int(part))
+            except ValueError:
+                raise ValueError(f"old_classes: cannot parse {part!r}; use a form like '0-4' or '0,1,2'") from None
+        vals = tuple(sorted(out))
+    else:
+        vals = tuple(sorted({int(v) for v in spec}))
+    if not vals:
+        raise ValueError("old_classes is empty: the old model needs at least one class")
+    if num_classes is not None and (vals[0] < 0 or vals[-1] >= num_classes):
+        raise ValueError(f"old_classes {format_classes(vals)} out of range: classes are 0..{num_classes - 1}")
+    if num_classes is not None and len(vals) == num_classes:
+        raise ValueError("old_classes covers every class: leave some classes new, or nothing changes")
+    return vals
+
+
+def format_classes(classes) -> str:
+    """Inverse of :func:`parse_classes` for contiguous runs, e.g. ``(0, 1, 2, 5) -> "0-2,5"``."""
+    classes = sorted(classes)
+    runs, start = [], None
+    for i, c in enumerate(classes):
+        if start is None:
+            start = c
+        if i + 1 == len(classes) or classes[i + 1] != c + 1:
+            runs.append(f"{start}" if start == c else f"{start}-{c}")
+            start = None
+    return ",".join(runs)
+
+
+def data_root(root=None) -> Path:
+    """Where downloaded data live: ``root``, else ``$BACKFILL_DATA``, else ``~/.cache/backfill_lib/data``."""
+    if root is not None:
+        return Path(root).expanduser()
+    if os.environ.get(DATA_ENV):
+        return Path(os.environ[DATA_ENV]).expanduser()
+    return Path.home() / ".cache" / "backfill_lib" / "data"
+
+
+def _stratified_split(labels: np.ndarray, test_size: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(labels))
+    tr, te = train_test_split(idx, test_size=test_size, stratify=labels, random_state=seed)
+    return np.sort(tr), np.sort(te)
+
+
+def _from_arrays(name, x_train, y_train, x_test, y_test, num_classes, old_classes, info) -> BackfillData:
+    train = TensorDataset(torch.as_tensor(x_train, dtype=torch.float32), torch.as_tensor(y_train, dtype=torch.long))
+    test = TensorDataset(torch.as_tensor(x_test, dtype=torch.float32), torch.as_tensor(y_test, dtype=torch.long))
+    return BackfillData(name, train, train, test, np.asarray(y_train, dtype=np.int64), np.asarray(y_test, dtype=np.int64),
+                        num_classes, old_classes, tuple(x_train.shape[1:]), info)
+
+
+def load_digits_data(old_classes=None, test_size: float = 0.5, split_seed: int = 0) -> BackfillData:
+    """scikit-learn's bundled 8×8 digits (1,797 images, 10 classes), stratified seeded split.
+
+    Pixels are scaled to [0, 1] then standardised with the training mean and std.
+    """
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = (d.images / 16.0).astype(np.float32)[:, None, :, :]
+    y = d.target.astype(np.int64)
+    tr, te = _stratified_split(y, test_size, split_seed)
+    mean, std = x[tr].mean(), x[tr].std()
+    x = (x - mean) / std
+    old = parse_classes(old_classes if old_classes is not None else range(5), 10)
+    return _from_arrays("digits", x[tr], y[tr], x[te], y[te], 10, old,
+                        {"test_size": test_size, "split_seed": split_seed})
+
+
+def make_synthetic(num_classes: int = 10, dim: int = 32, n_per_class: int = 100, separation: float = 3.0,
+                   noise: float = 1.0, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Gaussian class clusters: class centres ``~ N(0, separation²/dim · I)``, items centre + ``N(0, noise²/dim · I)``.
+
+    Returns ``(x, y)`` with ``x`` of shape ``(num_classes * n_per_class, dim)``.
+    """
+    for arg, v in (("num_classes", num_classes), ("dim", dim), ("n_per_class", n_per_class)):
+        if not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"{arg} must be a positive integer, got {v!r}")
+    if num_classes < 2:
+        raise ValueError("num_classes must be at least 2")
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(scale=separation / np.sqrt(dim), size=(num_classes, dim))
+    y = np.repeat(np.arange(num_classes), n_per_class)
+    x = centres[y] + rng.normal(scale=noise / np.sqrt(dim), size=(len(y), dim))
+    return x.astype(np.float32), y.astype(np.int64)
+
+
+def load_synthetic_data(old_classes=None, num_classes: int = 10, dim: int = 32, n_per_class: int = 100,
+                        separation: float = 3.0, noise: float = 1.0, test_size: float = 0.5,
+                        split_seed: int = 0) -> BackfillData:
+    """Synthetic Gaussian clusters (see :func:`make_synthetic`) split like ``digits``."""
+    x, y = make_synthetic(num_classes, dim, n_per_class, separation, noise, seed=split_seed)
+    tr, te = _stratified_split(y, test_size, split_seed)
+    old = parse_classes(old_classes if old_classes is not None else range(num_classes // 2), num_classes)
+    return _from_arrays("synthetic", x[tr], y[tr], x[te], y[te], num_classes, old,
+                        {"dim": dim, "n_per_class": n_per_class, "separation": separation, "noise": noise})
+
+
+def _no_data_message(what: str, root: Path, exc: Exception) -> str:
+    return (f"{what} is not under {root} and could not be downloaded ({type(exc).__name__}: {exc}). "
+            f"On a machine with internet, run load_dataset('{what.lower()}', download=True) once, or copy "
+            f"the extracted data into {root}; pass root=... or set ${DATA_ENV} to where it is.")
+
+
+def load_cifar100_data(root=None, old_classes=None, download: bool = True) -> BackfillData:
+    """CIFAR-100 through torchvision (50,000 train / 10,000 test, 100 classes; old classes 0–49).
+
+    Training augmentation is the standard random crop with 4-pixel padding and horizontal flip.
+    Data are downloaded on first use into ``root`` (or ``$BACKFILL_DATA``).
+    """
+    from torchvision import datasets, transforms as T
+
+    root = data_root(root)
+    norm = T.Normalize(CIFAR100_MEAN, CIFAR100_STD)
+    train_tf = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), norm])
+    test_tf = T.Compose([T.ToTensor(), norm])
+    try:
+        train = datasets.CIFAR100(root, train=True, transform=train_tf, download=download)
+        train_plain = datasets.CIFAR100(root, train=True, transform=test_tf)
+        test = datasets.CIFAR100(root, train=False, transform=test_tf)
+    except (RuntimeError, OSError) as exc:  # torchvision: "Dataset not found"; urllib: no network
+        raise DataNotFoundError(_no_data_message("CIFAR100", root, exc)) from exc
+    old = parse_classes(old_classes if old_classes is not None else range(50), 100)
+    return BackfillData("cifar100", train, train_plain, test, np.asarray(train.targets), np.asarray(test.targets),
+                        100, old, (3, 32, 32), {"root": str(root)})
+
+
+def load_imagefolder_data(root, old_classes=None, image_size: int = 64, test_size: float = 0.2,
+                          split_seed: int = 0) -> BackfillData:
+    """Any ``root/<class>/<image>`` tree (torchvision ``ImageFolder``).
+
+    If ``root`` has ``train/`` and ``test/`` (or ``val/``) sub-folders they are used as the
+    splits; otherwise one tree is split, stratified and seeded.
+    """
+    from torchvision import datasets, transforms as T
+
+    if root is None:
+        raise ValueError("imagefolder needs root=... (a folder of class sub-folders of images)")
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataNotFoundError(f"root {root} is not a folder: give the path of a root/<class>/<image> tree")
+    norm = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    train_tf = T.Compose([T.RandomResizedCrop(image_size, scale=(0.5, 1.0)), T.RandomHorizontalFlip(), T.ToTensor(), norm])
+    test_tf = T.Compose([T.Resize(int(round(image_size * 1.14))), T.CenterCrop(image_size), T.ToTensor(), norm])
+    test_dir = next((root / s for s in ("test", "val") if (root / s).is_dir()), None)
+    if (root / "train").is_dir() and test_dir is not None:
+        train = datasets.ImageFolder(root / "train", transform=train_tf)
+        train_plain = datasets.ImageFolder(root / "train", transform=test_tf)
+        test = datasets.ImageFolder(test_dir, transform=test_tf)
+        if test.classes != train.classes:
+            raise ValueError(f"root: {test_dir.name}/ and train/ must have the same class folders")
+        y_train, y_test = np.asarray(train.targets), np.asarray(test.targets)
+    else:
+        full = datasets.ImageFolder(root, transform=train_tf)
+        plain = datasets.ImageFolder(root, transform=test_tf)
+        y = np.asarray(full.targets)
+        tr, te = _stratified_split(y, test_size, split_seed)
+        train, train_plain, test = Subset(full, tr.tolist()), Subset(plain, tr.tolist()), Subset(plain, te.tolist())
+        y_train, y_test = y[tr], y[te]
+        train.classes = full.classes
+    n_classes = len(train.classes)
+    old = parse_classes(old_classes if old_classes is not None else range(n_classes // 2), n_classes)
+    return BackfillData("imagefolder", train, train_plain, test, y_train, y_test, n_classes, old,
+                        (3, image_size, image_size), {"root": str(root), "classes": list(train.classes)})
+
+
+def load_dataset(name: str = "digits", old_classes=None, root=None, **kwargs) -> BackfillData:
+    """Load a dataset by name: ``digits`` (default), ``synthetic``, ``cifar100`` or ``imagefolder``.
+
+    Parameters
+    ----------
+    name : str
+    old_classes : str or sequence of int, optional
+        Classes the old model sees, e.g. ``"0-4"``; default the first half.
+    root : path, optional
+        Data folder for ``cifar100`` (default ``$BACKFILL_DATA``) and ``imagefolder`` (required).
+    **kwargs
+        Passed to the loader (``split_seed``, ``test_size``, ``download``, ``image_size``, ...).
+
+    Examples
+    --------
+    >>> data = load_dataset("digits")
+    >>> data.num_classes, data.old_classes, data.input_shape
+    (10, (0, 1, 2, 3, 4), (1, 8, 8))
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+    if name == "digits":
+        return load_digits_data(old_classes, **kwargs)
+    if name == "synthetic":
+        return load_synthetic_data(old_classes, **kwargs)
+    if name == "cifar100":
+        return load_cifar100_data(root, old_classes, **kwargs)
+    return load_imagefolder_data(root, old_classes, **kwargs)

@@ -1,0 +1,230 @@
+"""The experiment command: train (or load) models, simulate the backfill, print and save results.
+
+Example::
+
+    python -m backfill_lib.experiment --dataset digits --old-classes 0-4 \\
+        --strategies old,offline,rank_merge --seeds 0,1,2 --out results/digits.json
+
+For each seed the old and new models are trained (or loaded from the checkpoint cache) with that
+seed, and the backfill order is drawn with it; the table reports mean ± std over seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .backfill import DEFAULT_RATIOS, evaluate_backfill, old_only
+from .data import DATASETS, format_classes, load_dataset
+from .metrics import relative_gain
+from .strategies import PRESETS, SETTINGS, STRATEGY_REGISTRY, ExperimentContext, NotApplicable, build_strategy
+
+DEFAULT_STRATEGIES = ("old", "offline", "rank_merge")
+REPORT_RATIOS = (0.0, 0.5, 1.0)
+
+
+def _stats(values) -> dict:
+    v = np.asarray(values, dtype=np.float64)
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0}
+
+
+def _point_metrics(strategy, labels) -> dict:
+    c = evaluate_backfill(strategy, labels, ratios=[0.0])
+    return {"map": float(c.map[0]), "top1": float(c.top1[0]), "top5": float(c.top5[0])}, c.per_query_top1[0]
+
+
+def run_experiment(dataset: str = "digits", old_classes=None, strategies=DEFAULT_STRATEGIES, seeds=(0, 1, 2),
+                   setting: str = "homogeneous", ratios=DEFAULT_RATIOS, device=None, cache=None, root=None,
+                   progress: bool = True, data_kwargs: dict | None = None, preset=None) -> dict:
+    """Run the backfill experiment and return the JSON-ready results (see module docstring).
+
+    Parameters
+    ----------
+    dataset : str
+        ``digits`` (default), ``synthetic``, ``cifar100`` or ``imagefolder``.
+    old_classes : str or sequence, optional
+        Classes of the old model (default the first half).
+    strategies : sequence of str
+        Names registered in :data:`~backfill_lib.strategies.STRATEGY_REGISTRY`.
+    seeds : sequence of int
+        One run per seed (model initialisation, data order, backfill order).
+    setting : {"homogeneous", "heterogeneous"}
+    ratios : sequence of float
+        Backfill ratios; must include 0 and 1.
+    device, cache, root : optional
+        Torch device, checkpoint folder, data folder.
+    """
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; choose one of: {', '.join(DATASETS)}")
+    strategies = list(strategies)
+    unknown = [s for s in strategies if s not in STRATEGY_REGISTRY]
+    if unknown:
+        raise ValueError(f"unknown strategy {unknown[0]!r}; choose from: {', '.join(STRATEGY_REGISTRY)}")
+    if setting not in SETTINGS:
+        raise ValueError(f"unknown setting {setting!r}; choose one of: {', '.join(SETTINGS)}")
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise ValueError("seeds is empty: give at least one seed")
+    ratios = [float(r) for r in ratios]
+    if 0.0 not in ratios or 1.0 not in ratios:
+        raise ValueError("ratios must include 0 and 1 (the AUC spans the whole backfill)")
+    start = time.perf_counter()
+    data = load_dataset(dataset, old_classes=old_classes, root=root, **(data_kwargs or {}))
+    labels = data.test_labels
+    per_seed = {"old_old": [], "new_new": []}
+    runs: dict[str, dict] = {s: {"curves": [], "trained": []} for s in strategies}
+    for seed in seeds:
+        ctx = ExperimentContext(data, seed=seed, setting=setting, preset=preset, device=device, cache=cache,
+                                progress=progress)
+        oo, ref_top1 = _point_metrics(old_only(ctx.embeddings("old")), labels)
+        nn_, _ = _point_metrics(old_only(ctx.embeddings("new")), labels)
+        per_seed["old_old"].append(oo)
+        per_seed["new_new"].append(nn_)
+        for name in strategies:
+            try:
+                strategy = build_strategy(name, ctx)
+            except NotApplicable as exc:
+                runs[name] = {"status": "n/a", "reason": str(exc)}
+                continue
+            if runs[name].get("status") == "n/a":
+                continue
+            curve = evaluate_backfill(strategy, labels, ratios=ratios, order_seed=seed, reference_top1=ref_top1)
+            trained = {k: ctx.trained[k] for k in STRATEGY_REGISTRY[name].trains if k in ctx.trained}
+            runs[name]["curves"].append(curve)
+            runs[name]["trained"].append(trained)
+            runs[name]["passes"] = strategy.backbone_passes
+    result = {
+        "dataset": dataset,
+        "setting": setting,
+        "old_classes": format_classes(data.old_classes),
+        "seeds": seeds,
+        "ratios": ratios,
+        "models": {"old": ctx.old_spec.to_dict(), "new": ctx.new_spec.to_dict(), "train": vars(ctx.train_config) | {"seed": "per run"}},
+        "old_old": {m: _stats([r[m] for r in per_seed["old_old"]]) for m in ("map", "top1", "top5")},
+        "new_new": {m: _stats([r[m] for r in per_seed["new_new"]]) for m in ("map", "top1", "top5")},
+        "strategies": {},
+    }
+    for name in strategies:
+        run = runs[name]
+        if run.get("status") == "n/a":
+            result["strategies"][name] = {"status": "n/a", "reason": run["reason"],
+                                          "description": STRATEGY_REGISTRY[name].description}
+            continue
+        curves = run["curves"]
+        gains = [c.relative_gain(oo["map"], nn_["map"]) for c, oo, nn_ in
+                 zip(curves, per_seed["old_old"], per_seed["new_new"])]
+        trained_names = sorted({k for t in run["trained"] for k in t})
+        result["strategies"][name] = {
+            "description": STRATEGY_REGISTRY[name].description,
+            "backbone_passes": run["passes"],
+            "trained": {k: {"what": run["trained"][0][k]["what"],
+                            "seconds": _stats([t[k]["seconds"] or 0.0 for t in run["trained"]])}
+                        for k in trained_names},
+            "auc_map": _stats([c.auc_map for c in curves]),
+            "auc_top1": _stats([c.auc_top1 for c in curves]),
+            "relative_gain": _stats(gains),
+            "max_negative_flip": _stats([c.negative_flips.max() for c in curves]),
+            "map_at": {f"{r:.1f}": _stats([c.map_at(r) for c in curves]) for r in REPORT_RATIOS if r in ratios},
+            "ratios": ratios,
+            "curve_map": [c.map.tolist() for c in curves],
+            "curve_top1": [c.top1.tolist() for c in curves],
+            "curve_top5": [c.top5.tolist() for c in curves],
+            "curve_negative_flips": [c.negative_flips.tolist() for c in curves],
+        }
+    result["environment"] = {"backfill_lib": __version__, "python": platform.python_version(),
+                             "elapsed_seconds": round(time.perf_counter() - start, 1)}
+    return result
+
+
+def _pm(s: dict, digits: int = 3) -> str:
+    return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
+
+
+def _trained_text(entry: dict) -> str:
+    parts = [f"{v['what']} ({v['seconds']['mean']:.1f} s)" for v in entry.get("trained", {}).values()]
+    return "; ".join(parts) if parts else "nothing"
+
+
+def format_table(result: dict, markdown: bool = False) -> str:
+    """The results as a text table (or a Markdown table), one row per strategy.
+
+    Columns: strategy, what is trained and how long it took, backbone passes per query, mAP at
+    r = 0, 0.5, 1, AUC of mAP and of top-1, relative gain, largest negative-flip rate.
+    """
+    head = ["strategy", "trained (time)", "passes", "mAP r=0", "mAP r=0.5", "mAP r=1", "AUC mAP", "AUC top-1",
+            "rel. gain", "max neg. flip"]
+    rows = []
+    for name, s in result["strategies"].items():
+        if s.get("status") == "n/a":
+            rows.append([name, f"n/a: {s['reason']}"] + [""] * (len(head) - 2))
+            continue
+        rows.append([name, _trained_text(s), str(s["backbone_passes"]),
+                     *[_pm(s["map_at"][k]) if k in s["map_at"] else "" for k in ("0.0", "0.5", "1.0")],
+                     _pm(s["auc_map"]), _pm(s["auc_top1"]), _pm(s["relative_gain"], 2), _pm(s["max_negative_flip"])])
+    title = (f"{result['dataset']} ({result['setting']}, old classes {result['old_classes']}, "
+             f"seeds {','.join(map(str, result['seeds']))}): "
+             f"old/old mAP {_pm(result['old_old']['map'])}, new/new mAP {_pm(result['new_new']['map'])}, "
+             f"old/old top-1 {_pm(result['old_old']['top1'])}, new/new top-1 {_pm(result['new_new']['top1'])}")
+    if markdown:
+        lines = [f"**{title}** (our measurements)", "", "| " + " | ".join(head) + " |",
+                 "|" + "|".join("---" for _ in head) + "|"]
+        lines += ["| " + " | ".join(c.replace("|", "/") for c in r) + " |" for r in rows]
+        return "\n".join(lines)
+    widths = [max(len(head[i]), *(len(r[i]) for r in rows)) for i in range(len(head))]
+    fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    return "\n".join([title, fmt(head), fmt(["-" * w for w in widths]), *map(fmt, rows)])
+
+
+def _parse_list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m backfill_lib.experiment", description=__doc__.split("\n")[0])
+    parser.add_argument("--dataset", default="digits", choices=DATASETS)
+    parser.add_argument("--old-classes", default=None, help="classes of the old model, e.g. 0-4 (default: first half)")
+    parser.add_argument("--strategies", default=",".join(DEFAULT_STRATEGIES),
+                        help=f"comma-separated, from: {', '.join(STRATEGY_REGISTRY)}")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds, e.g. 0,1,2")
+    parser.add_argument("--setting", default="homogeneous", choices=SETTINGS)
+    parser.add_argument("--ratios", default=None, help="comma-separated backfill ratios (default 0,0.1,...,1)")
+    parser.add_argument("--root", default=None, help="data folder (cifar100, imagefolder)")
+    parser.add_argument("--cache", default=None, help="checkpoint folder (default $BACKFILL_CACHE or ~/.cache/backfill_lib)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: GPU if available)")
+    parser.add_argument("--out", default=None, help="write the results JSON here")
+    parser.add_argument("--markdown", default=None, help="also write the Markdown table here")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    try:
+        seeds = [int(s) for s in _parse_list(args.seeds)]
+        ratios = [float(r) for r in _parse_list(args.ratios)] if args.ratios else DEFAULT_RATIOS
+    except ValueError as exc:
+        parser.error(f"--seeds/--ratios must be comma-separated numbers ({exc})")
+    try:
+        result = run_experiment(args.dataset, args.old_classes, _parse_list(args.strategies), seeds, args.setting,
+                                ratios, device=args.device, cache=args.cache, root=args.root,
+                                progress=not args.quiet)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(format_table(result))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {args.out}")
+    if args.markdown:
+        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.markdown).write_text(format_table(result, markdown=True) + "\n")
+        print(f"wrote {args.markdown}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

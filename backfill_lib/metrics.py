@@ -1,0 +1,132 @@
+"""Retrieval and backfilling metrics (METHOD §4).
+
+All functions take a *score* matrix (higher = more similar, e.g. inner products of unit
+vectors) or precomputed per-query results. Ranking is by descending score; ties are broken by
+gallery index (a stable sort), which matters only for exactly equal scores.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .validation import as_labels, check_ratios
+
+
+def _check_scores(scores, relevant) -> tuple[np.ndarray, np.ndarray]:
+    scores = np.asarray(scores, dtype=np.float32)
+    if scores.ndim != 2 or scores.shape[1] == 0:
+        raise ValueError(f"scores must be a non-empty (n_queries, n_gallery) matrix, got shape {scores.shape}")
+    if np.isnan(scores).any() or np.isposinf(scores).any():
+        raise ValueError("scores contains NaN or +inf: only -inf is allowed (it excludes an item)")
+    relevant = np.asarray(relevant, dtype=bool)
+    if relevant.shape != scores.shape:
+        raise ValueError(f"relevant has shape {relevant.shape} but scores has {scores.shape}")
+    return scores, relevant
+
+
+def _ranked_relevance(scores: np.ndarray, relevant: np.ndarray) -> np.ndarray:
+    """Relevance (bool) of each gallery item in ranked order, one row per query."""
+    order = np.argsort(-scores, axis=1, kind="stable")
+    return np.take_along_axis(relevant, order, axis=1)
+
+
+def average_precision(scores, relevant) -> np.ndarray:
+    """Average precision of each query over the full ranking.
+
+    Parameters
+    ----------
+    scores : array of shape (n_queries, n_gallery)
+        Similarity of each query to each gallery item; use ``-inf`` to exclude an item (the
+        query itself in the leave-one-out protocol).
+    relevant : bool array of shape (n_queries, n_gallery)
+        Whether each gallery item is relevant to each query. Excluded items must be False.
+
+    Returns
+    -------
+    ap : array of shape (n_queries,)
+        AP per query; ``nan`` for a query with no relevant item.
+
+    Examples
+    --------
+    >>> average_precision([[0.9, 0.8, 0.1]], [[True, False, True]]).round(3)
+    array([0.833])
+    """
+    scores, relevant = _check_scores(scores, relevant)
+    ranked = _ranked_relevance(scores, relevant)
+    hits = np.cumsum(ranked, axis=1)
+    ranks = np.arange(1, scores.shape[1] + 1)
+    precision_at_hit = np.where(ranked, hits / ranks, 0.0)
+    n_rel = ranked.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n_rel > 0, precision_at_hit.sum(axis=1) / n_rel, np.nan)
+
+
+def topk_hits(scores, relevant, ks=(1, 5)) -> dict[int, np.ndarray]:
+    """CMC: for each ``k``, whether a relevant item is among each query's top ``k``."""
+    scores, relevant = _check_scores(scores, relevant)
+    kmax = max(ks)
+    if kmax > scores.shape[1]:
+        raise ValueError(f"ks asks for top-{kmax} but the gallery has {scores.shape[1]} items")
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :kmax]
+    rel_top = np.take_along_axis(relevant, top, axis=1)
+    return {k: rel_top[:, :k].any(axis=1) for k in ks}
+
+
+def mean_average_precision(scores, relevant) -> float:
+    """mAP: the mean of :func:`average_precision` over queries that have a relevant item."""
+    return float(np.nanmean(average_precision(scores, relevant)))
+
+
+def auc(ratios, values) -> float:
+    """Area under a backfill curve by the trapezoidal rule over ``ratios`` (METHOD §4).
+
+    The ratios must span [0, 1] for the area to be comparable with a single mAP.
+
+    Examples
+    --------
+    >>> auc([0, 0.5, 1], [0.5, 0.5, 1.0])
+    0.625
+    """
+    r = check_ratios(ratios)
+    v = np.asarray(values, dtype=np.float64)
+    if v.shape != r.shape:
+        raise ValueError(f"values has {v.shape[0] if v.ndim else 0} points but ratios has {r.shape[0]}")
+    if r[0] != 0.0 or r[-1] != 1.0:
+        raise ValueError("ratios must start at 0 and end at 1 for the area to be a mean over the backfill")
+    return float(np.trapezoid(v, r)) if hasattr(np, "trapezoid") else float(np.trapz(v, r))
+
+
+def relative_gain(auc_value: float, old_old: float, new_new: float) -> float:
+    """``(AUC − m_old/old) / (m_new/new − m_old/old)``: the share of the upgrade's gain obtained
+    on average during the backfill (0 = never upgrading, 1 = new-model quality at once).
+
+    Examples
+    --------
+    >>> relative_gain(0.7, old_old=0.5, new_new=0.9)
+    0.5
+    """
+    gap = float(new_new) - float(old_old)
+    if not np.isfinite(gap) or abs(gap) < 1e-12:
+        raise ValueError(
+            f"new_new ({new_new}) must differ from old_old ({old_old}): the relative gain is "
+            "undefined when the upgrade brings no gain"
+        )
+    return (float(auc_value) - float(old_old)) / gap
+
+
+def negative_flip_rate(correct_before, correct_after) -> float:
+    """Share of queries whose top-1 was right before (old/old) and is wrong after."""
+    before = np.asarray(correct_before, dtype=bool)
+    after = np.asarray(correct_after, dtype=bool)
+    if before.shape != after.shape:
+        raise ValueError(f"correct_after has shape {after.shape} but correct_before has {before.shape}")
+    if before.size == 0:
+        raise ValueError("correct_before is empty: there are no queries")
+    return float(np.mean(before & ~after))
+
+
+def same_label(query_labels, gallery_labels) -> np.ndarray:
+    """Relevance matrix: ``relevant[i, j] = query_labels[i] == gallery_labels[j]``."""
+    q = as_labels(query_labels, "query_labels")
+    g = as_labels(gallery_labels, "gallery_labels")
+    return q[:, None] == g[None, :]

@@ -1,0 +1,128 @@
+"""Embedding models: a backbone, an embedding layer and a linear classifier.
+
+``model.embed(x)`` returns L2-normalised embeddings ``φ(x)`` (what the gallery stores);
+``model(x)`` returns ``(embedding, logits)`` for training. The classifier is the plain linear
+softmax classifier on the (un-normalised) embedding that the paper and BCT use; BCT (METHOD §3.2)
+applies the old model's classifier to new embeddings through :meth:`EmbeddingModel.classify`.
+
+Why not a cosine classifier? We tried one (``logits = s · ẑ · Ŵᵀ``) on digits: it changes how
+well old and new distances line up, and with it the rank-merge baseline (relative gain 0.12 at
+``s = 16``, 0.39 at ``s = 8``, 0.19 at ``s = 32``, 3 seeds). The plain classifier keeps the
+baseline as the paper trains it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ARCHITECTURES = ("mlp", "small_cnn", "resnet18", "resnet50")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything that defines a model's shape (part of the checkpoint cache key).
+
+    Attributes
+    ----------
+    arch : {"mlp", "small_cnn", "resnet18", "resnet50"}
+    embed_dim : int
+        Embedding size ``d``.
+    width : int
+        Base width of ``mlp`` and ``small_cnn`` (ignored by the ResNets).
+    """
+
+    arch: str = "small_cnn"
+    embed_dim: int = 32
+    width: int = 32
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _small_cnn(in_channels: int, width: int) -> tuple[nn.Module, int]:
+    """Three conv blocks and global average pooling, for small images such as 8×8 digits."""
+    def block(cin, cout):
+        return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+    layers = [*block(in_channels, width), *block(width, 2 * width), nn.MaxPool2d(2),
+              *block(2 * width, 4 * width), nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    return nn.Sequential(*layers), 4 * width
+
+
+def _mlp(in_features: int, width: int) -> tuple[nn.Module, int]:
+    hidden = 4 * width
+    net = nn.Sequential(nn.Flatten(), nn.Linear(in_features, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+                        nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True))
+    return net, hidden
+
+
+def cifar_resnet(depth: int = 18, in_channels: int = 3) -> tuple[nn.Module, int]:
+    """torchvision's ResNet-18/50 with the CIFAR stem (3×3 conv, stride 1, no max-pool), no fc."""
+    from torchvision.models import resnet18, resnet50
+
+    if depth not in (18, 50):
+        raise ValueError(f"depth must be 18 or 50, got {depth}")
+    net = resnet18() if depth == 18 else resnet50()
+    net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    net.maxpool = nn.Identity()
+    feat_dim = net.fc.in_features
+    net.fc = nn.Identity()
+    return net, feat_dim
+
+
+class EmbeddingModel(nn.Module):
+    """Backbone → linear embedding layer → (L2-normalised embedding, linear-classifier logits)."""
+
+    def __init__(self, spec: ModelSpec, input_shape: tuple[int, ...], num_classes: int):
+        super().__init__()
+        if spec.arch not in ARCHITECTURES:
+            raise ValueError(f"unknown arch {spec.arch!r}; choose one of: {', '.join(ARCHITECTURES)}")
+        if spec.embed_dim < 1:
+            raise ValueError(f"embed_dim must be positive, got {spec.embed_dim}")
+        self.spec, self.input_shape, self.num_classes = spec, tuple(input_shape), num_classes
+        n_in = int(torch.tensor(input_shape).prod())
+        if spec.arch == "mlp":
+            self.backbone, feat = _mlp(n_in, spec.width)
+        elif len(input_shape) != 3:
+            raise ValueError(f"arch {spec.arch!r} needs image inputs (C, H, W), got input_shape {input_shape}")
+        elif spec.arch == "small_cnn":
+            self.backbone, feat = _small_cnn(input_shape[0], spec.width)
+        else:
+            self.backbone, feat = cifar_resnet(18 if spec.arch == "resnet18" else 50, input_shape[0])
+        self.embedding = nn.Linear(feat, spec.embed_dim)
+        self.classifier = nn.Linear(spec.embed_dim, num_classes)
+
+    @property
+    def embed_dim(self) -> int:
+        return self.spec.embed_dim
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Un-normalised embedding (before L2 normalisation)."""
+        return self.embedding(self.backbone(x))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self.features(x)
+        return F.normalize(z, dim=1), self.classifier(z)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """L2-normalised embeddings ``φ(x)``."""
+        return F.normalize(self.features(x), dim=1)
+
+    def classify(self, z: torch.Tensor) -> torch.Tensor:
+        """Apply this model's classifier to embeddings ``z`` (possibly another model's, as in BCT)."""
+        if z.shape[1] != self.embed_dim:
+            raise ValueError(f"z has dimension {z.shape[1]} but this classifier expects {self.embed_dim}")
+        return self.classifier(z)
+
+
+def build_model(spec: ModelSpec, input_shape, num_classes: int, seed: int | None = None) -> EmbeddingModel:
+    """Create an :class:`EmbeddingModel`; with ``seed`` the initial weights are reproducible."""
+    if seed is None:
+        return EmbeddingModel(spec, input_shape, num_classes)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return EmbeddingModel(spec, input_shape, num_classes)

@@ -1,0 +1,228 @@
+"""Exact retrieval on faiss, the leave-one-out protocol and search over a mixed gallery.
+
+The vocabulary is faiss's: a gallery has ``add``, ``remove_ids`` and ``search``, and
+``search`` returns ``(scores, ids)``. Scores are inner products of L2-normalised vectors, so
+ranking by descending score is ranking by ascending distance ``d = 2 - 2 a·b`` (METHOD §1).
+"""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+
+from .validation import as_embeddings, check_k
+
+
+def _as_ids(ids, n: int, name: str = "ids") -> np.ndarray:
+    arr = np.asarray(ids)
+    if arr.ndim != 1 or arr.shape[0] != n:
+        raise ValueError(f"{name} must be 1-D with one id per vector ({n}), got shape {arr.shape}")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(f"{name} must be integers, got dtype {arr.dtype}")
+    if arr.size and arr.min() < 0:
+        raise ValueError(f"{name} must be non-negative (faiss uses -1 for 'no result')")
+    return arr.astype(np.int64)
+
+
+class Gallery:
+    """An exact inner-product index (``faiss.IndexFlatIP``) with stable external ids.
+
+    Parameters
+    ----------
+    dim : int
+        Embedding dimension.
+
+    Examples
+    --------
+    >>> g = Gallery(2)
+    >>> g.add(np.array([[1.0, 0.0], [0.0, 1.0]]), ids=[10, 20])
+    >>> g.search(np.array([[0.9, 0.1]]), k=1)[1]
+    array([[10]])
+    """
+
+    def __init__(self, dim: int):
+        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
+            raise ValueError(f"dim must be a positive integer, got {dim!r}")
+        self.dim = int(dim)
+        self.index = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
+
+    @property
+    def ntotal(self) -> int:
+        """Number of stored vectors."""
+        return int(self.index.ntotal)
+
+    def __len__(self) -> int:
+        return self.ntotal
+
+    def add(self, vectors, ids=None) -> None:
+        """Store ``vectors`` under ``ids`` (default: ``ntotal, ntotal + 1, ...``)."""
+        x = as_embeddings(vectors, "vectors", dim=self.dim)
+        if ids is None:
+            ids = np.arange(self.ntotal, self.ntotal + len(x))
+        self.index.add_with_ids(x, _as_ids(ids, len(x)))
+
+    def remove_ids(self, ids) -> int:
+        """Remove the vectors stored under ``ids``; returns how many were removed."""
+        arr = np.asarray(ids, dtype=np.int64).ravel()
+        return int(self.index.remove_ids(arr)) if arr.size else 0
+
+    def search(self, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` items per query by inner product: ``(scores, ids)``, best first."""
+        q = as_embeddings(queries, "queries", dim=self.dim)
+        k = check_k(k, self.ntotal)
+        return self.index.search(q, k)
+
+
+def search(queries, gallery, k: int, exclude_self: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner-product top-``k`` search of ``queries`` in ``gallery``.
+
+    Parameters
+    ----------
+    queries : array (n_q, d)
+    gallery : array (n_g, d)
+    k : int
+        Results per query; at most the number of searchable items.
+    exclude_self : bool
+        Leave-one-out protocol: query ``i`` is gallery item ``i`` (same set), and is removed
+        from its own results. Requires ``n_q == n_g``.
+
+    Returns
+    -------
+    scores, ids : arrays (n_q, k), best first; ``ids`` index rows of ``gallery``.
+    """
+    g = as_embeddings(gallery, "gallery")
+    q = as_embeddings(queries, "queries", dim=g.shape[1])
+    if exclude_self and len(q) != len(g):
+        raise ValueError(
+            f"exclude_self=True needs queries and gallery to be the same items, but there are "
+            f"{len(q)} queries and {len(g)} gallery items"
+        )
+    k = check_k(k, len(g) - int(exclude_self))
+    index = Gallery(g.shape[1])
+    index.add(g)
+    scores, ids = index.index.search(q, k + int(exclude_self))
+    if exclude_self:
+        scores, ids = _drop_self(scores, ids, np.arange(len(q)), k)
+    return scores, ids
+
+
+def _drop_self(scores: np.ndarray, ids: np.ndarray, self_ids: np.ndarray, k: int):
+    """Remove each query's own id from its result row and keep ``k`` results."""
+    keep = ids != self_ids[:, None]
+    # Rows that did not contain their own id drop their last (worst) result instead.
+    no_self = keep.all(axis=1)
+    keep[no_self, -1] = False
+    n = len(ids)
+    return scores[keep].reshape(n, k), ids[keep].reshape(n, k)
+
+
+def score_matrix(queries, gallery) -> np.ndarray:
+    """All inner products ``queries @ gallery.T`` (what ``IndexFlatIP`` computes before its top-k).
+
+    Used where a metric needs the full ranking (mAP), not only a top-k list.
+    """
+    g = as_embeddings(gallery, "gallery")
+    q = as_embeddings(queries, "queries", dim=g.shape[1])
+    return q @ g.T
+
+
+def merge_topk(results: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Merge several per-query ``(scores, ids)`` lists into one top-``k`` list, best first.
+
+    ``ids == -1`` marks an empty slot (faiss convention) and is never returned while real
+    results remain.
+    """
+    scores = np.concatenate([s for s, _ in results], axis=1)
+    ids = np.concatenate([i for _, i in results], axis=1)
+    scores = np.where(ids < 0, -np.inf, scores)
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(scores, order, axis=1), np.take_along_axis(ids, order, axis=1)
+
+
+class MixedGallery:
+    """A gallery in the middle of an online backfill (METHOD §1–2).
+
+    Every item is stored either as an *old* vector (in the old model's space, or however the
+    strategy stores it) or, once backfilled, as a *new* vector. Each space is one faiss index;
+    a query brings one vector per space, both sub-galleries are searched, and the two
+    ``(score, id)`` lists are merged into one ranking. This is distance rank merge when the
+    query vectors are ``φ_o(q)`` and ``φ_n(q)``, and the reverse transformation when the old-space
+    query is ``ψ̂(φ_n(q))``.
+
+    Parameters
+    ----------
+    old_vectors : array (N, d_old)
+        The gallery as it is stored before the upgrade.
+    new_dim : int
+        Dimension of the vectors the backfill writes.
+    ids : array of N ints, optional
+        External ids (default ``0..N-1``).
+
+    Examples
+    --------
+    >>> old = np.eye(3, dtype="float32")
+    >>> mg = MixedGallery(old, new_dim=2)
+    >>> mg.backfill([2], np.array([[0.0, 1.0]]))
+    >>> mg.search(query_old=[[1.0, 0.0, 0.0]], query_new=[[0.0, 1.0]], k=2)[1]
+    array([[0, 2]])
+    """
+
+    def __init__(self, old_vectors, new_dim: int, ids=None):
+        old = as_embeddings(old_vectors, "old_vectors")
+        self.old = Gallery(old.shape[1])
+        self.new = Gallery(new_dim)
+        self.old.add(old, ids)
+        self._all_ids = set(np.asarray(ids if ids is not None else np.arange(len(old))).tolist())
+        self._backfilled: set[int] = set()
+
+    @property
+    def ntotal(self) -> int:
+        return self.old.ntotal + self.new.ntotal
+
+    @property
+    def backfill_ratio(self) -> float:
+        """Share of the gallery already stored as new vectors."""
+        return self.new.ntotal / self.ntotal
+
+    def backfill(self, ids, new_vectors) -> None:
+        """Replace the old vectors of ``ids`` by ``new_vectors`` (one step of the backfill)."""
+        x = as_embeddings(new_vectors, "new_vectors", dim=self.new.dim)
+        ids = _as_ids(ids, len(x))
+        unknown = [i for i in ids.tolist() if i not in self._all_ids]
+        if unknown:
+            raise ValueError(f"ids {unknown[:5]} are not in the gallery")
+        again = [i for i in ids.tolist() if i in self._backfilled]
+        if again:
+            raise ValueError(f"ids {again[:5]} are already backfilled")
+        self.old.remove_ids(ids)
+        self.new.add(x, ids)
+        self._backfilled.update(ids.tolist())
+
+    def search(self, query_old, query_new, k: int, exclude_ids=None) -> tuple[np.ndarray, np.ndarray]:
+        """Merged top-``k`` over both sub-galleries: ``(scores, ids)``, best first.
+
+        Parameters
+        ----------
+        query_old : array (n_q, d_old)
+            Query vector used against items still stored old.
+        query_new : array (n_q, d_new)
+            Query vector used against backfilled items.
+        k : int
+        exclude_ids : array of n_q ints, optional
+            Leave-one-out: the id of each query's own gallery item, removed from its results.
+        """
+        qo = as_embeddings(query_old, "query_old", dim=self.old.dim)
+        qn = as_embeddings(query_new, "query_new", dim=self.new.dim)
+        if len(qo) != len(qn):
+            raise ValueError(f"query_old has {len(qo)} rows but query_new has {len(qn)}: one of each per query")
+        n_extra = 0 if exclude_ids is None else 1
+        k = check_k(k, self.ntotal - n_extra)
+        parts = []
+        for sub, q in ((self.old, qo), (self.new, qn)):
+            kk = min(k + n_extra, sub.ntotal)
+            if kk > 0:
+                parts.append(sub.index.search(q, kk))
+        scores, ids = merge_topk(parts, k + n_extra)
+        if exclude_ids is not None:
+            scores, ids = _drop_self(scores, ids, _as_ids(exclude_ids, len(qo), "exclude_ids"), k)
+        return scores, ids

@@ -1,0 +1,212 @@
+"""One training loop for every model, a checkpoint cache, and embedding extraction.
+
+* :func:`train` runs any loss ``loss_fn(model, x, y) -> scalar`` (cross-entropy by default; BCT,
+  RA-BCT and the transformation losses plug in here), seeded, on the GPU when there is one, with
+  a tqdm progress bar.
+* :func:`train_or_load` is "load the checkpoint if it exists, otherwise train": the cache key is
+  a hash of the full configuration, and checkpoints are read with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+CACHE_ENV = "BACKFILL_CACHE"
+#: Bump when a change to the code makes old checkpoints stale.
+CACHE_VERSION = 1
+
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings (part of the checkpoint cache key).
+
+    Attributes
+    ----------
+    epochs, batch_size, lr, weight_decay : training schedule (cosine learning-rate decay)
+    optimizer : {"adam", "sgd"}
+    seed : int
+        Seeds the weight initialisation and the data order.
+    """
+
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 5e-4
+    optimizer: str = "adam"
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.optimizer not in ("adam", "sgd"):
+            raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+
+
+def default_device() -> torch.device:
+    """The GPU if there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def cache_dir(path=None) -> Path:
+    """Checkpoint folder: ``path``, else ``$BACKFILL_CACHE``, else ``~/.cache/backfill_lib/checkpoints``."""
+    if path is not None:
+        return Path(path).expanduser()
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    return Path.home() / ".cache" / "backfill_lib" / "checkpoints"
+
+
+def cross_entropy_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The default objective: cross-entropy of the model's classifier."""
+    _, logits = model(x)
+    return F.cross_entropy(logits, y)
+
+
+def _make_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "adam":
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(params, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay, nesterov=True)
+
+
+def train(model: nn.Module, dataset: Dataset, config: TrainConfig = TrainConfig(), loss_fn: LossFn = cross_entropy_loss,
+          device=None, params=None, desc: str = "train", progress: bool = True) -> list[float]:
+    """Train ``model`` on ``dataset`` by minimising ``loss_fn``; returns the mean loss per epoch.
+
+    Parameters
+    ----------
+    model : nn.Module
+    dataset : Dataset of ``(x, y)``
+    config : TrainConfig
+    loss_fn : callable ``(model, x, y) -> scalar tensor``
+    device : torch.device, optional
+        Default :func:`default_device`.
+    params : iterable of parameters, optional
+        What to optimise (default: every parameter of ``model`` that requires grad). Frozen
+        parts (an old model a loss uses, a backbone under a transformation) stay as they are.
+    """
+    if len(dataset) == 0:
+        raise ValueError("dataset is empty: nothing to train on")
+    device = torch.device(device) if device is not None else default_device()
+    model.to(device).train()
+    params = [p for p in (model.parameters() if params is None else params) if p.requires_grad]
+    if not params:
+        raise ValueError("no parameter requires grad: nothing to train")
+    opt = _make_optimizer(params, config)
+    generator = torch.Generator().manual_seed(config.seed)
+    loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, generator=generator,
+                        drop_last=len(dataset) > config.batch_size, pin_memory=device.type == "cuda")
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.epochs * len(loader))
+    history = []
+    torch.manual_seed(config.seed)  # dropout / augmentation randomness inside the loop
+    bar = tqdm(range(config.epochs), desc=desc, disable=not progress, leave=False)
+    for _ in bar:
+        total, count = 0.0, 0
+        for x, y in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            loss = loss_fn(model, x, y)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{desc}: the loss became {loss.item()}; lower config.lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.item() * len(y)
+            count += len(y)
+        history.append(total / count)
+        bar.set_postfix(loss=f"{history[-1]:.4f}")
+    model.eval()
+    return history
+
+
+def cache_key(**parts) -> str:
+    """A stable hash of a configuration (dataclasses and plain values)."""
+    def plain(v):
+        if hasattr(v, "__dataclass_fields__"):
+            return asdict(v)
+        if isinstance(v, (tuple, list)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    blob = json.dumps({"cache_version": CACHE_VERSION, **plain(parts)}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def train_or_load(module: nn.Module, name: str, key: str, train_fn: Callable[[nn.Module], object],
+                  directory=None, force: bool = False) -> tuple[nn.Module, dict]:
+    """Load ``module``'s weights from ``<directory>/<name>-<key>.pt`` if present, else train and save.
+
+    Parameters
+    ----------
+    module : nn.Module
+        A freshly built model (weights are loaded into it, or it is trained in place).
+    name : str
+        Human-readable prefix of the file.
+    key : str
+        :func:`cache_key` of everything that determines the weights.
+    train_fn : callable ``(module) -> anything``
+        Trains ``module`` in place.
+    directory : path, optional
+        Default :func:`cache_dir`.
+    force : bool
+        Retrain even if a checkpoint exists.
+
+    Returns
+    -------
+    module, info : the model in eval mode, and ``{"path", "cached", "seconds"}``; ``seconds`` is
+        the training time (recorded in the checkpoint's side file when loaded from cache).
+    """
+    directory = cache_dir(directory)
+    path = directory / f"{name}-{key}.pt"
+    meta_path = path.with_suffix(".json")
+    if path.exists() and not force:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        module.load_state_dict(state)
+        seconds = json.loads(meta_path.read_text()).get("seconds") if meta_path.exists() else None
+        return module.eval(), {"path": str(path), "cached": True, "seconds": seconds}
+    start = time.perf_counter()
+    train_fn(module)
+    seconds = time.perf_counter() - start
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save({k: v.detach().cpu() for k, v in module.state_dict().items()}, tmp)
+    os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
+    meta_path.write_text(json.dumps({"name": name, "key": key, "seconds": seconds}))
+    return module.eval(), {"path": str(path), "cached": False, "seconds": seconds}
+
+
+@torch.no_grad()
+def extract_embeddings(model: nn.Module, dataset: Dataset, batch_size: int = 512, device=None,
+                       fn: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
+                       progress: bool = False) -> np.ndarray:
+    """Embed every item of ``dataset`` (in order) with ``model.embed`` (or ``fn(model, x)``).
+
+    Returns a ``float32`` array of shape ``(len(dataset), d)``.
+    """
+    device = torch.device(device) if device is not None else default_device()
+    was_training = model.training
+    model.to(device).eval()
+    fn = fn or (lambda m, x: m.embed(x))
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    out = [fn(model, x.to(device)).float().cpu() for x, _ in tqdm(loader, desc="embed", disable=not progress, leave=False)]
+    model.train(was_training)
+    return torch.cat(out).numpy()

@@ -1,0 +1,120 @@
+"""Input checks at the public boundary.
+
+Every public function of ``backfill_lib`` validates its inputs once, here, and raises a
+``ValueError`` or ``TypeError`` that names the argument and says what to do. Inside the
+library the data is trusted.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import numpy as np
+
+
+def as_embeddings(x, name: str, dim: int | None = None, allow_empty: bool = False) -> np.ndarray:
+    """Return ``x`` as a C-contiguous ``float32`` matrix of shape ``(n, d)``.
+
+    Parameters
+    ----------
+    x : array-like or torch.Tensor
+        Embeddings, one row per item.
+    name : str
+        Argument name used in error messages.
+    dim : int, optional
+        Required number of columns.
+    allow_empty : bool
+        Whether zero rows are allowed.
+
+    Raises
+    ------
+    TypeError
+        If ``x`` is not numeric.
+    ValueError
+        If ``x`` is not 2-D, has the wrong width, is empty, or holds NaN/inf.
+    """
+    if hasattr(x, "detach"):  # torch.Tensor, without importing torch here
+        x = x.detach().cpu().numpy()
+    try:
+        arr = np.asarray(x)
+    except Exception as exc:  # pragma: no cover - exotic inputs
+        raise TypeError(f"{name} must be an array of numbers, got {type(x).__name__}") from exc
+    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+        raise TypeError(f"{name} must be an array of numbers, got dtype {arr.dtype}")
+    if arr.ndim != 2:
+        raise ValueError(
+            f"{name} must be a 2-D array of shape (n_items, dim), got shape {arr.shape}; "
+            "reshape a single vector with x[None, :]"
+        )
+    if arr.shape[0] == 0 and not allow_empty:
+        raise ValueError(f"{name} is empty (0 rows): add at least one item")
+    if dim is not None and arr.shape[1] != dim:
+        raise ValueError(
+            f"{name} has dimension {arr.shape[1]} but {dim} is expected: query and gallery "
+            "vectors of one space must have the same dimension (use a transformation to map "
+            "between spaces)"
+        )
+    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    if not np.isfinite(arr).all():
+        bad = int((~np.isfinite(arr)).any(axis=1).sum())
+        raise ValueError(
+            f"{name} contains NaN or infinite values in {bad} row(s): check the model output "
+            "(a diverged training run or a zero vector normalised) before searching"
+        )
+    return arr
+
+
+def as_labels(y, name: str, n: int | None = None) -> np.ndarray:
+    """Return ``y`` as a 1-D integer array, optionally of length ``n``."""
+    if hasattr(y, "detach"):
+        y = y.detach().cpu().numpy()
+    arr = np.asarray(y)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be 1-D (one label per item), got shape {arr.shape}")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        if np.issubdtype(arr.dtype, np.floating) and np.all(np.mod(arr, 1) == 0):
+            arr = arr.astype(np.int64)
+        else:
+            raise TypeError(f"{name} must hold integer class labels, got dtype {arr.dtype}")
+    if n is not None and arr.shape[0] != n:
+        raise ValueError(f"{name} has {arr.shape[0]} labels but there are {n} items")
+    return arr.astype(np.int64, copy=False)
+
+
+def check_ratio(r, name: str = "ratio") -> float:
+    """Return ``r`` as a float, checking it lies in [0, 1]."""
+    if isinstance(r, bool) or not isinstance(r, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a number in [0, 1], got {type(r).__name__}")
+    r = float(r)
+    if not (0.0 <= r <= 1.0) or np.isnan(r):
+        raise ValueError(f"{name} must lie in [0, 1] (share of the gallery backfilled), got {r}")
+    return r
+
+
+def check_ratios(ratios: Iterable[float], name: str = "ratios") -> np.ndarray:
+    """Return sorted unique ratios in [0, 1] as a float array (must be non-empty)."""
+    vals = [check_ratio(r, f"{name}[{i}]") for i, r in enumerate(ratios)]
+    if not vals:
+        raise ValueError(f"{name} is empty: give at least one backfill ratio, e.g. [0, 0.5, 1]")
+    return np.array(sorted(set(vals)), dtype=np.float64)
+
+
+def check_k(k, n_gallery: int, name: str = "k") -> int:
+    """Check that ``k`` is a positive integer no larger than the gallery."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        raise TypeError(f"{name} must be a positive integer, got {type(k).__name__}")
+    if k < 1:
+        raise ValueError(f"{name} must be at least 1, got {k}")
+    if k > n_gallery:
+        raise ValueError(
+            f"{name}={k} is larger than the gallery ({n_gallery} items searchable): "
+            f"ask for at most {n_gallery}"
+        )
+    return int(k)
+
+
+def check_choice(value: str, choices: Sequence[str], name: str) -> str:
+    """Check that ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; choose one of: {', '.join(choices)}")
+    return value
