@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Build the book: install what is missing, execute every chapter on the default dataset,
+# write HTML to _build/html. Strict: warnings are errors and a failing cell fails the build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export PATH="$PWD/.venv/bin:$PATH"
+export BACKFILL_CACHE=${BACKFILL_CACHE:-$PWD/_build/checkpoints}
+export MPLBACKEND=Agg
+python scripts/sync_notebooks.py --check
+jupyter-book build . -W -n --keep-going
+echo "[book] built: _build/html/index.html"

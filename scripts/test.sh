@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Run every test: install what is missing, unit tests, nbval over book/, then the strict build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+start=$(date +%s)
+bash scripts/setup.sh
+export PATH="$PWD/.venv/bin:$PATH"
+export BACKFILL_CACHE=${BACKFILL_CACHE:-$PWD/_build/checkpoints}
+export MPLBACKEND=Agg
+echo "[test] unit tests"
+python -m pytest tests -n 2 -q
+echo "[test] nbval over book/"
+python -m pytest --nbval-lax --nbval-current-env book/ -n 2 --dist loadscope -q -p no:cacheprovider
+echo "[test] strict book build"
+bash scripts/build_book.sh
+echo "[test] all passed in $(( $(date +%s) - start )) s"
