@@ -8,7 +8,7 @@ export PATH="$PWD/.venv/bin:$PATH"
 export BACKFILL_CACHE=${BACKFILL_CACHE:-$PWD/_build/checkpoints}
 export MPLBACKEND=Agg
 echo "[test] unit tests"
-python -m pytest tests -n 2 -q
+python -m pytest tests backfill_lib --doctest-modules -n 2 -q
 echo "[test] nbval over book/"
 python -m pytest --nbval-lax --nbval-current-env book/ -n 2 --dist loadscope -q -p no:cacheprovider
 echo "[test] strict book build"
