@@ -10,7 +10,8 @@ records how long training took. A builder that cannot apply to a setting raises
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+import zlib
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -18,7 +19,9 @@ import numpy as np
 import torch
 
 from . import backfill as bf
+from . import transforms as tf
 from .data import BackfillData
+from .losses import bct_objective, ra_bct_objective
 from .models import EmbeddingModel, ModelSpec, build_model
 from .training import TrainConfig, cache_key, default_device, extract_embeddings, train, train_or_load
 
@@ -51,6 +54,41 @@ PRESETS: dict[str, Preset] = {
 SETTINGS = ("homogeneous", "heterogeneous")
 
 
+@dataclass(frozen=True)
+class MethodParams:
+    """Hyper-parameters of the compatibility methods (METHOD §3); how they were chosen is in
+    ``results/README.md`` (a sweep on a validation split carved out of the training data).
+
+    Attributes
+    ----------
+    bct_lambda : float
+        Weight ``λ`` of BCT's influence loss (§3.2).
+    ra_bct_lambda, ra_bct_tau : float
+        Weight and temperature of RA-BCT's ``L_ra`` (§3.3; ``τ = 0.05`` as published).
+    mct_tau, mct_lambda_rt : float
+        Temperature of ``L_mc`` and weight ``λ_rt`` of ``L_rt`` (§3.5).
+    transform : TrainConfig
+        Schedule of ``ψ``, ``ρ`` and ``h`` on cached embeddings (its seed is replaced by the run's).
+    """
+
+    bct_lambda: float = 1.0
+    ra_bct_lambda: float = 1.0
+    ra_bct_tau: float = 0.05
+    mct_tau: float = 0.1
+    mct_lambda_rt: float = 1.0
+    transform: TrainConfig = tf.TRANSFORM_CONFIG
+
+
+def init_seed(name: str, seed: int) -> int:
+    """Initial-weight seed of the model ``name`` in run ``seed``.
+
+    Each model starts from its own random weights, as independently trained models do. (Sharing
+    one initialisation between the old and the new model makes them partly compatible by
+    accident: on digits the new query then finds old-stored items with mAP 0.54 instead of 0.21.)
+    """
+    return zlib.crc32(f"{name}:{seed}".encode())
+
+
 @dataclass
 class ExperimentContext:
     """Shared state of one experiment run for one seed: models are trained (or loaded from the
@@ -63,6 +101,7 @@ class ExperimentContext:
     device: torch.device | str | None = None
     cache: Path | str | None = None
     progress: bool = True
+    params: MethodParams = field(default_factory=MethodParams)
     trained: dict = field(default_factory=dict)  # name -> {"what": str, "seconds": float, "cached": bool}
     _models: dict = field(default_factory=dict, repr=False)
     _embeddings: dict = field(default_factory=dict, repr=False)
@@ -101,9 +140,9 @@ class ExperimentContext:
         config = config or self.train_config
         classes = tuple(range(self.data.num_classes)) if classes is None else tuple(classes)
         dataset = self.data.train_subset(classes)
-        module = build_model(spec, self.data.input_shape, self.data.num_classes, seed=self.seed)
+        module = build_model(spec, self.data.input_shape, self.data.num_classes, seed=init_seed(name, self.seed))
         key = cache_key(name=name, spec=spec, classes=classes, config=config, data=self._data_key(),
-                        extra=extra_key or {})
+                        init_seed=init_seed(name, self.seed), extra=extra_key or {})
         kwargs = {} if loss_fn is None else {"loss_fn": loss_fn}
         model, info = train_or_load(
             module, f"{self.data.name}-{name}", key,
@@ -143,6 +182,11 @@ class ExperimentContext:
         out = fn()
         self.trained[name] = {"what": what, "seconds": time.perf_counter() - start, "cached": False}
         return out
+
+    @property
+    def transform_config(self) -> TrainConfig:
+        """Schedule of the heads on cached embeddings, seeded by this run's seed."""
+        return replace(self.params.transform, seed=self.seed)
 
 
 @dataclass(frozen=True)
@@ -197,3 +241,93 @@ def _new_on_old(ctx: ExperimentContext) -> bf.Strategy:
         raise NotApplicable(f"new (d={new.shape[1]}) and old (d={old.shape[1]}) embeddings differ in size: "
                             "a new query cannot even be compared with the old gallery")
     return bf.compatible_single_space(old, new, name="new_on_old")
+
+
+# --- Compatible training of the new model (METHOD §3.2, §3.3) -------------------------------------
+
+def _same_dimension(ctx: ExperimentContext, method: str) -> None:
+    d_old, d_new = ctx.old_spec.embed_dim, ctx.new_spec.embed_dim
+    if d_old != d_new:
+        raise NotApplicable(f"{method} needs d_n = d_o, but the new model embeds in {d_new} dimensions and the "
+                            f"old one in {d_old}: the new embedding cannot be compared with the old gallery")
+
+
+def _old_model_key(ctx: ExperimentContext) -> dict:
+    return {"old_spec": ctx.old_spec.to_dict(), "old_classes": list(ctx.data.old_classes),
+            "old_init": init_seed("old", ctx.seed)}
+
+
+@register_strategy("bct", "BCT: new model trained with the frozen old classifier's influence loss; new query "
+                   "searches whatever is stored", trains=("old", "new_bct"))
+def _bct(ctx: ExperimentContext) -> bf.Strategy:
+    _same_dimension(ctx, "BCT")
+    lam = ctx.params.bct_lambda
+    old_model = ctx.model("old")
+    ctx.train_model("new_bct", ctx.new_spec, loss_fn=bct_objective(old_model, ctx.data.old_classes, lam),
+                    what=f"new {ctx.new_spec.arch} with BCT (λ={lam:g}), {ctx.train_config.epochs} epochs",
+                    extra_key={"loss": "bct", "lambda": lam, **_old_model_key(ctx)})
+    return bf.compatible_single_space(ctx.embeddings("old"), ctx.embeddings("new_bct"), name="bct")
+
+
+@register_strategy("ra_bct", "RA-BCT / Hot-Refresh: new model trained with InfoNCE towards the old feature, "
+                   "other-class old and new negatives", trains=("old", "new_ra_bct"))
+def _ra_bct(ctx: ExperimentContext) -> bf.Strategy:
+    _same_dimension(ctx, "RA-BCT")
+    lam, tau = ctx.params.ra_bct_lambda, ctx.params.ra_bct_tau
+    old_model = ctx.model("old")
+    ctx.train_model("new_ra_bct", ctx.new_spec, loss_fn=ra_bct_objective(old_model, lam, tau),
+                    what=f"new {ctx.new_spec.arch} with RA-BCT (λ={lam:g}, τ={tau:g}), {ctx.train_config.epochs} epochs",
+                    extra_key={"loss": "ra_bct", "lambda": lam, "tau": tau, **_old_model_key(ctx)})
+    return bf.compatible_single_space(ctx.embeddings("old"), ctx.embeddings("new_ra_bct"), name="ra_bct")
+
+
+# --- Transformations on cached embeddings, backbones frozen (METHOD §3.4, §3.5, §2) ----------------
+
+def _fit_heads(ctx: ExperimentContext, name: str, **kwargs) -> bf.Strategy:
+    """Train ψ (and ρ) on the cached training embeddings and build the reverse-transformation strategy."""
+    config = ctx.transform_config
+    if kwargs.get("objective") == "mc":
+        what = (f"ψ{' + ρ' if kwargs['learn_rho'] else ''} on cached embeddings, L_mc (negatives: "
+                f"{kwargs['negatives']}, τ={kwargs['tau']:g}) + {kwargs['lam_rt']:g}·L_rt, {config.epochs} epochs")
+    else:
+        what = f"ψ on cached embeddings, L_rt, {config.epochs} epochs"
+    new_train, old_train = ctx.embeddings("new", split="train"), ctx.embeddings("old", split="train")
+    heads = ctx.timed(name, what, lambda: tf.fit_reverse_transform(
+        new_train, old_train, ctx.data.train_labels, config=config, device=ctx.device, progress=ctx.progress, **kwargs))
+    new_test = ctx.embeddings("new")
+    rho_new = new_test if heads.rho is None else tf.apply_transform(heads.rho, new_test, "new")
+    return bf.reverse_transform(ctx.embeddings("old"), tf.apply_transform(heads.psi, new_test, "new"), rho_new,
+                                name=name)
+
+
+@register_strategy("reverse_transform", "reverse transformation ψ (new → old) trained with L_rt only; "
+                   "ψ̂(φ_n(q)) searches old-stored items", trains=("old", "new", "reverse_transform"))
+def _reverse_transform(ctx: ExperimentContext) -> bf.Strategy:
+    return _fit_heads(ctx, "reverse_transform", objective="rt")
+
+
+def _register_mct(name: str, description: str, negatives: str, learn_rho: bool):
+    @register_strategy(name, description, trains=("old", "new", name))
+    def build(ctx: ExperimentContext) -> bf.Strategy:
+        return _fit_heads(ctx, name, objective="mc", learn_rho=learn_rho, negatives=negatives,
+                          tau=ctx.params.mct_tau, lam_rt=ctx.params.mct_lambda_rt)
+    return build
+
+
+_register_mct("mct", "metric-compatible training: ψ and learnable ρ with L_mc (negatives from both spaces) + λ_rt·L_rt",
+              "both", True)
+_register_mct("mct_old_neg", "ablation: L_mc with negatives from the old-stored set only", "old", True)
+_register_mct("mct_new_neg", "ablation: L_mc with negatives from the new-stored set only", "new", True)
+_register_mct("mct_no_rho", "ablation: metric-compatible ψ, new embedding kept as it is (ρ = identity)", "both", False)
+
+
+@register_strategy("forward_transform", "forward transformation h (old → new, FCT-style without side information) "
+                   "applied to the stored old vectors", trains=("old", "new", "forward_transform"))
+def _forward_transform(ctx: ExperimentContext) -> bf.Strategy:
+    config = ctx.transform_config
+    old_train, new_train = ctx.embeddings("old", split="train"), ctx.embeddings("new", split="train")
+    h = ctx.timed("forward_transform", f"h on cached embeddings, MSE, {config.epochs} epochs",
+                  lambda: tf.fit_forward_transform(old_train, new_train, config=config, device=ctx.device,
+                                                   progress=ctx.progress))
+    old_test = ctx.embeddings("old")
+    return bf.forward_transform(tf.apply_transform(h, old_test, "old"), ctx.embeddings("new"))

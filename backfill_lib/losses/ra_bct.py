@@ -1,0 +1,55 @@
+"""RA-BCT / Hot-Refresh: regression-alleviating compatible training (Zhang et al., ICLR 2022; METHOD §3.3).
+
+InfoNCE with anchor ``φ_n(x_i)``, positive ``φ_o(x_i)`` (the same image under the old model,
+detached) and negatives the *other-class* old features ``φ_o(x_j)`` **and** other-class new
+features ``φ_n(x_j)`` of the batch; the new-to-new negatives are what alleviates regression.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def ra_bct_loss(new: torch.Tensor, old: torch.Tensor, y: torch.Tensor, tau: float = 0.05) -> torch.Tensor:
+    """``L_ra``: mean over anchors of ``−log exp(s_ii^o) / (exp(s_ii^o) + Σ_neg exp(s))``.
+
+    Parameters
+    ----------
+    new : tensor (B, d)
+        L2-normalised new embeddings ``φ_n(x)`` (anchors; gradients flow here).
+    old : tensor (B, d)
+        L2-normalised old embeddings ``φ_o(x)`` of the same images (treated as constants).
+    y : tensor (B,)
+        Labels; ``j`` is a negative of ``i`` when ``y_j ≠ y_i``.
+    tau : float
+        Temperature (0.05 in the public implementation).
+    """
+    if new.shape != old.shape:
+        raise ValueError(f"new {tuple(new.shape)} and old {tuple(old.shape)} must have the same shape: "
+                         "RA-BCT compares new and old embeddings directly (d_n = d_o)")
+    old = old.detach()
+    s_old = new @ old.T / tau                                     # s^o_ij = φ_n(x_i)·φ_o(x_j)/τ
+    s_new = new @ new.T / tau                                     # s^n_ij = φ_n(x_i)·φ_n(x_j)/τ
+    other_class = y[:, None] != y[None, :]                        # negatives, in both sets
+    positive = torch.diagonal(s_old)                              # same image, old model
+    logits = torch.cat([positive[:, None],
+                        s_old.masked_fill(~other_class, float("-inf")),
+                        s_new.masked_fill(~other_class, float("-inf"))], dim=1)
+    return (torch.logsumexp(logits, dim=1) - positive).mean()     # logsumexp subtracts the row max
+
+
+def ra_bct_objective(old_model: nn.Module, lam: float = 1.0, tau: float = 0.05):
+    """``loss_fn(model, x, y)`` for :func:`~backfill_lib.training.train`: CE + λ·L_ra, old model frozen."""
+    if lam < 0 or tau <= 0:
+        raise ValueError(f"lam must be non-negative and tau positive, got lam={lam}, tau={tau}")
+    old_model.eval().requires_grad_(False)
+
+    def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        z = model.features(x)
+        with torch.no_grad():
+            old = old_model.embed(x)
+        return F.cross_entropy(model.classifier(z), y) + lam * ra_bct_loss(F.normalize(z, dim=1), old, y, tau)
+
+    return loss_fn
