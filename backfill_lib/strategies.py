@@ -197,6 +197,7 @@ class StrategyInfo:
     trains: tuple[str, ...] = ()  # names in ExperimentContext.trained that this strategy needs
 
 
+#: Every strategy an experiment can run, by name (filled by :func:`register_strategy`).
 STRATEGY_REGISTRY: dict[str, StrategyInfo] = {}
 
 
