@@ -155,8 +155,22 @@ def backfill_order(n: int, seed: int = 0, policy: str = "random", uncertainty=No
 
 def backfilled_mask(order, ratio: float) -> np.ndarray:
     """Boolean mask of the items in ``B_r``: the first ``round(r·N)`` items of ``order``."""
-    r = check_ratio(ratio, "ratio")
+    return _mask(_check_order(order), check_ratio(ratio, "ratio"))
+
+
+def _check_order(order, n: int | None = None) -> np.ndarray:
     order = np.asarray(order)
+    if order.ndim != 1:
+        raise ValueError(f"order must be a 1-D permutation of the gallery items, got shape {order.shape}")
+    n = len(order) if n is None else n
+    # A repeated or missing index would silently backfill fewer than round(r·N) items.
+    if order.shape != (n,) or (n and not np.issubdtype(order.dtype, np.integer)) \
+            or not np.array_equal(np.sort(order), np.arange(n)):
+        raise ValueError(f"order must be a permutation of range({n}), e.g. from backfill_order")
+    return order
+
+
+def _mask(order: np.ndarray, r: float) -> np.ndarray:
     mask = np.zeros(len(order), dtype=bool)
     mask[order[: int(round(r * len(order)))]] = True
     return mask
@@ -228,14 +242,19 @@ def evaluate_backfill(strategy: Strategy, query_labels, gallery_labels=None, rat
         raise ValueError(f"the gallery needs at least 5 searchable items for top-5, got {n - int(exclude_self)}")
     if order is None:
         order = backfill_order(n, order_seed)
-    order = np.asarray(order)
-    if order.shape != (n,) or not np.array_equal(np.sort(order), np.arange(n)):
-        raise ValueError(f"order must be a permutation of range({n})")
-    masks = [np.full(n, r == 1.0) if strategy.offline else backfilled_mask(order, r) for r in ratios]
+    order = _check_order(order, n)
+    if reference_top1 is not None:
+        reference_top1 = np.asarray(reference_top1, dtype=bool)
+        if reference_top1.shape != (n_q,):
+            raise ValueError(f"reference_top1 must hold one bool per query ({n_q}), got shape {reference_top1.shape}")
+    # Negative flips are counted against r = 0 by default: evaluate it even when not asked for.
+    add_zero = reference_top1 is None and ratios[0] != 0.0
+    eval_ratios = np.concatenate([[0.0], ratios]) if add_zero else ratios
+    masks = [np.full(n, r == 1.0) if strategy.offline else _mask(order, r) for r in eval_ratios]
 
-    ap = np.zeros((len(ratios), n_q))
-    hit1 = np.zeros((len(ratios), n_q), dtype=bool)
-    hit5 = np.zeros((len(ratios), n_q), dtype=bool)
+    ap = np.zeros((len(eval_ratios), n_q))
+    hit1 = np.zeros((len(eval_ratios), n_q), dtype=bool)
+    hit5 = np.zeros((len(eval_ratios), n_q), dtype=bool)
     for start in range(0, n_q, chunk_size):
         rows = slice(start, min(start + chunk_size, n_q))
         s_old = strategy.query_old[rows] @ strategy.gallery_old.T
@@ -252,9 +271,9 @@ def evaluate_backfill(strategy: Strategy, query_labels, gallery_labels=None, rat
             hits = topk_hits(scores, relevant, ks=(1, 5))
             hit1[i, rows], hit5[i, rows] = hits[1], hits[5]
 
-    ref = hit1[0] if reference_top1 is None else np.asarray(reference_top1, dtype=bool)
-    if ref.shape != (n_q,):
-        raise ValueError(f"reference_top1 must hold one bool per query ({n_q}), got shape {ref.shape}")
+    ref = hit1[0] if reference_top1 is None else reference_top1
+    if add_zero:
+        ap, hit1, hit5 = ap[1:], hit1[1:], hit5[1:]
     return BackfillCurve(
         strategy=strategy.name,
         ratios=ratios,

@@ -97,7 +97,10 @@ def parse_classes(spec, num_classes: int | None = None) -> tuple[int, ...]:
                 raise ValueError(f"old_classes: cannot parse {part!r}; use a form like '0-4' or '0,1,2'") from None
         vals = tuple(sorted(out))
     else:
-        vals = tuple(sorted({int(v) for v in spec}))
+        try:
+            vals = tuple(sorted({int(v) for v in spec}))
+        except (TypeError, ValueError):
+            raise TypeError(f"old_classes must be a string like '0-4' or a sequence of ints, got {spec!r}") from None
     if not vals:
         raise ValueError("old_classes is empty: the old model needs at least one class")
     if num_classes is not None and (vals[0] < 0 or vals[-1] >= num_classes):
@@ -187,8 +190,10 @@ def load_synthetic_data(old_classes=None, num_classes: int = 10, dim: int = 32, 
     x, y = make_synthetic(num_classes, dim, n_per_class, separation, noise, seed=split_seed)
     tr, te = _stratified_split(y, test_size, split_seed)
     old = parse_classes(old_classes if old_classes is not None else range(num_classes // 2), num_classes)
+    # Everything that changes the items goes into ``info``: the checkpoint cache key is built from it.
     return _from_arrays("synthetic", x[tr], y[tr], x[te], y[te], num_classes, old,
-                        {"dim": dim, "n_per_class": n_per_class, "separation": separation, "noise": noise})
+                        {"num_classes": num_classes, "dim": dim, "n_per_class": n_per_class,
+                         "separation": separation, "noise": noise, "test_size": test_size, "split_seed": split_seed})
 
 
 def _no_data_message(what: str, root: Path, exc: Exception) -> str:
@@ -255,8 +260,14 @@ def load_imagefolder_data(root, old_classes=None, image_size: int = 64, test_siz
         train.classes = full.classes
     n_classes = len(train.classes)
     old = parse_classes(old_classes if old_classes is not None else range(n_classes // 2), n_classes)
+    # image_size and the split change what a model is trained on, so they belong in ``info`` (the
+    # checkpoint cache key is built from it).
+    info = {"root": str(root), "classes": list(train.classes), "image_size": image_size,
+            "split": "folders" if test_dir is not None and (root / "train").is_dir() else
+                     {"test_size": test_size, "split_seed": split_seed},
+            "n_test": int(len(y_test))}
     return BackfillData("imagefolder", train, train_plain, test, y_train, y_test, n_classes, old,
-                        (3, image_size, image_size), {"root": str(root), "classes": list(train.classes)})
+                        (3, image_size, image_size), info)
 
 
 def load_dataset(name: str = "digits", old_classes=None, root=None, **kwargs) -> BackfillData:

@@ -9,11 +9,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from .validation import as_labels, check_ratios
+from .validation import as_labels, check_ratio
 
 
 def _check_scores(scores, relevant) -> tuple[np.ndarray, np.ndarray]:
-    scores = np.asarray(scores, dtype=np.float32)
+    scores = np.asarray(scores)
+    if scores.dtype == object or not (np.issubdtype(scores.dtype, np.number) or scores.dtype == bool):
+        raise TypeError(f"scores must be an array of numbers, got dtype {scores.dtype}")
+    # Keep float64 input as is: down-casting to float32 would turn close scores into ties and
+    # change the ranking.
+    if not np.issubdtype(scores.dtype, np.floating):
+        scores = scores.astype(np.float64)
     if scores.ndim != 2 or scores.shape[1] == 0:
         raise ValueError(f"scores must be a non-empty (n_queries, n_gallery) matrix, got shape {scores.shape}")
     if np.isnan(scores).any() or np.isposinf(scores).any():
@@ -87,11 +93,16 @@ def auc(ratios, values) -> float:
     >>> auc([0, 0.5, 1], [0.5, 0.5, 1.0])
     0.625
     """
-    r = check_ratios(ratios)
+    r = np.array([check_ratio(x, f"ratios[{i}]") for i, x in enumerate(ratios)], dtype=np.float64)
     v = np.asarray(values, dtype=np.float64)
     if v.shape != r.shape:
         raise ValueError(f"values has {v.shape[0] if v.ndim else 0} points but ratios has {r.shape[0]}")
-    if r[0] != 0.0 or r[-1] != 1.0:
+    if len(np.unique(r)) != len(r):
+        raise ValueError(f"ratios has repeated values {r.tolist()}: give each ratio once")
+    # Sort the points together: sorting the ratios alone would pair them with the wrong values.
+    order = np.argsort(r, kind="stable")
+    r, v = r[order], v[order]
+    if len(r) == 0 or r[0] != 0.0 or r[-1] != 1.0:
         raise ValueError("ratios must start at 0 and end at 1 for the area to be a mean over the backfill")
     return float(np.trapezoid(v, r)) if hasattr(np, "trapezoid") else float(np.trapz(v, r))
 
@@ -102,7 +113,7 @@ def relative_gain(auc_value: float, old_old: float, new_new: float) -> float:
 
     Examples
     --------
-    >>> relative_gain(0.7, old_old=0.5, new_new=0.9)
+    >>> relative_gain(0.75, old_old=0.5, new_new=1.0)
     0.5
     """
     gap = float(new_new) - float(old_old)

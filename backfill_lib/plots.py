@@ -88,7 +88,8 @@ def plot_backfill_curves(curves: dict, metric: str = "map", old_old: float | Non
         ax.plot(r, mean, marker="o", ms=3, color=color(name), label=label(name),
                 drawstyle="steps-post" if name == "offline" else "default")
         if len(v) > 1:
-            ax.fill_between(r, v.min(axis=0), v.max(axis=0), color=color(name), alpha=0.15, lw=0)
+            std = v.std(axis=0, ddof=1)  # the same spread as the "mean ± std" of the results tables
+            ax.fill_between(r, mean - std, mean + std, color=color(name), alpha=0.15, lw=0)
     if old_old is not None:
         ax.axhline(old_old, ls="--", lw=1, color=color("old"), label="old/old")
     if new_new is not None:

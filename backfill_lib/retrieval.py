@@ -169,6 +169,10 @@ class MixedGallery:
 
     def __init__(self, old_vectors, new_dim: int, ids=None):
         old = as_embeddings(old_vectors, "old_vectors")
+        if isinstance(new_dim, bool) or not isinstance(new_dim, (int, np.integer)) or new_dim < 1:
+            raise ValueError(f"new_dim must be a positive integer, got {new_dim!r}")
+        if ids is not None and len(np.unique(np.asarray(ids))) != len(np.asarray(ids)):
+            raise ValueError("ids must not repeat: one id per gallery item")
         self.old = Gallery(old.shape[1])
         self.new = Gallery(new_dim)
         self.old.add(old, ids)
@@ -188,6 +192,9 @@ class MixedGallery:
         """Replace the old vectors of ``ids`` by ``new_vectors`` (one step of the backfill)."""
         x = as_embeddings(new_vectors, "new_vectors", dim=self.new.dim)
         ids = _as_ids(ids, len(x))
+        if len(np.unique(ids)) != len(ids):
+            # faiss would store one item twice in the new index.
+            raise ValueError("ids must not repeat: each item is backfilled once")
         unknown = [i for i in ids.tolist() if i not in self._all_ids]
         if unknown:
             raise ValueError(f"ids {unknown[:5]} are not in the gallery")

@@ -1,0 +1,203 @@
+"""The training loop, the checkpoint cache and embedding extraction."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from backfill_lib import training
+from backfill_lib.data import load_dataset
+from backfill_lib.models import ModelSpec, build_model
+from backfill_lib.training import (TrainConfig, cache_dir, cache_key, cross_entropy_loss, extract_embeddings, train,
+                                   train_or_load)
+
+SPEC = ModelSpec("mlp", embed_dim=8, width=8)
+FAST = TrainConfig(epochs=8, batch_size=16, lr=1e-2, seed=0)
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return load_dataset("synthetic", num_classes=4, dim=6, n_per_class=40)
+
+
+def _model(toy, seed=0):
+    return build_model(SPEC, toy.input_shape, toy.num_classes, seed=seed)
+
+
+def _assert_same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+class TestTrainConfig:
+    @pytest.mark.parametrize("kwargs,match", [
+        ({"optimizer": "rmsprop"}, "optimizer must be 'adam' or 'sgd'"),
+        ({"epochs": 0}, "epochs must be at least 1"),
+        ({"batch_size": 0}, "batch_size must be at least 1"),
+        ({"lr": 0.0}, "lr must be positive"),
+    ])
+    def test_bad_values(self, kwargs, match):
+        with pytest.raises(ValueError, match=match):
+            TrainConfig(**kwargs)
+
+
+class TestTrain:
+    def test_reduces_loss(self, toy):
+        model = _model(toy)
+        with torch.no_grad():
+            before = cross_entropy_loss(model.eval(), *toy.train.tensors).item()
+        history = train(model, toy.train, FAST, device="cpu", progress=False)
+        with torch.no_grad():
+            after = cross_entropy_loss(model, *toy.train.tensors).item()
+        assert len(history) == FAST.epochs and history[-1] < history[0]
+        assert after < 0.5 * before
+        assert not model.training  # left in eval mode, ready to embed
+
+    def test_same_seed_same_weights(self, toy):
+        config = TrainConfig(epochs=2, batch_size=16, lr=1e-2, seed=0)
+        a, b, c = _model(toy), _model(toy), _model(toy)
+        ha = train(a, toy.train, config, device="cpu", progress=False)
+        hb = train(b, toy.train, config, device="cpu", progress=False)
+        assert ha == hb
+        _assert_same_weights(a, b)
+        train(c, toy.train, TrainConfig(**{**config.__dict__, "seed": 1}), device="cpu", progress=False)
+        assert not torch.equal(a.embedding.weight, c.embedding.weight)  # the seed orders the data
+
+    def test_sgd_and_custom_loss(self, toy):
+        model = _model(toy)
+        calls = []
+
+        def loss_fn(m, x, y):
+            calls.append(len(y))
+            return cross_entropy_loss(m, x, y)
+
+        train(model, toy.train, TrainConfig(epochs=1, batch_size=30, lr=0.05, optimizer="sgd"), loss_fn=loss_fn,
+              device="cpu", progress=False)
+        assert calls == [30, 30]  # 80 training items, batches of 30, the last partial batch dropped
+
+    def test_params_limits_what_changes(self, toy):
+        model = _model(toy)
+        backbone = {k: v.clone() for k, v in model.backbone.state_dict().items() if v.is_floating_point()}
+        head = model.embedding.weight.clone()
+        train(model, toy.train, FAST, device="cpu", progress=False,
+              params=list(model.embedding.parameters()) + list(model.classifier.parameters()))
+        assert all(torch.equal(backbone[k], model.backbone.state_dict()[k]) for k in backbone
+                   if "running" not in k)  # BN running stats move in train mode, weights must not
+        assert not torch.equal(head, model.embedding.weight)
+
+    def test_bad_input(self, toy):
+        model = _model(toy)
+        with pytest.raises(ValueError, match="dataset is empty"):
+            train(model, TensorDataset(torch.zeros(0, 6), torch.zeros(0, dtype=torch.long)), FAST, device="cpu")
+        for p in model.parameters():
+            p.requires_grad_(False)
+        with pytest.raises(ValueError, match="no parameter requires grad"):
+            train(model, toy.train, FAST, device="cpu")
+
+    def test_diverging_loss_is_reported(self, toy):
+        with pytest.raises(FloatingPointError, match="lower config.lr"):
+            train(_model(toy), toy.train, FAST, loss_fn=lambda m, x, y: torch.tensor(float("nan")),
+                  device="cpu", progress=False)
+
+
+def test_default_device(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert training.default_device() == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert training.default_device() == torch.device("cuda")
+
+
+class TestCacheKey:
+    def test_stable_and_order_free(self):
+        a = cache_key(spec=SPEC, config=FAST, classes=(0, 1))
+        assert a == cache_key(classes=[0, 1], config=FAST, spec=SPEC)
+        assert len(a) == 20 and all(ch in "0123456789abcdef" for ch in a)
+
+    @pytest.mark.parametrize("change", [
+        {"config": TrainConfig(epochs=9, batch_size=16, lr=1e-2)},
+        {"config": TrainConfig(epochs=8, batch_size=16, lr=1e-3)},
+        {"config": TrainConfig(epochs=8, batch_size=16, lr=1e-2, seed=1)},
+        {"spec": ModelSpec("mlp", embed_dim=9, width=8)},
+        {"classes": (0, 1, 2)},
+    ])
+    def test_changes_with_configuration(self, change):
+        base = {"spec": SPEC, "config": FAST, "classes": (0, 1)}
+        assert cache_key(**base) != cache_key(**{**base, **change})
+
+    def test_version_is_part_of_key(self, monkeypatch):
+        before = cache_key(spec=SPEC)
+        monkeypatch.setattr(training, "CACHE_VERSION", training.CACHE_VERSION + 1)
+        assert cache_key(spec=SPEC) != before
+
+
+class TestTrainOrLoad:
+    def test_trains_once_then_loads_with_weights_only(self, toy, tmp_path, monkeypatch):
+        key = cache_key(spec=SPEC, config=FAST)
+        first, info1 = train_or_load(_model(toy, seed=0), "toy", key,
+                                     lambda m: train(m, toy.train, FAST, device="cpu", progress=False),
+                                     directory=tmp_path)
+        assert info1["cached"] is False and info1["seconds"] > 0
+        assert (tmp_path / f"toy-{key}.pt").exists()
+        assert json.loads((tmp_path / f"toy-{key}.json").read_text())["key"] == key
+
+        loads = []
+        real_load = torch.load
+
+        def recording_load(*args, **kwargs):
+            loads.append(kwargs)
+            return real_load(*args, **kwargs)
+
+        monkeypatch.setattr(torch, "load", recording_load)
+
+        def must_not_train(m):
+            raise AssertionError("a cached model was trained again")
+
+        fresh = _model(toy, seed=99)  # other initial weights: everything must come from the file
+        second, info2 = train_or_load(fresh, "toy", key, must_not_train, directory=tmp_path)
+        assert info2["cached"] is True and info2["seconds"] == pytest.approx(info1["seconds"])
+        assert loads and all(kw.get("weights_only") is True for kw in loads)
+        _assert_same_weights(first, second)
+        assert not second.training
+
+    def test_force_and_new_key_retrain(self, toy, tmp_path):
+        calls = []
+
+        def fn(m):
+            calls.append(1)
+
+        train_or_load(_model(toy), "toy", "k1", fn, directory=tmp_path)
+        train_or_load(_model(toy), "toy", "k1", fn, directory=tmp_path)
+        train_or_load(_model(toy), "toy", "k1", fn, directory=tmp_path, force=True)
+        train_or_load(_model(toy), "toy", "k2", fn, directory=tmp_path)
+        assert len(calls) == 3
+        assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["toy-k1.pt", "toy-k2.pt"]
+
+    def test_default_directory_from_environment(self, toy, tmp_path, monkeypatch):
+        monkeypatch.setenv("BACKFILL_CACHE", str(tmp_path / "env"))
+        assert cache_dir() == tmp_path / "env"
+        assert cache_dir(tmp_path) == tmp_path
+        _, info = train_or_load(_model(toy), "toy", "k", lambda m: None)
+        assert info["path"] == str(tmp_path / "env" / "toy-k.pt")
+
+
+class TestExtractEmbeddings:
+    def test_shape_order_and_norm(self, toy):
+        model = _model(toy)
+        model.train()
+        emb = extract_embeddings(model, toy.test, batch_size=7, device="cpu")
+        assert emb.shape == (len(toy.test), SPEC.embed_dim) and emb.dtype == np.float32
+        np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+        with torch.no_grad():
+            expected = model.eval().embed(toy.test.tensors[0]).numpy()
+        np.testing.assert_allclose(emb, expected, atol=1e-5)  # in dataset order, eval-mode BN
+
+    def test_restores_mode_and_custom_fn(self, toy):
+        model = _model(toy)
+        model.train()
+        logits = extract_embeddings(model, toy.test, device="cpu", fn=lambda m, x: m(x)[1])
+        assert logits.shape == (len(toy.test), toy.num_classes)
+        assert model.training

@@ -1,0 +1,108 @@
+"""Input checks at the public boundary: every error names the argument."""
+
+import numpy as np
+import pytest
+import torch
+
+from backfill_lib.validation import as_embeddings, as_labels, check_choice, check_k, check_ratio, check_ratios
+
+
+class TestAsEmbeddings:
+    def test_list_becomes_contiguous_float32_matrix(self):
+        out = as_embeddings([[1, 2], [3, 4]], "x")
+        assert out.dtype == np.float32 and out.flags.c_contiguous
+        np.testing.assert_array_equal(out, [[1, 2], [3, 4]])
+
+    def test_torch_tensor_and_fortran_array_accepted(self):
+        t = torch.arange(6, dtype=torch.float64).reshape(3, 2)
+        np.testing.assert_array_equal(as_embeddings(t, "x"), t.numpy())
+        f = np.asfortranarray(np.ones((3, 2)))
+        assert as_embeddings(f, "x").flags.c_contiguous
+
+    def test_dim_checked(self):
+        assert as_embeddings(np.ones((2, 3)), "gallery", dim=3).shape == (2, 3)
+        with pytest.raises(ValueError, match=r"queries has dimension 2 but 3 is expected"):
+            as_embeddings(np.ones((2, 2)), "queries", dim=3)
+
+    def test_one_dimensional_rejected_with_hint(self):
+        with pytest.raises(ValueError, match=r"queries must be a 2-D array.*x\[None, :\]"):
+            as_embeddings(np.ones(3), "queries")
+
+    def test_empty(self):
+        with pytest.raises(ValueError, match="gallery is empty"):
+            as_embeddings(np.zeros((0, 3)), "gallery")
+        assert as_embeddings(np.zeros((0, 3)), "gallery", allow_empty=True).shape == (0, 3)
+
+    @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+    def test_non_finite_rejected_and_rows_counted(self, bad):
+        x = np.ones((4, 2))
+        x[1, 0] = bad
+        x[3, 1] = bad
+        with pytest.raises(ValueError, match=r"new_vectors contains NaN or infinite values in 2 row"):
+            as_embeddings(x, "new_vectors")
+
+    @pytest.mark.parametrize("bad", [[["a", "b"]], np.array([[object()]], dtype=object)])
+    def test_non_numeric_is_type_error(self, bad):
+        with pytest.raises(TypeError, match="old_vectors must be an array of numbers"):
+            as_embeddings(bad, "old_vectors")
+
+    def test_ragged_is_type_error(self):
+        with pytest.raises(TypeError, match="x must be an array of numbers"):
+            as_embeddings([[1.0, 2.0], [3.0]], "x")
+
+
+class TestAsLabels:
+    def test_integral_floats_and_tensors(self):
+        np.testing.assert_array_equal(as_labels([0.0, 2.0], "y"), [0, 2])
+        assert as_labels(torch.tensor([1, 2]), "y").dtype == np.int64
+
+    def test_errors_name_argument(self):
+        with pytest.raises(TypeError, match="query_labels must hold integer class labels"):
+            as_labels([0.5, 1.0], "query_labels")
+        with pytest.raises(ValueError, match="labels must be 1-D"):
+            as_labels([[0, 1]], "labels")
+        with pytest.raises(ValueError, match="gallery_labels has 2 labels but there are 3 items"):
+            as_labels([0, 1], "gallery_labels", n=3)
+
+
+class TestRatios:
+    @pytest.mark.parametrize("r", [0, 1, 0.5, np.float32(0.25), np.int64(1)])
+    def test_valid(self, r):
+        assert check_ratio(r) == float(r)
+
+    @pytest.mark.parametrize("r", [-0.1, 1.0001, np.nan, np.inf])
+    def test_outside_unit_interval(self, r):
+        with pytest.raises(ValueError, match=r"ratio must lie in \[0, 1\]"):
+            check_ratio(r)
+
+    @pytest.mark.parametrize("r", ["0.5", None, True])
+    def test_not_a_number(self, r):
+        with pytest.raises(TypeError, match="ratio must be a number"):
+            check_ratio(r)
+
+    def test_ratios_sorted_unique_and_indexed_errors(self):
+        np.testing.assert_array_equal(check_ratios([1, 0, 0.5, 0.5]), [0, 0.5, 1])
+        with pytest.raises(ValueError, match=r"ratios\[1\] must lie in \[0, 1\]"):
+            check_ratios([0, 2])
+        with pytest.raises(ValueError, match="ratios is empty"):
+            check_ratios([])
+
+
+class TestK:
+    def test_valid(self):
+        assert check_k(np.int64(3), 3) == 3
+
+    def test_larger_than_gallery(self):
+        with pytest.raises(ValueError, match=r"k=6 is larger than the gallery \(5 items searchable\)"):
+            check_k(6, 5)
+
+    @pytest.mark.parametrize("k,exc", [(0, ValueError), (-1, ValueError), (1.5, TypeError), (True, TypeError)])
+    def test_bad_k(self, k, exc):
+        with pytest.raises(exc, match="k must be"):
+            check_k(k, 10)
+
+
+def test_check_choice():
+    assert check_choice("a", ("a", "b"), "policy") == "a"
+    with pytest.raises(ValueError, match="unknown policy 'c'; choose one of: a, b"):
+        check_choice("c", ("a", "b"), "policy")
