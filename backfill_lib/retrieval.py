@@ -45,6 +45,7 @@ class Gallery:
             raise ValueError(f"dim must be a positive integer, got {dim!r}")
         self.dim = int(dim)
         self.index = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
+        self._next_id = 0  # default ids continue after the largest id ever stored
 
     @property
     def ntotal(self) -> int:
@@ -55,11 +56,12 @@ class Gallery:
         return self.ntotal
 
     def add(self, vectors, ids=None) -> None:
-        """Store ``vectors`` under ``ids`` (default: ``ntotal, ntotal + 1, ...``)."""
+        """Store ``vectors`` under ``ids`` (default: the next unused ids, ``0, 1, ...`` at first)."""
         x = as_embeddings(vectors, "vectors", dim=self.dim)
-        if ids is None:
-            ids = np.arange(self.ntotal, self.ntotal + len(x))
+        # Counting on from ntotal would reuse an id after a removal, and two items would share it.
+        ids = np.arange(self._next_id, self._next_id + len(x)) if ids is None else _as_ids(ids, len(x))
         self.index.add_with_ids(x, _as_ids(ids, len(x)))
+        self._next_id = max(self._next_id, int(ids.max()) + 1)
 
     def remove_ids(self, ids) -> int:
         """Remove the vectors stored under ``ids``; returns how many were removed."""

@@ -202,6 +202,8 @@ def extract_embeddings(model: nn.Module, dataset: Dataset, batch_size: int = 512
 
     Returns a ``float32`` array of shape ``(len(dataset), d)``.
     """
+    if len(dataset) == 0:
+        raise ValueError("dataset is empty: nothing to embed")
     device = torch.device(device) if device is not None else default_device()
     was_training = model.training
     model.to(device).eval()

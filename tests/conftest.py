@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 
+from core_helpers import unit
+
 matplotlib.use("Agg")
 
 # Faiss and torch results are deterministic here, but the first call of either can be slow
@@ -41,12 +43,6 @@ def _offline_and_isolated(monkeypatch, tmp_path_factory):
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
-
-
-def unit(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit length (float32, like model embeddings)."""
-    x = np.asarray(x, dtype=np.float64)
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from backfill_lib.backfill import (DEFAULT_RATIOS, BackfillCurve, Strategy, back
                                    old_only, rank_merge, reverse_transform, simulate_backfill)
 from backfill_lib.metrics import average_precision, same_label
 from backfill_lib.retrieval import MixedGallery
-from conftest import unit
+from core_helpers import unit
 
 
 def _same(a, b):

@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from backfill_lib.retrieval import Gallery, MixedGallery, merge_topk, score_matrix, search
-from conftest import unit
+from core_helpers import unit
 
 
 class TestGallery:
@@ -26,6 +26,17 @@ class TestGallery:
         g.add(np.ones((2, 1)))
         g.add(np.ones((1, 1)))
         assert sorted(g.search(np.ones((1, 1)), k=3)[1][0].tolist()) == [0, 1, 2]
+
+    def test_default_ids_are_not_reused_after_removal(self):
+        g = Gallery(1)
+        g.add(np.ones((3, 1)))
+        g.remove_ids([0])
+        g.add(np.full((1, 1), 2.0))
+        assert sorted(g.search(np.ones((1, 1)), k=3)[1][0].tolist()) == [1, 2, 3]
+        assert g.remove_ids([2]) == 1 and g.ntotal == 2
+        g.add(np.ones((1, 1)), ids=[10])
+        g.add(np.full((1, 1), 3.0))
+        assert g.search(np.ones((1, 1)), k=1)[1][0, 0] == 11
 
     def test_bad_input(self):
         with pytest.raises(ValueError, match="dim must be a positive integer"):

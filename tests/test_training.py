@@ -195,6 +195,10 @@ class TestExtractEmbeddings:
             expected = model.eval().embed(toy.test.tensors[0]).numpy()
         np.testing.assert_allclose(emb, expected, atol=1e-5)  # in dataset order, eval-mode BN
 
+    def test_empty_dataset(self, toy):
+        with pytest.raises(ValueError, match="dataset is empty"):
+            extract_embeddings(_model(toy), TensorDataset(torch.zeros(0, 6), torch.zeros(0)), device="cpu")
+
     def test_restores_mode_and_custom_fn(self, toy):
         model = _model(toy)
         model.train()
