@@ -8,5 +8,8 @@ export PATH="$PWD/.venv/bin:$PATH"
 export BACKFILL_CACHE=${BACKFILL_CACHE:-$PWD/_build/checkpoints}
 export MPLBACKEND=Agg
 python scripts/sync_notebooks.py --check
-jupyter-book build . -W -n --keep-going
+bash scripts/fetch_site_js.sh  # widget JS and MathJax, served by the site itself (no CDN)
+# The kernel that executes the chapters keeps its inline backend: with Agg, every plt.show()
+# figure would be missing from the website.
+MPLBACKEND=module://matplotlib_inline.backend_inline jupyter-book build . -W -n --keep-going
 echo "[book] built: _build/html/index.html"

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Run every test: install what is missing, unit tests, nbval over book/, then the strict build.
+# Run every test: install what is missing, unit tests, nbval over book/, the strict build, then
+# the built website in headless Chromium (tests/browser; screenshots in _build/screenshots).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
@@ -13,4 +14,7 @@ echo "[test] nbval over book/"
 python -m pytest --nbval-lax --nbval-current-env book/ -n 2 --dist loadscope -q -p no:cacheprovider
 echo "[test] strict book build"
 bash scripts/build_book.sh
+echo "[test] the website in headless Chromium"
+bash scripts/install_browser.sh
+python -m pytest tests/browser --site _build/html -q -p no:cacheprovider
 echo "[test] all passed in $(( $(date +%s) - start )) s"

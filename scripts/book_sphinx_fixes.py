@@ -1,0 +1,71 @@
+"""The book's own Sphinx extension (loaded through ``sphinx: local_extensions`` in ``_config.yml``).
+
+1. Sphinx 7.4 writes an inline ``<script>`` twice when an extension registers it after the builder
+   started: the registry keeps the filename ``None`` and ``prepare_writing`` re-adds it as ``""``,
+   and the two do not compare equal. sphinx-thebe (always on in Jupyter Book 1) registers
+   ``const THEBE_JS_URL = ...`` that way, so every page threw "Identifier 'THEBE_JS_URL' has
+   already been declared" in the reader's console. Exact duplicates are dropped from each page.
+
+2. The API reference lists every public function, class, method and property, with or without a
+   docstring (``undoc-members``), so none goes missing from the appendix; but data attributes
+   without a ``#:`` comment are left out: dataclass fields are described in their class's
+   ``Attributes`` section, and listing them again would only repeat the names.
+
+3. A dataclass field with ``default_factory`` shows as ``= <factory>`` in the generated
+   signature, which Sphinx cannot parse: the whole signature then prints as raw text (with
+   ``~torch...`` prefixes, no line breaks). It is written ``= ...`` instead.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from sphinx.pycode import ModuleAnalyzer
+from sphinx.errors import PycodeError
+
+
+def _drop_duplicate_scripts(app, pagename, templatename, context, doctree) -> None:
+    scripts = context.get("script_files")
+    if not isinstance(scripts, list):
+        return
+    seen, unique = set(), []
+    for js in scripts:
+        attrs = getattr(js, "attributes", {})
+        key = (getattr(js, "filename", js) or "", getattr(js, "priority", None),
+               tuple(sorted((k, str(v)) for k, v in attrs.items())))
+        if key not in seen:
+            seen.add(key)
+            unique.append(js)
+    scripts[:] = unique
+
+
+def _is_data(obj) -> bool:
+    return not (inspect.isroutine(obj) or inspect.isclass(obj)
+                or isinstance(obj, (property, classmethod, staticmethod)))
+
+
+def _skip_undocumented_data(app, what, name, obj, skip, options):
+    if skip or what not in ("module", "class") or not _is_data(obj):
+        return None
+    # autodoc records which module and class it is documenting while it filters their members.
+    modname = app.env.temp_data.get("autodoc:module")
+    namespace = app.env.temp_data.get("autodoc:class", "") if what == "class" else ""
+    try:
+        documented = ModuleAnalyzer.for_module(modname).find_attr_docs()
+    except (PycodeError, TypeError):
+        return None
+    return True if (namespace, name) not in documented else None
+
+
+def _factory_defaults(app, what, name, obj, options, signature, return_annotation):
+    if signature and "<factory>" in signature:
+        return signature.replace("<factory>", "..."), return_annotation
+    return None
+
+
+def setup(app):
+    # After every other html-page-context handler (myst-nb adds the widget scripts there).
+    app.connect("html-page-context", _drop_duplicate_scripts, priority=900)
+    app.connect("autodoc-skip-member", _skip_undocumented_data)
+    app.connect("autodoc-process-signature", _factory_defaults)
+    return {"parallel_read_safe": True, "parallel_write_safe": True}
