@@ -2,7 +2,8 @@
 
 For every page of _toc.yml: no JavaScript error in the console and no request leaving the site;
 every widget renders and every image loads; every figure of the notebook made it into the page; moving each backfill slider changes the figure shown;
-the Colab launch button opens the chapter's notebook on the main branch; nothing is wider than a
+the Colab launch button opens the chapter's notebook on the main branch, and the repository and
+issue buttons are there; nothing is wider than a
 390 px phone screen. A screenshot of each page at desktop and phone width is saved for people to
 look at (_build/screenshots/<page>-desktop.png, -phone.png).
 """
@@ -73,11 +74,14 @@ def save_screenshot(driver, path, metrics: dict) -> None:
     """Full-page PNG (up to MAX_SCREENSHOT_HEIGHT px tall): the screen is made as tall as the page
     for the shot (Chromium's capture-beyond-viewport renders long pages shifted at random)."""
     height = driver.execute_cdp_cmd("Page.getLayoutMetrics", {})["cssContentSize"]["height"]
-    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
-                           dict(metrics, height=int(min(max(height, metrics["height"]), MAX_SCREENSHOT_HEIGHT))))
+    tall = int(min(max(height, metrics["height"]), MAX_SCREENSHOT_HEIGHT))
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", dict(metrics, height=tall))
     try:
         time.sleep(0.5)
-        shot = driver.execute_cdp_cmd("Page.captureScreenshot", {"format": "png"})
+        # On a taller screen the page may get shorter (boxes sized to the screen height).
+        height = driver.execute_script("return document.documentElement.scrollHeight")
+        clip = {"x": 0, "y": 0, "width": metrics["width"], "height": min(height, tall), "scale": 1}
+        shot = driver.execute_cdp_cmd("Page.captureScreenshot", {"format": "png", "clip": clip})
         path.write_bytes(base64.b64decode(shot["data"]))
     finally:
         driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics)
@@ -104,6 +108,10 @@ def test_desktop_page_has_no_errors(driver, base_url, screenshot_dir, page):
     assert not outside_requests(driver, base_url), \
         f"{page} loads files from outside the site (CDN?): {outside_requests(driver, base_url)}"
     assert driver.find_elements("css selector", ".bd-article h1"), f"{page} has no title"
+    repo = book_config()["repository"]["url"].rstrip("/")
+    links = driver.execute_script("return [...document.querySelectorAll('.article-header-buttons a')].map(a => a.href)")
+    assert repo in links, f"{page}: no repository button linking to {repo}"
+    assert any(h.startswith(f"{repo}/issues/new") for h in links), f"{page}: no 'open an issue' button"
 
 
 @pytest.mark.parametrize("page", PAGES)
