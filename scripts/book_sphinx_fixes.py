@@ -11,7 +11,11 @@
    without a ``#:`` comment are left out: dataclass fields are described in their class's
    ``Attributes`` section, and listing them again would only repeat the names.
 
-3. A dataclass field with ``default_factory`` shows as ``= <factory>`` in the generated
+3. Constants are shown with their value only when it is short and plain: a registry's repr (with
+   ``<function ...>``) or a path of the build machine says nothing to a reader and would run off
+   a phone screen. The ``#:`` comment describes those.
+
+4. A dataclass field with ``default_factory`` shows as ``= <factory>`` in the generated
    signature, which Sphinx cannot parse: the whole signature then prints as raw text (with
    ``~torch...`` prefixes, no line breaks). It is written ``= ...`` instead.
 """
@@ -22,6 +26,10 @@ import inspect
 
 from sphinx.pycode import ModuleAnalyzer
 from sphinx.errors import PycodeError
+from sphinx.ext.autodoc import AttributeDocumenter, DataDocumenter
+from sphinx.util.inspect import object_description
+
+MAX_VALUE_CHARS = 60
 
 
 def _drop_duplicate_scripts(app, pagename, templatename, context, doctree) -> None:
@@ -57,6 +65,24 @@ def _skip_undocumented_data(app, what, name, obj, skip, options):
     return True if (namespace, name) not in documented else None
 
 
+def _plain_short_value(obj) -> bool:
+    try:
+        text = object_description(obj)
+    except Exception:  # noqa: BLE001 - an object whose repr fails shows no value
+        return False
+    return len(text) <= MAX_VALUE_CHARS and "<" not in text and "/" not in text
+
+
+class ShortValueDataDocumenter(DataDocumenter):
+    def should_suppress_value_header(self) -> bool:
+        return super().should_suppress_value_header() or not _plain_short_value(self.object)
+
+
+class ShortValueAttributeDocumenter(AttributeDocumenter):
+    def should_suppress_value_header(self) -> bool:
+        return super().should_suppress_value_header() or not _plain_short_value(self.object)
+
+
 def _factory_defaults(app, what, name, obj, options, signature, return_annotation):
     if signature and "<factory>" in signature:
         return signature.replace("<factory>", "..."), return_annotation
@@ -68,4 +94,6 @@ def setup(app):
     app.connect("html-page-context", _drop_duplicate_scripts, priority=900)
     app.connect("autodoc-skip-member", _skip_undocumented_data)
     app.connect("autodoc-process-signature", _factory_defaults)
+    app.add_autodocumenter(ShortValueDataDocumenter, override=True)
+    app.add_autodocumenter(ShortValueAttributeDocumenter, override=True)
     return {"parallel_read_safe": True, "parallel_write_safe": True}
