@@ -6,7 +6,10 @@ Example::
         --strategies old,offline,rank_merge --seeds 0,1,2 --out results/digits.json
 
 For each seed the old and new models are trained (or loaded from the checkpoint cache) with that
-seed, and the backfill order is drawn with it; the table reports mean ± std over seeds.
+seed, and the backfill order is drawn with it; the table reports mean ± std over seeds. When
+``results/query_cost.json`` (written by ``benchmarks/query_cost.py``) exists, its measured query
+costs join the results and the table. ``--table results/x.json`` rebuilds the tables from saved
+results without training anything.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import json
 import platform
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +28,12 @@ from . import __version__
 from .backfill import DEFAULT_RATIOS, evaluate_backfill, old_only
 from .data import DATASETS, format_classes, load_dataset
 from .metrics import relative_gain
-from .strategies import PRESETS, SETTINGS, STRATEGY_REGISTRY, ExperimentContext, NotApplicable, build_strategy
+from .strategies import (PRESETS, SETTINGS, STRATEGY_REGISTRY, ExperimentContext, MethodParams, NotApplicable,
+                         build_strategy)
 
 DEFAULT_STRATEGIES = ("old", "offline", "rank_merge")
+#: Written by ``benchmarks/query_cost.py``.
+DEFAULT_QUERY_COST = Path(__file__).resolve().parents[1] / "results" / "query_cost.json"
 REPORT_RATIOS = (0.0, 0.5, 1.0)
 
 
@@ -42,7 +49,8 @@ def _point_metrics(strategy, labels) -> dict:
 
 def run_experiment(dataset: str = "digits", old_classes=None, strategies=DEFAULT_STRATEGIES, seeds=(0, 1, 2),
                    setting: str = "homogeneous", ratios=DEFAULT_RATIOS, device=None, cache=None, root=None,
-                   progress: bool = True, data_kwargs: dict | None = None, preset=None) -> dict:
+                   progress: bool = True, data_kwargs: dict | None = None, preset=None,
+                   params: MethodParams | None = None) -> dict:
     """Run the backfill experiment and return the JSON-ready results (see module docstring).
 
     Parameters
@@ -60,7 +68,10 @@ def run_experiment(dataset: str = "digits", old_classes=None, strategies=DEFAULT
         Backfill ratios; must include 0 and 1.
     device, cache, root : optional
         Torch device, checkpoint folder, data folder.
+    params : MethodParams, optional
+        Hyper-parameters of the compatibility methods (default :class:`MethodParams`).
     """
+    params = params or MethodParams()
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; choose one of: {', '.join(DATASETS)}")
     strategies = list(strategies)
@@ -82,7 +93,7 @@ def run_experiment(dataset: str = "digits", old_classes=None, strategies=DEFAULT
     runs: dict[str, dict] = {s: {"curves": [], "trained": []} for s in strategies}
     for seed in seeds:
         ctx = ExperimentContext(data, seed=seed, setting=setting, preset=preset, device=device, cache=cache,
-                                progress=progress)
+                                progress=progress, params=params)
         oo, ref_top1 = _point_metrics(old_only(ctx.embeddings("old")), labels)
         nn_, _ = _point_metrics(old_only(ctx.embeddings("new")), labels)
         per_seed["old_old"].append(oo)
@@ -107,6 +118,7 @@ def run_experiment(dataset: str = "digits", old_classes=None, strategies=DEFAULT
         "seeds": seeds,
         "ratios": ratios,
         "models": {"old": ctx.old_spec.to_dict(), "new": ctx.new_spec.to_dict(), "train": vars(ctx.train_config) | {"seed": "per run"}},
+        "method_params": asdict(params) | {"transform": asdict(params.transform) | {"seed": "per run"}},
         "old_old": {m: _stats([r[m] for r in per_seed["old_old"]]) for m in ("map", "top1", "top5")},
         "new_new": {m: _stats([r[m] for r in per_seed["new_new"]]) for m in ("map", "top1", "top5")},
         "strategies": {},
@@ -155,10 +167,12 @@ def _trained_text(entry: dict) -> str:
 def format_table(result: dict, markdown: bool = False) -> str:
     """The results as a text table (or a Markdown table), one row per strategy.
 
-    Columns: strategy, what is trained and how long it took, backbone passes per query, mAP at
+    Columns: strategy, what is trained and how long it took, backbone passes per query, measured
+    query cost as a multiple of one new-model pass (when ``result["query_cost"]`` holds it), mAP at
     r = 0, 0.5, 1, AUC of mAP and of top-1, relative gain, largest negative-flip rate.
     """
-    head = ["strategy", "trained (time)", "passes", "mAP r=0", "mAP r=0.5", "mAP r=1", "AUC mAP", "AUC top-1",
+    cost = result.get("query_cost", {}).get("ratios")
+    head = ["strategy", "trained (time)", "passes", *(["query cost"] if cost else []), "mAP r=0", "mAP r=0.5", "mAP r=1", "AUC mAP", "AUC top-1",
             "rel. gain", "max neg. flip"]
     rows = []
     for name, s in result["strategies"].items():
@@ -166,6 +180,7 @@ def format_table(result: dict, markdown: bool = False) -> str:
             rows.append([name, f"n/a: {s['reason']}"] + [""] * (len(head) - 2))
             continue
         rows.append([name, _trained_text(s), str(s["backbone_passes"]),
+                     *([f"{cost[name]:.2f}×" if name in cost else ""] if cost else []),
                      *[_pm(s["map_at"][k]) if k in s["map_at"] else "" for k in ("0.0", "0.5", "1.0")],
                      _pm(s["auc_map"]), _pm(s["auc_top1"]), _pm(s["relative_gain"], 2), _pm(s["max_negative_flip"])])
     title = (f"{result['dataset']} ({result['setting']}, old classes {result['old_classes']}, "
@@ -176,6 +191,13 @@ def format_table(result: dict, markdown: bool = False) -> str:
         lines = [f"**{title}** (our measurements)", "", "| " + " | ".join(head) + " |",
                  "|" + "|".join("---" for _ in head) + "|"]
         lines += ["| " + " | ".join(c.replace("|", "/") for c in r) + " |" for r in rows]
+        if cost:
+            setup = result["query_cost"].get("setup", {})
+            lines += ["", f"Query cost: time to embed a batch of {setup.get('batch', '?')} queries with the backbones a "
+                      f"strategy needs, plus its heads and the search of a {setup.get('gallery', '?')}-item gallery at "
+                      f"r = {setup.get('backfill_ratio', '?')}, as a multiple of one new-model pass "
+                      f"({setup.get('model', '?')}, {setup.get('image', '?')} images, {setup.get('device', '?')}); "
+                      "measured by benchmarks/query_cost.py."]
         return "\n".join(lines)
     widths = [max(len(head[i]), *(len(r[i]) for r in rows)) for i in range(len(head))]
     fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
@@ -201,7 +223,15 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="write the results JSON here")
     parser.add_argument("--markdown", default=None, help="also write the Markdown table here")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--query-cost", default=str(DEFAULT_QUERY_COST),
+                        help="query-cost JSON of benchmarks/query_cost.py to add to the table (used if it exists)")
+    parser.add_argument("--table", default=None, metavar="JSON",
+                        help="only rebuild the tables from a saved results JSON (no training)")
     args = parser.parse_args(argv)
+    if args.table:
+        result = json.loads(Path(args.table).read_text())
+        _attach_query_cost(result, args.query_cost)
+        return _write_outputs(result, args)
     try:
         seeds = [int(s) for s in _parse_list(args.seeds)]
         ratios = [float(r) for r in _parse_list(args.ratios)] if args.ratios else DEFAULT_RATIOS
@@ -214,6 +244,17 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    _attach_query_cost(result, args.query_cost)
+    return _write_outputs(result, args)
+
+
+def _attach_query_cost(result: dict, path) -> None:
+    if path and Path(path).exists():
+        cost = json.loads(Path(path).read_text())
+        result["query_cost"] = {"ratios": cost["ratios"], "setup": cost["setup"], "reference": cost["reference"]}
+
+
+def _write_outputs(result: dict, args) -> int:
     print(format_table(result))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
