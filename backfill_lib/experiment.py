@@ -28,6 +28,7 @@ from . import __version__
 from .backfill import DEFAULT_RATIOS, evaluate_backfill, old_only
 from .data import DATASETS, format_classes, load_dataset
 from .metrics import relative_gain
+from .validation import check_ratios
 from .strategies import (PRESETS, SETTINGS, STRATEGY_REGISTRY, ExperimentContext, MethodParams, NotApplicable,
                          build_strategy)
 
@@ -83,7 +84,7 @@ def run_experiment(dataset: str = "digits", old_classes=None, strategies=DEFAULT
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise ValueError("seeds is empty: give at least one seed")
-    ratios = [float(r) for r in ratios]
+    ratios = check_ratios(ratios).tolist()  # sorted and unique, as evaluate_backfill pairs them with values
     if 0.0 not in ratios or 1.0 not in ratios:
         raise ValueError("ratios must include 0 and 1 (the AUC spans the whole backfill)")
     start = time.perf_counter()
