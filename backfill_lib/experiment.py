@@ -70,7 +70,7 @@ def run_experiment(dataset: str = "digits", old_classes=None, strategies=DEFAULT
     device, cache, root : optional
         Torch device, checkpoint folder, data folder.
     params : MethodParams, optional
-        Hyper-parameters of the compatibility methods (default :class:`MethodParams`).
+        Hyper-parameters of the compatibility methods (default :class:`~backfill_lib.strategies.MethodParams`).
     """
     params = params or MethodParams()
     if dataset not in DATASETS:
