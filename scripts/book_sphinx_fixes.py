@@ -15,7 +15,11 @@
    ``<function ...>``) or a path of the build machine says nothing to a reader and would run off
    a phone screen. The ``#:`` comment describes those.
 
-4. A dataclass field with ``default_factory`` shows as ``= <factory>`` in the generated
+4. napoleon reads the first line of an attribute or property docstring as ``type: description``
+   (Google style), so "Schedule of the heads: ..." became the type "Schedule of the heads" and
+   a broken cross-reference. The type comes from the annotation; the line stays prose.
+
+5. A dataclass field with ``default_factory`` shows as ``= <factory>`` in the generated
    signature, which Sphinx cannot parse: the whole signature then prints as raw text (with
    ``~torch...`` prefixes, no line breaks). It is written ``= ...`` instead.
 """
@@ -83,6 +87,13 @@ class ShortValueAttributeDocumenter(AttributeDocumenter):
         return super().should_suppress_value_header() or not _plain_short_value(self.object)
 
 
+def _no_inline_attribute_type(app, what, name, obj, options, lines) -> None:
+    # Runs before napoleon, which then reads an empty reST comment ("..") as the first line: no
+    # "type:" prefix to split off, and nothing extra on the page.
+    if what in ("attribute", "data", "property") and lines and lines[0].strip():
+        lines[:0] = ["..", ""]
+
+
 def _factory_defaults(app, what, name, obj, options, signature, return_annotation):
     if signature and "<factory>" in signature:
         return signature.replace("<factory>", "..."), return_annotation
@@ -94,6 +105,7 @@ def setup(app):
     app.connect("html-page-context", _drop_duplicate_scripts, priority=900)
     app.connect("autodoc-skip-member", _skip_undocumented_data)
     app.connect("autodoc-process-signature", _factory_defaults)
+    app.connect("autodoc-process-docstring", _no_inline_attribute_type, priority=400)
     app.add_autodocumenter(ShortValueDataDocumenter, override=True)
     app.add_autodocumenter(ShortValueAttributeDocumenter, override=True)
     return {"parallel_read_safe": True, "parallel_write_safe": True}
