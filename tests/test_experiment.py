@@ -151,9 +151,6 @@ class TestCli:
         assert exc.value.code == 2 and "invalid choice: 'mnist'" in capsys.readouterr().err
 
 
-@pytest.mark.xfail(strict=True, reason="experiment.py (not ours to edit): run_experiment stores `ratios` as given, "
-                   "but evaluate_backfill sorts and de-duplicates them, so the JSON pairs curve values with the "
-                   "wrong ratios; fix: ratios = check_ratios(ratios).tolist() in run_experiment")
 def test_unsorted_ratios_stay_paired_with_curve_values(tmp_path):
     result = _run(tmp_path, seeds=(0,), strategies=("rank_merge",), ratios=(1, 0, 0.5))
     entry = result["strategies"]["rank_merge"]
