@@ -83,7 +83,7 @@ class MethodParams:
     mct_tau: float = 0.2
     mct_lambda_rt: float = 0.0
     transform: TrainConfig = tf.TRANSFORM_CONFIG
-    transform_steps: int = 1000
+    transform_steps: int = tf.TRANSFORM_STEPS
 
 
 def init_seed(name: str, seed: int) -> int:
@@ -193,9 +193,8 @@ class ExperimentContext:
     @property
     def transform_config(self) -> TrainConfig:
         """Schedule of the heads on cached embeddings: ``params.transform_steps`` steps, this run's seed."""
-        c = self.params.transform
-        steps_per_epoch = max(1, len(self.data.train_labels) // c.batch_size)
-        return replace(c, seed=self.seed, epochs=-(-self.params.transform_steps // steps_per_epoch))
+        return tf.schedule(replace(self.params.transform, seed=self.seed), len(self.data.train_labels),
+                           self.params.transform_steps)
 
 
 @dataclass(frozen=True)
@@ -297,13 +296,15 @@ def _fit_heads(ctx: ExperimentContext, name: str, **kwargs) -> bf.Strategy:
     """Train ψ (and ρ) on the cached training embeddings and build the reverse-transformation strategy."""
     config = ctx.transform_config
     if kwargs.get("objective") == "mc":
+        rt = f" + {kwargs['lam_rt']:g}·L_rt" if kwargs["lam_rt"] else ""
         what = (f"ψ{' + ρ' if kwargs['learn_rho'] else ''} on cached embeddings, L_mc (negatives: "
-                f"{kwargs['negatives']}, τ={kwargs['tau']:g}) + {kwargs['lam_rt']:g}·L_rt, {ctx.params.transform_steps} steps")
+                f"{kwargs['negatives']}, τ={kwargs['tau']:g}){rt}, {ctx.params.transform_steps} steps")
     else:
         what = f"ψ on cached embeddings, L_rt, {ctx.params.transform_steps} steps"
     new_train, old_train = ctx.embeddings("new", split="train"), ctx.embeddings("old", split="train")
     heads = ctx.timed(name, what, lambda: tf.fit_reverse_transform(
-        new_train, old_train, ctx.data.train_labels, config=config, device=ctx.device, progress=ctx.progress, **kwargs))
+        new_train, old_train, ctx.data.train_labels, config=config, steps=None, device=ctx.device,
+        progress=ctx.progress, **kwargs))
     new_test = ctx.embeddings("new")
     rho_new = new_test if heads.rho is None else tf.apply_transform(heads.rho, new_test, "new")
     return bf.reverse_transform(ctx.embeddings("old"), tf.apply_transform(heads.psi, new_test, "new"), rho_new,
@@ -337,7 +338,7 @@ def _forward_transform(ctx: ExperimentContext) -> bf.Strategy:
     config = ctx.transform_config
     old_train, new_train = ctx.embeddings("old", split="train"), ctx.embeddings("new", split="train")
     h = ctx.timed("forward_transform", f"h on cached embeddings, MSE, {ctx.params.transform_steps} steps",
-                  lambda: tf.fit_forward_transform(old_train, new_train, config=config, device=ctx.device,
+                  lambda: tf.fit_forward_transform(old_train, new_train, config=config, steps=None, device=ctx.device,
                                                    progress=ctx.progress))
     old_test = ctx.embeddings("old")
     return bf.forward_transform(tf.apply_transform(h, old_test, "old"), ctx.embeddings("new"))

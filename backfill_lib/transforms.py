@@ -14,6 +14,8 @@ seconds on a CPU. Numpy arrays go in and out at the public boundary (:func:`appl
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -24,8 +26,22 @@ from .losses import NEGATIVES, metric_compatible_loss, regression_loss, reverse_
 from .training import TrainConfig, default_device, train
 from .validation import as_embeddings, as_labels
 
-#: Schedule of the heads (all-batch contrastive losses want large batches; data are tiny vectors).
+#: Optimiser of the heads (contrastive losses over the batch want large batches; data are tiny vectors).
 TRANSFORM_CONFIG = TrainConfig(epochs=60, batch_size=256, lr=2e-3, weight_decay=1e-4)
+#: Optimiser steps of the heads. A fixed number of steps, not epochs: with a few hundred training
+#: items and batch 256 an epoch is one step, and 60 epochs left ψ under-fitted.
+TRANSFORM_STEPS = 1000
+
+
+def schedule(config: TrainConfig, n_items: int, steps: int | None) -> TrainConfig:
+    """``config`` with its epochs set so that training takes at least ``steps`` optimiser steps
+    on ``n_items`` items (``steps=None`` keeps ``config.epochs``)."""
+    if steps is None:
+        return config
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    steps_per_epoch = max(1, n_items // config.batch_size)  # the train loop drops the last partial batch
+    return replace(config, epochs=-(-int(steps) // steps_per_epoch))
 
 
 def _check_dim(name: str, d) -> int:
@@ -133,9 +149,9 @@ def _pairs(a, b, labels, names) -> tuple[np.ndarray, np.ndarray, TensorDataset]:
     return a, b, TensorDataset(torch.from_numpy(np.hstack([a, b])), torch.from_numpy(y))
 
 
-def fit_reverse_transform(new, old, labels=None, objective: str = "rt", learn_rho: bool = False, tau: float = 0.1,
-                          lam_rt: float = 1.0, negatives: str = "both", config: TrainConfig = TRANSFORM_CONFIG,
-                          device=None, progress: bool = False) -> CompatibilityHeads:
+def fit_reverse_transform(new, old, labels=None, objective: str = "rt", learn_rho: bool = False, tau: float = 0.2,
+                          lam_rt: float = 0.0, negatives: str = "both", config: TrainConfig = TRANSFORM_CONFIG,
+                          steps: int | None = TRANSFORM_STEPS, device=None, progress: bool = False) -> CompatibilityHeads:
     """Train ``ψ`` (and ``ρ``) on cached embeddings of the training images; both backbones stay frozen.
 
     Parameters
@@ -150,8 +166,11 @@ def fit_reverse_transform(new, old, labels=None, objective: str = "rt", learn_rh
         Train the learnable new embedding ``ρ`` (``"mc"`` only; otherwise ``ρ`` is the identity).
     tau, lam_rt, negatives :
         Temperature, weight of ``L_rt``, and where ``L_mc`` takes negatives from ("both", "old", "new").
+        Defaults are the values chosen on a validation split (``results/README.md``).
     config : TrainConfig
-        Schedule; ``config.seed`` seeds the initial weights and the batch order.
+        Optimiser; ``config.seed`` seeds the initial weights and the batch order.
+    steps : int or None
+        Optimiser steps (overrides ``config.epochs``; ``None`` keeps them).
 
     Returns
     -------
@@ -177,17 +196,18 @@ def fit_reverse_transform(new, old, labels=None, objective: str = "rt", learn_rh
             return l_rt
         return metric_compatible_loss(psi_new, z_old, model.rho_hat(z_new), y, tau, negatives) + lam_rt * l_rt
 
-    train(heads, dataset, config, loss_fn=loss_fn, device=device or default_device(), desc=f"psi ({objective})",
+    train(heads, dataset, schedule(config, len(dataset), steps), loss_fn=loss_fn, device=device or default_device(), desc=f"psi ({objective})",
           progress=progress)
     return heads.eval()
 
 
-def fit_forward_transform(old, new, config: TrainConfig = TRANSFORM_CONFIG, device=None,
-                          progress: bool = False) -> MLPTransform:
-    """Train ``h`` (old → new) by ``mean ||ĥ(φ_o(x)) − φ_n(x)||²`` on cached training embeddings."""
+def fit_forward_transform(old, new, config: TrainConfig = TRANSFORM_CONFIG, steps: int | None = TRANSFORM_STEPS,
+                          device=None, progress: bool = False) -> MLPTransform:
+    """Train ``h`` (old → new) by ``mean ||ĥ(φ_o(x)) − φ_n(x)||²`` on cached training embeddings
+    (``config`` and ``steps`` as in :func:`fit_reverse_transform`)."""
     old, new, dataset = _pairs(old, new, None, ("old", "new"))
     d_old = old.shape[1]
     h = _seeded(lambda: forward_transformation(d_old, new.shape[1]), config.seed)
-    train(h, dataset, config, loss_fn=lambda m, x, y: regression_loss(m(x[:, :d_old]), x[:, d_old:]),
+    train(h, dataset, schedule(config, len(dataset), steps), loss_fn=lambda m, x, y: regression_loss(m(x[:, :d_old]), x[:, d_old:]),
           device=device or default_device(), desc="h (forward)", progress=progress)
     return h.eval()

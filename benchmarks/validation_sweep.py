@@ -16,7 +16,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 from sklearn.model_selection import train_test_split
 from torch.utils.data import Subset
 
@@ -46,7 +45,6 @@ def main(argv=None) -> int:
     parser.add_argument("--cache", default=None)
     parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "results" / "validation_sweep.json"))
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     data = validation_data()
     labels = data.test_labels
     seeds = [int(s) for s in args.seeds.split(",")]

@@ -1,5 +1,7 @@
 """Transformations ψ, h, ρ (METHOD §2, §3.4, §3.5): shapes, clear errors, identity start, learning."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -7,7 +9,6 @@ import torch
 from backfill_lib.transforms import (CompatibilityHeads, MLPTransform, ResidualEmbedding, TRANSFORM_CONFIG,
                                      apply_transform, fit_forward_transform, fit_reverse_transform,
                                      forward_transformation, reverse_transformation)
-from dataclasses import replace
 
 
 def _unit(rng, n, d):
@@ -66,19 +67,20 @@ def _rotated_pair(n=256, d=8, seed=0):
     return a, (a @ q).astype(np.float32)
 
 
-FAST = replace(TRANSFORM_CONFIG, epochs=40, batch_size=128, lr=1e-2)
+FAST = replace(TRANSFORM_CONFIG, batch_size=128, lr=1e-2)
+STEPS = 80
 
 
 def test_forward_transform_learns_a_rotation():
     old, new = _rotated_pair()
-    h = fit_forward_transform(old, new, config=FAST, device="cpu")
+    h = fit_forward_transform(old, new, config=FAST, steps=STEPS, device="cpu")
     cos = (apply_transform(h, old) * new).sum(axis=1)
     assert cos.mean() > 0.9
 
 
 def test_reverse_transform_learns_a_rotation_and_only_psi_exists():
     new, old = _rotated_pair(seed=1)
-    heads = fit_reverse_transform(new, old, config=FAST, device="cpu")
+    heads = fit_reverse_transform(new, old, config=FAST, steps=STEPS, device="cpu")
     assert heads.rho is None
     assert (apply_transform(heads.psi, new) * old).sum(axis=1).mean() > 0.9
 
@@ -91,7 +93,7 @@ def test_metric_compatible_fit_trains_psi_and_rho_from_identity():
     old = _unit(rng, 200, 4) * 0.5 + np.eye(4, dtype=np.float32)[y]
     old /= np.linalg.norm(old, axis=1, keepdims=True)
     start = CompatibilityHeads(6, 4, learn_rho=True)
-    heads = fit_reverse_transform(new, old, y, objective="mc", learn_rho=True, config=replace(FAST, epochs=20),
+    heads = fit_reverse_transform(new, old, y, objective="mc", learn_rho=True, config=FAST, steps=20,
                                   device="cpu")
     assert heads.rho.residual[-1].weight.abs().sum() > 0  # ρ moved away from the identity
     psi_q = apply_transform(heads.psi, new)
@@ -99,3 +101,12 @@ def test_metric_compatible_fit_trains_psi_and_rho_from_identity():
     cross = psi_q @ old.T                                # transformed query vs old-stored items
     assert cross[same].mean() > cross[~same].mean() + 0.5
     assert start.rho.residual[-1].weight.abs().sum() == 0
+
+
+def test_schedule_counts_optimiser_steps():
+    from backfill_lib.transforms import schedule
+    assert schedule(TRANSFORM_CONFIG, n_items=900, steps=1000).epochs == 334   # 3 full batches of 256 per epoch
+    assert schedule(TRANSFORM_CONFIG, n_items=100, steps=50).epochs == 50      # one (partial) batch per epoch
+    assert schedule(TRANSFORM_CONFIG, n_items=100, steps=None) == TRANSFORM_CONFIG
+    with pytest.raises(ValueError, match="steps"):
+        schedule(TRANSFORM_CONFIG, n_items=100, steps=0)
