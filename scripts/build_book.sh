@@ -11,5 +11,5 @@ python scripts/sync_notebooks.py --check
 bash scripts/fetch_site_js.sh  # widget JS and MathJax, served by the site itself (no CDN)
 # The kernel that executes the chapters keeps its inline backend: with Agg, every plt.show()
 # figure would be missing from the website.
-MPLBACKEND=module://matplotlib_inline.backend_inline jupyter-book build . -W -n --keep-going
+MPLBACKEND=module://matplotlib_inline.backend_inline jupyter-book build . --all -W -n --keep-going
 echo "[book] built: _build/html/index.html"

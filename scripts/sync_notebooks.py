@@ -4,7 +4,8 @@ with ``repository.url`` in ``_config.yml`` (the one place that names the reposit
     python scripts/sync_notebooks.py          # rewrite what is out of date
     python scripts/sync_notebooks.py --check  # exit 1 and list what is out of date
 
-The badge is the notebook's first cell (id ``colab-badge``), the bootstrap its first code cell
+The badge is the notebook's first cell (id ``colab-badge``, tagged ``remove-cell``: the website shows
+the theme's Colab launch button instead), the bootstrap its first code cell
 (id ``colab-bootstrap``): in Colab only, it installs faiss and ``backfill_lib`` from the repository.
 """
 
@@ -91,10 +92,17 @@ def sync_notebook(path: Path, url: str, branch: str, check: bool) -> bool:
     want_badge = badge_source(url, branch, rel)
     badge = next((c for c in cells if c.get("id") == BADGE_ID), None)
     if badge is None:
-        cells.insert(0, _cell("markdown", BADGE_ID, want_badge))
+        badge = _cell("markdown", BADGE_ID, want_badge)
+        cells.insert(0, badge)
         changed = True
     elif "".join(badge["source"]) != want_badge:
         badge["source"] = want_badge
+        changed = True
+    # The website has its own Colab launch button; the badge image lives on Colab's servers and
+    # would be a broken image (and a console error) on an offline copy of the site.
+    tags = badge.setdefault("metadata", {}).setdefault("tags", [])
+    if "remove-cell" not in tags:
+        tags.append("remove-cell")
         changed = True
     want_boot = bootstrap_source(url, branch)
     boot = next((c for c in cells if c.get("id") == BOOT_ID), None)

@@ -8,10 +8,12 @@ bash scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"
 export BACKFILL_CACHE=${BACKFILL_CACHE:-$PWD/_build/checkpoints}
 export MPLBACKEND=Agg
+# Two pytest workers share 2 cores: one torch/OpenMP thread each, or they oversubscribe the
+# cores and every training step slows down many times over.
 echo "[test] unit tests"
-python -m pytest tests backfill_lib --doctest-modules -n 2 -q
+OMP_NUM_THREADS=1 python -m pytest tests backfill_lib --doctest-modules -n 2 -q
 echo "[test] nbval over book/"
-python -m pytest --nbval-lax --nbval-current-env book/ -n 2 --dist loadscope -q -p no:cacheprovider
+OMP_NUM_THREADS=1 python -m pytest --nbval-lax --nbval-current-env book/ -n 2 --dist loadscope -q -p no:cacheprovider
 echo "[test] strict book build"
 bash scripts/build_book.sh
 echo "[test] the website in headless Chromium"
