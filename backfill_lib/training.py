@@ -86,6 +86,7 @@ def _make_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay, nesterov=True)
 
 
+@torch.enable_grad()  # a caller inside torch.no_grad() (e.g. a lazily trained cached model) still trains
 def train(model: nn.Module, dataset: Dataset, config: TrainConfig = TrainConfig(), loss_fn: LossFn = cross_entropy_loss,
           device=None, params=None, desc: str = "train", progress: bool = True) -> list[float]:
     """Train ``model`` on ``dataset`` by minimising ``loss_fn``; returns the mean loss per epoch.

@@ -205,3 +205,21 @@ class TestExtractEmbeddings:
         logits = extract_embeddings(model, toy.test, device="cpu", fn=lambda m, x: m(x)[1])
         assert logits.shape == (len(toy.test), toy.num_classes)
         assert model.training
+
+
+def test_train_works_inside_no_grad():
+    """A model trained lazily from inside ``torch.no_grad()`` (a cache miss) must still learn."""
+    import torch
+    from torch.utils.data import TensorDataset
+
+    from backfill_lib.models import ModelSpec, build_model
+    from backfill_lib.training import TrainConfig, train
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 4, generator=g)
+    y = (x[:, 0] > 0).long()
+    model = build_model(ModelSpec("mlp", 4, 8), (4,), 2, seed=0)
+    with torch.no_grad():
+        history = train(model, TensorDataset(x, y), TrainConfig(epochs=5, batch_size=16, seed=0), device="cpu",
+                        progress=False)
+    assert history[-1] < history[0]
