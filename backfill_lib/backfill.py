@@ -32,17 +32,35 @@ class Strategy:
     ``g`` is stored old and ``query_new[q] · gallery_new[g]`` once it is backfilled (higher is
     better; on unit vectors this is ``1 - d/2``).
 
-    Attributes
+    Usually built by one of the constructors (:func:`old_only`, :func:`rank_merge`,
+    :func:`reverse_transform`, ...). Each parameter is kept as an attribute of the same name;
+    the four embedding matrices are stored as C-contiguous float32 (not normalised here).
+
+    Parameters
     ----------
     name : str
-    query_old, gallery_old : arrays (n_q, d1), (N, d1)
-        Query vector against old-stored items, and what is stored before backfilling.
-    query_new, gallery_new : arrays (n_q, d2), (N, d2)
-        Query vector against backfilled items, and what the backfill writes.
-    backbone_passes : int
+        Name of the strategy (its key in the result of :func:`simulate_backfill`).
+    query_old : array (n_q, d1)
+        Query vector used against items still stored old.
+    gallery_old : array (N, d1)
+        What is stored for each gallery item before it is backfilled.
+    query_new : array (n_q, d2)
+        Query vector used against backfilled items.
+    gallery_new : array (N, d2)
+        What the backfill writes for each gallery item.
+    backbone_passes : int, default 1
         Backbone forward passes needed per query (METHOD §2).
-    offline : bool
+    offline : bool, default False
         Offline backfilling: the new index is switched on only when ``r = 1``.
+
+    Raises
+    ------
+    TypeError
+        If an embedding matrix is not numeric.
+    ValueError
+        If an embedding matrix is not a finite non-empty 2-D array, a query and its gallery
+        differ in width, the two galleries differ in length, or the two query matrices differ
+        in length.
     """
 
     name: str
@@ -70,10 +88,12 @@ class Strategy:
 
     @property
     def n_gallery(self) -> int:
+        """Number of gallery items ``N``."""
         return len(self.gallery_old)
 
     @property
     def n_queries(self) -> int:
+        """Number of queries ``n_q``."""
         return len(self.query_old)
 
 
@@ -82,26 +102,97 @@ def _same_items(x, query):
 
 
 def old_only(old, old_query=None) -> Strategy:
-    """No upgrade: ``d(φ_o(q), φ_o(g))`` for every ``g``, whatever the ratio."""
+    """No upgrade: ``d(φ_o(q), φ_o(g))`` for every ``g``, whatever the ratio.
+
+    Parameters
+    ----------
+    old : array (N, d_o)
+        Old embeddings ``φ_o(g)`` of the gallery items.
+    old_query : array (n_q, d_o), optional
+        Old embeddings ``φ_o(q)`` of the queries; default ``old`` (leave-one-out: the queries are the gallery items).
+
+    Returns
+    -------
+    Strategy
+        Named ``"old"``, one backbone pass per query.
+    """
     q = _same_items(old, old_query)
     return Strategy("old", q, old, q, old, backbone_passes=1)
 
 
 def offline_backfill(old, new, old_query=None, new_query=None) -> Strategy:
-    """Old/old until the backfill is complete, then new/new (a step curve)."""
+    """Old/old until the backfill is complete, then new/new (a step curve).
+
+    Parameters
+    ----------
+    old : array (N, d_o)
+        Old embeddings ``φ_o(g)`` of the gallery items.
+    new : array (N, d_n)
+        New embeddings ``φ_n(g)`` of the gallery items.
+    old_query : array (n_q, d_o), optional
+        ``φ_o(q)`` of the queries; default ``old`` (leave-one-out: the queries are the gallery items).
+    new_query : array (n_q, d_n), optional
+        ``φ_n(q)`` of the queries; default ``new``.
+
+    Returns
+    -------
+    Strategy
+        Named ``"offline"``, with ``offline=True`` (the backfill order is ignored); one
+        backbone pass per query.
+    """
     return Strategy("offline", _same_items(old, old_query), old, _same_items(new, new_query), new,
                     backbone_passes=1, offline=True)
 
 
 def compatible_single_space(old, new, new_query=None, name: str = "compatible") -> Strategy:
-    """BCT-style: the new query ``φ_n(q)`` searches whatever is stored (old or new vectors)."""
+    """BCT-style: the new query ``φ_n(q)`` searches whatever is stored (old or new vectors).
+
+    Parameters
+    ----------
+    old : array (N, d)
+        Old embeddings ``φ_o(g)`` of the gallery items (what is stored before the backfill).
+    new : array (N, d)
+        Embeddings of the gallery items under the compatible new model (BCT, RA-BCT), same
+        dimension as ``old``.
+    new_query : array (n_q, d), optional
+        The compatible new model's embeddings of the queries; default ``new`` (leave-one-out: the queries are the gallery items).
+    name : str, default "compatible"
+        Name of the strategy, e.g. ``"bct"``.
+
+    Returns
+    -------
+    Strategy
+        One backbone pass (new) per query.
+
+    Raises
+    ------
+    ValueError
+        If ``old`` and ``new`` differ in dimension (the single space needs ``d_n = d_o``).
+    """
     q = _same_items(new, new_query)
     return Strategy(name, q, old, q, new, backbone_passes=1)
 
 
 def rank_merge(old, new, old_query=None, new_query=None) -> Strategy:
     """Distance rank merge: ``φ_o(q)`` against old-stored items, ``φ_n(q)`` against new-stored
-    ones, one ranking by distance. Two backbone passes per query."""
+    ones, one ranking by distance. Two backbone passes per query.
+
+    Parameters
+    ----------
+    old : array (N, d_o)
+        Old embeddings ``φ_o(g)`` of the gallery items.
+    new : array (N, d_n)
+        New embeddings ``φ_n(g)`` of the gallery items.
+    old_query : array (n_q, d_o), optional
+        ``φ_o(q)`` of the queries; default ``old`` (leave-one-out: the queries are the gallery items).
+    new_query : array (n_q, d_n), optional
+        ``φ_n(q)`` of the queries; default ``new``.
+
+    Returns
+    -------
+    Strategy
+        Named ``"rank_merge"``, two backbone passes per query.
+    """
     return Strategy("rank_merge", _same_items(old, old_query), old, _same_items(new, new_query), new,
                     backbone_passes=2)
 
@@ -113,13 +204,53 @@ def reverse_transform(old, psi_new, rho_new, psi_query=None, rho_query=None,
 
     ``psi_new`` and ``rho_new`` are the (normalised) transformed new embeddings of the items;
     pass ``rho_new = φ_n`` when there is no learnable new embedding.
+
+    Parameters
+    ----------
+    old : array (N, d_o)
+        Old embeddings ``φ_o(g)`` stored for the gallery items.
+    psi_new : array (N, d_o)
+        ``ψ̂(φ_n(g))`` of the gallery items; used as the queries against old-stored items
+        unless ``psi_query`` is given.
+    rho_new : array (N, d_ρ)
+        ``ρ̂(φ_n(g))``, what the backfill writes; also the queries against backfilled items
+        unless ``rho_query`` is given.
+    psi_query : array (n_q, d_o), optional
+        ``ψ̂(φ_n(q))`` of the queries; default ``psi_new`` (leave-one-out: the queries are the gallery items).
+    rho_query : array (n_q, d_ρ), optional
+        ``ρ̂(φ_n(q))`` of the queries; default ``rho_new``.
+    name : str, default "reverse_transform"
+        Name of the strategy (e.g. to tell ablations apart).
+
+    Returns
+    -------
+    Strategy
+        One backbone pass per query.
     """
     return Strategy(name, _same_items(psi_new, psi_query), old, _same_items(rho_new, rho_query), rho_new,
                     backbone_passes=1)
 
 
 def forward_transform(h_old, new, new_query=None, name: str = "forward_transform") -> Strategy:
-    """FCT-style: stored old vectors mapped by ``ĥ`` into the new space, searched with ``φ_n(q)``."""
+    """FCT-style: stored old vectors mapped by ``ĥ`` into the new space, searched with ``φ_n(q)``.
+
+    Parameters
+    ----------
+    h_old : array (N, d_n)
+        ``ĥ(φ_o(g))``, the stored old vectors of the gallery items transformed into the new
+        space.
+    new : array (N, d_n)
+        New embeddings ``φ_n(g)`` of the gallery items, what the backfill writes.
+    new_query : array (n_q, d_n), optional
+        ``φ_n(q)`` of the queries; default ``new`` (leave-one-out: the queries are the gallery items).
+    name : str, default "forward_transform"
+        Name of the strategy.
+
+    Returns
+    -------
+    Strategy
+        One backbone pass (new) per query.
+    """
     q = _same_items(new, new_query)
     return Strategy(name, q, h_old, q, new, backbone_passes=1)
 
@@ -136,7 +267,26 @@ def backfill_order(n: int, seed: int = 0, policy: str = "random", uncertainty=No
     policy : {"random", "uncertain_first"}
         ``uncertain_first`` backfills items with the largest ``uncertainty`` first (an extension).
     uncertainty : array of n floats, optional
-        Needed by ``uncertain_first``, e.g. ``1 -`` the old model's top class probability.
+        Needed by ``uncertain_first``, e.g. ``1 -`` the old model's top class probability;
+        ignored by ``random``.
+
+    Returns
+    -------
+    order : array (n,) of int
+        A permutation of ``range(n)``: ``order[:round(r·n)]`` is ``B_r``.
+
+    Raises
+    ------
+    ValueError
+        If ``n`` is not a positive integer, ``policy`` is unknown, or ``uncertain_first`` gets
+        no ``uncertainty`` or one that is not ``n`` finite values.
+
+    Examples
+    --------
+    >>> sorted(backfill_order(4, seed=1).tolist())
+    [0, 1, 2, 3]
+    >>> backfill_order(3, policy="uncertain_first", uncertainty=[0.1, 0.9, 0.5]).tolist()
+    [1, 2, 0]
     """
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise ValueError(f"n must be a positive integer (gallery size), got {n!r}")
@@ -154,7 +304,35 @@ def backfill_order(n: int, seed: int = 0, policy: str = "random", uncertainty=No
 
 
 def backfilled_mask(order, ratio: float) -> np.ndarray:
-    """Boolean mask of the items in ``B_r``: the first ``round(r·N)`` items of ``order``."""
+    """Boolean mask of the items in ``B_r``: the first ``round(r·N)`` items of ``order``.
+
+    ``round`` is Python's (halves go to the even number).
+
+    Parameters
+    ----------
+    order : array (N,) of int
+        A backfill order ``π``, a permutation of ``range(N)`` (e.g. from
+        :func:`backfill_order`).
+    ratio : float in [0, 1]
+        Backfill ratio ``r``.
+
+    Returns
+    -------
+    mask : bool array (N,)
+        ``mask[g]`` is True when item ``g`` is stored new.
+
+    Raises
+    ------
+    TypeError
+        If ``ratio`` is not a number.
+    ValueError
+        If ``order`` is not a permutation or ``ratio`` is outside [0, 1].
+
+    Examples
+    --------
+    >>> backfilled_mask([2, 0, 1, 3], 0.5)
+    array([ True, False,  True, False])
+    """
     return _mask(_check_order(order), check_ratio(ratio, "ratio"))
 
 
@@ -178,7 +356,31 @@ def _mask(order: np.ndarray, r: float) -> np.ndarray:
 
 @dataclass
 class BackfillCurve:
-    """Metrics of one strategy at each backfill ratio (one order seed)."""
+    """Metrics of one strategy at each backfill ratio (one order seed).
+
+    Returned by :func:`evaluate_backfill`. Each parameter is kept as an attribute of the same
+    name; the per-ratio arrays follow ``ratios``.
+
+    Parameters
+    ----------
+    strategy : str
+        Name of the strategy.
+    ratios : array (n_r,) of float
+        Backfill ratios ``r``, ascending.
+    map : array (n_r,) of float
+        mAP at each ratio.
+    top1 : array (n_r,) of float
+        CMC top-1 accuracy at each ratio.
+    top5 : array (n_r,) of float
+        CMC top-5 accuracy at each ratio.
+    negative_flips : array (n_r,) of float
+        Negative flip rate at each ratio (see
+        :func:`~backfill_lib.metrics.negative_flip_rate`).
+    backbone_passes : int, default 1
+        Backbone forward passes per query of the strategy.
+    per_query_top1 : bool array (n_r, n_q), optional
+        Top-1 correctness of each query at each ratio.
+    """
 
     strategy: str
     ratios: np.ndarray
@@ -191,17 +393,57 @@ class BackfillCurve:
 
     @property
     def auc_map(self) -> float:
+        """Area under the mAP curve, by :func:`~backfill_lib.metrics.auc` (needs r = 0 and r = 1)."""
         return auc(self.ratios, self.map)
 
     @property
     def auc_top1(self) -> float:
+        """Area under the top-1 curve, by :func:`~backfill_lib.metrics.auc` (needs r = 0 and r = 1)."""
         return auc(self.ratios, self.top1)
 
     def relative_gain(self, old_old: float, new_new: float) -> float:
-        """Relative gain of the mAP curve (METHOD §4)."""
+        """Relative gain of the mAP curve (METHOD §4).
+
+        Parameters
+        ----------
+        old_old : float
+            mAP of old/old retrieval.
+        new_new : float
+            mAP of new/new retrieval after a full backfill.
+
+        Returns
+        -------
+        float
+            ``(auc_map − old_old) / (new_new − old_old)``, see
+            :func:`~backfill_lib.metrics.relative_gain`.
+
+        Raises
+        ------
+        ValueError
+            If ``new_new`` equals ``old_old``, or the ratios do not span [0, 1].
+        """
         return relative_gain(self.auc_map, old_old, new_new)
 
     def map_at(self, ratio: float) -> float:
+        """mAP at one of the evaluated ratios.
+
+        Parameters
+        ----------
+        ratio : float in [0, 1]
+            One of the evaluated ``ratios`` (matched within ``1e-9``).
+
+        Returns
+        -------
+        float
+            The mAP at ``ratio``.
+
+        Raises
+        ------
+        TypeError
+            If ``ratio`` is not a number.
+        ValueError
+            If ``ratio`` is outside [0, 1] or was not evaluated.
+        """
         i = int(np.argmin(np.abs(self.ratios - check_ratio(ratio))))
         if abs(self.ratios[i] - ratio) > 1e-9:
             raise ValueError(f"ratio {ratio} was not evaluated; evaluated: {self.ratios.tolist()}")
@@ -213,22 +455,47 @@ def evaluate_backfill(strategy: Strategy, query_labels, gallery_labels=None, rat
                       reference_top1=None, chunk_size: int = 1024) -> BackfillCurve:
     """Evaluate a strategy along the backfill: mAP, top-1, top-5 and negative flips per ratio.
 
+    At each ratio ``r`` item ``g`` is scored with the new pair of vectors if ``g ∈ B_r`` and
+    with the old pair otherwise (for an offline strategy, new only at ``r = 1``); the whole
+    gallery is then ranked by the merged score. Relevance is the same label.
+
     Parameters
     ----------
     strategy : Strategy
-    query_labels : array (n_q,)
-    gallery_labels : array (N,), optional
+        The query and gallery vectors of both spaces.
+    query_labels : int array (n_q,)
+        Class label of each query.
+    gallery_labels : int array (N,), optional
         Defaults to ``query_labels`` (leave-one-out: queries are the gallery items).
-    ratios : sequence of floats in [0, 1]
+    ratios : sequence of floats in [0, 1], default DEFAULT_RATIOS
+        Backfill ratios to evaluate (sorted, repeats dropped); default ``0, 0.1, ..., 1``.
     order : array (N,), optional
-        Backfill order ``π``; default a random order drawn with ``order_seed``.
-    exclude_self : bool
+        Backfill order ``π``, a permutation of ``range(N)``; default a random order drawn with
+        ``order_seed``.
+    order_seed : int, default 0
+        Seed of the default order (see :func:`backfill_order`); unused when ``order`` is given.
+    exclude_self : bool, default True
         Leave-one-out: drop query ``i`` from its own ranking (requires ``n_q == N``).
     reference_top1 : bool array (n_q,), optional
         Per-query top-1 correctness under old/old; negative flips are counted against it
         (default: this strategy at ``r = 0``).
-    chunk_size : int
+    chunk_size : int, default 1024
         Queries scored at once (bounds memory at ``chunk_size × N`` floats).
+
+    Returns
+    -------
+    BackfillCurve
+        mAP (mean over queries with a relevant item), top-1, top-5 and negative flips at each
+        ratio, named after the strategy.
+
+    Raises
+    ------
+    TypeError
+        If ``strategy`` is not a :class:`Strategy`, or a ratio or label has the wrong type.
+    ValueError
+        If a ratio is outside [0, 1], the labels do not match the numbers of queries and
+        items, ``exclude_self`` is set with ``n_q != N``, fewer than 5 items are searchable,
+        ``order`` is not a permutation, or ``reference_top1`` has the wrong shape.
     """
     if not isinstance(strategy, Strategy):
         raise TypeError(f"strategy must be a Strategy, got {type(strategy).__name__}")
@@ -293,6 +560,31 @@ def simulate_backfill(strategies, labels, ratios=DEFAULT_RATIOS, order_seed: int
     Negative flips are counted against ``reference`` (usually :func:`old_only`), evaluated at
     ``r = 0``; by default the strategy named ``"old"`` if present, else each strategy's own
     ``r = 0``.
+
+    Parameters
+    ----------
+    strategies : dict of str to Strategy, or iterable of Strategy
+        Strategies over the same gallery, with unique names (dict keys are ignored; the
+        strategies' own names are used).
+    labels : int array (N,)
+        Class label of each gallery item (the items are also the queries).
+    ratios : sequence of floats in [0, 1], default DEFAULT_RATIOS
+        Backfill ratios to evaluate.
+    order_seed : int, default 0
+        Seed of the one random backfill order ``π`` shared by all strategies.
+    reference : Strategy, optional
+        Strategy whose top-1 at ``r = 0`` defines the negative flips.
+
+    Returns
+    -------
+    dict of str to BackfillCurve
+        One curve per strategy, keyed by strategy name, in the given order.
+
+    Raises
+    ------
+    ValueError
+        If ``strategies`` is empty or repeats a name; also the errors of
+        :func:`evaluate_backfill`.
     """
     strategies = list(strategies.values()) if isinstance(strategies, dict) else list(strategies)
     if not strategies:

@@ -33,21 +33,31 @@ class DataNotFoundError(FileNotFoundError):
 class BackfillData:
     """A dataset prepared for the backfilling protocol.
 
-    Attributes
+    Built by :func:`load_dataset` (or one of the ``load_*_data`` functions); every parameter is
+    kept as an attribute of the same name.
+
+    Parameters
     ----------
     name : str
+        Dataset name: ``"digits"``, ``"synthetic"``, ``"cifar100"`` or ``"imagefolder"``.
     train : Dataset
         Training items ``(x, y)``, augmented for images.
     train_plain : Dataset
         The same items in the same order without augmentation (for embedding caches).
     test : Dataset
         Evaluation items: every one is a query and a gallery item (leave-one-out).
-    train_labels, test_labels : arrays of int
+    train_labels, test_labels : array (n,) of int
+        Labels of ``train`` and ``test``, in their order.
     num_classes : int
+        Number of classes; labels are ``0 .. num_classes - 1``.
     old_classes : tuple of int
-        Classes the old model is trained on.
+        Classes the old model φ_o is trained on (the new model φ_n sees all of them).
     input_shape : tuple of int
         Shape of one input, e.g. ``(1, 8, 8)``.
+    info : dict, optional
+        Settings that change the items (split seed, test size, image size, ...). They go into
+        the checkpoint cache key, so two different datasets never share a checkpoint. Default
+        empty.
     """
 
     name: str
@@ -62,18 +72,64 @@ class BackfillData:
     info: dict = field(default_factory=dict)
 
     def train_subset(self, classes=None) -> Dataset:
-        """Training items whose label is in ``classes`` (default: the old classes)."""
+        """Training items whose label is in ``classes`` (default: the old classes).
+
+        Parameters
+        ----------
+        classes : sequence of int, optional
+            Labels to keep. Default ``old_classes``, the training set of the old model φ_o.
+
+        Returns
+        -------
+        torch.utils.data.Subset
+            A view of ``train`` (augmented) in the original order.
+        """
         classes = self.old_classes if classes is None else tuple(classes)
         idx = np.flatnonzero(np.isin(self.train_labels, classes))
         return Subset(self.train, idx.tolist())
 
     def describe(self) -> str:
+        """One line with the name, the split sizes, the number of classes and the old classes.
+
+        Returns
+        -------
+        str
+            E.g. ``"digits: 898 train / 899 test items, 10 classes, old model sees 0-4"``.
+        """
         return (f"{self.name}: {len(self.train_labels)} train / {len(self.test_labels)} test items, "
                 f"{self.num_classes} classes, old model sees {format_classes(self.old_classes)}")
 
 
 def parse_classes(spec, num_classes: int | None = None) -> tuple[int, ...]:
     """Parse ``"0-4"``, ``"0,2,5"``, ``"0-4,7"`` or a sequence of ints into a sorted tuple.
+
+    Duplicates are dropped; spaces in a string are ignored.
+
+    Parameters
+    ----------
+    spec : str or sequence of int
+        The old classes: ranges ``"a-b"`` (both ends included) and single classes, separated by
+        commas, or the class numbers themselves.
+    num_classes : int, optional
+        Number of classes of the dataset. When given, every class must lie in
+        ``0 .. num_classes - 1`` and at least one class must be left out (new).
+
+    Returns
+    -------
+    tuple of int
+        The classes, sorted and unique.
+
+    Raises
+    ------
+    ValueError
+        If a part of the string cannot be parsed (or a range runs backwards), if no class is
+        given, if a class is out of range, or if every class is an old class.
+    TypeError
+        If ``spec`` is neither a string nor a sequence of integers.
+
+    See Also
+    --------
+    format_classes : The inverse, for messages and results.
 
     Examples
     --------
@@ -111,7 +167,23 @@ def parse_classes(spec, num_classes: int | None = None) -> tuple[int, ...]:
 
 
 def format_classes(classes) -> str:
-    """Inverse of :func:`parse_classes` for contiguous runs, e.g. ``(0, 1, 2, 5) -> "0-2,5"``."""
+    """Inverse of :func:`parse_classes` for contiguous runs, e.g. ``(0, 1, 2, 5) -> "0-2,5"``.
+
+    Parameters
+    ----------
+    classes : iterable of int
+        Class numbers, in any order, without duplicates.
+
+    Returns
+    -------
+    str
+        Runs of consecutive classes written ``"a-b"``, joined by commas.
+
+    Examples
+    --------
+    >>> format_classes([5, 0, 1, 2])
+    '0-2,5'
+    """
     classes = sorted(classes)
     runs, start = [], None
     for i, c in enumerate(classes):
@@ -124,7 +196,21 @@ def format_classes(classes) -> str:
 
 
 def data_root(root=None) -> Path:
-    """Where downloaded data live: ``root``, else ``$BACKFILL_DATA``, else ``~/.cache/backfill_lib/data``."""
+    """Where downloaded data live: ``root``, else ``$BACKFILL_DATA``, else ``~/.cache/backfill_lib/data``.
+
+    The folder is not created here (torchvision creates it when it downloads).
+
+    Parameters
+    ----------
+    root : str or Path, optional
+        An explicit data folder; ``~`` is expanded. Takes precedence over the ``BACKFILL_DATA``
+        environment variable.
+
+    Returns
+    -------
+    Path
+        The data folder.
+    """
     if root is not None:
         return Path(root).expanduser()
     if os.environ.get(DATA_ENV):
@@ -150,7 +236,27 @@ def _from_arrays(name, x_train, y_train, x_test, y_test, num_classes, old_classe
 def load_digits_data(old_classes=None, test_size: float = 0.5, split_seed: int = 0) -> BackfillData:
     """scikit-learn's bundled 8×8 digits (1,797 images, 10 classes), stratified seeded split.
 
-    Pixels are scaled to [0, 1] then standardised with the training mean and std.
+    Pixels are scaled to [0, 1] then standardised with the training mean and std (one scalar
+    each). Nothing is downloaded and there is no augmentation (``train_plain`` is ``train``).
+
+    Parameters
+    ----------
+    old_classes : str or sequence of int, optional
+        Classes of the old model, in any form :func:`parse_classes` accepts. Default ``0-4``.
+    test_size : float, default 0.5
+        Share of the images in the test split (queries and gallery).
+    split_seed : int, default 0
+        Seed of the stratified train/test split.
+
+    Returns
+    -------
+    BackfillData
+        Inputs of shape ``(1, 8, 8)``.
+
+    Raises
+    ------
+    ValueError
+        If ``old_classes`` is invalid (see :func:`parse_classes`).
     """
     from sklearn.datasets import load_digits
 
@@ -169,7 +275,34 @@ def make_synthetic(num_classes: int = 10, dim: int = 32, n_per_class: int = 100,
                    noise: float = 1.0, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Gaussian class clusters: class centres ``~ N(0, separation²/dim · I)``, items centre + ``N(0, noise²/dim · I)``.
 
-    Returns ``(x, y)`` with ``x`` of shape ``(num_classes * n_per_class, dim)``.
+    Parameters
+    ----------
+    num_classes : int, default 10
+        Number of clusters (classes); at least 2.
+    dim : int, default 32
+        Dimension of the items.
+    n_per_class : int, default 100
+        Items per class.
+    separation : float, default 3.0
+        Scale of the class centres: a centre's norm is about ``separation``, so two centres are
+        about ``√2 · separation`` apart.
+    noise : float, default 1.0
+        Scale of the spread: an item is about ``noise`` away from its centre.
+    seed : int, default 0
+        Seed of the centres and the noise.
+
+    Returns
+    -------
+    x : array (num_classes * n_per_class, dim) of float32
+        The items, grouped by class.
+    y : array (num_classes * n_per_class,) of int64
+        Their labels ``0, ..., 0, 1, ..., num_classes - 1``.
+
+    Raises
+    ------
+    ValueError
+        If ``num_classes``, ``dim`` or ``n_per_class`` is not a positive integer, or
+        ``num_classes < 2``.
     """
     for arg, v in (("num_classes", num_classes), ("dim", dim), ("n_per_class", n_per_class)):
         if not isinstance(v, (int, np.integer)) or v < 1:
@@ -186,7 +319,32 @@ def make_synthetic(num_classes: int = 10, dim: int = 32, n_per_class: int = 100,
 def load_synthetic_data(old_classes=None, num_classes: int = 10, dim: int = 32, n_per_class: int = 100,
                         separation: float = 3.0, noise: float = 1.0, test_size: float = 0.5,
                         split_seed: int = 0) -> BackfillData:
-    """Synthetic Gaussian clusters (see :func:`make_synthetic`) split like ``digits``."""
+    """Synthetic Gaussian clusters (see :func:`make_synthetic`) split like ``digits``.
+
+    The items are used as they are (no standardisation, no augmentation).
+
+    Parameters
+    ----------
+    old_classes : str or sequence of int, optional
+        Classes of the old model, in any form :func:`parse_classes` accepts. Default the first
+        half, ``0 .. num_classes // 2 - 1``.
+    num_classes, dim, n_per_class, separation, noise
+        The clusters, as in :func:`make_synthetic` (same defaults).
+    test_size : float, default 0.5
+        Share of the items in the test split (queries and gallery).
+    split_seed : int, default 0
+        Seed of both the clusters and the stratified train/test split.
+
+    Returns
+    -------
+    BackfillData
+        Inputs of shape ``(dim,)``; use the ``mlp`` architecture.
+
+    Raises
+    ------
+    ValueError
+        If a cluster parameter or ``old_classes`` is invalid.
+    """
     x, y = make_synthetic(num_classes, dim, n_per_class, separation, noise, seed=split_seed)
     tr, te = _stratified_split(y, test_size, split_seed)
     old = parse_classes(old_classes if old_classes is not None else range(num_classes // 2), num_classes)
@@ -205,8 +363,33 @@ def _no_data_message(what: str, root: Path, exc: Exception) -> str:
 def load_cifar100_data(root=None, old_classes=None, download: bool = True) -> BackfillData:
     """CIFAR-100 through torchvision (50,000 train / 10,000 test, 100 classes; old classes 0–49).
 
-    Training augmentation is the standard random crop with 4-pixel padding and horizontal flip.
-    Data are downloaded on first use into ``root`` (or ``$BACKFILL_DATA``).
+    Training augmentation is the standard random crop with 4-pixel padding and horizontal flip;
+    all splits are normalised with the CIFAR-100 channel mean and std. On first use torchvision
+    downloads and extracts the archive into the data folder; later calls read it
+    from there.
+
+    Parameters
+    ----------
+    root : str or Path, optional
+        Data folder; default :func:`data_root` (``$BACKFILL_DATA``, else
+        ``~/.cache/backfill_lib/data``).
+    old_classes : str or sequence of int, optional
+        Classes of the old model, in any form :func:`parse_classes` accepts. Default ``0-49``.
+    download : bool, default True
+        Download the data if they are not under ``root``.
+
+    Returns
+    -------
+    BackfillData
+        Inputs of shape ``(3, 32, 32)``.
+
+    Raises
+    ------
+    DataNotFoundError
+        If the data are not under ``root`` and could not be downloaded (no network, or
+        ``download=False``); the message says where to put them.
+    ValueError
+        If ``old_classes`` is invalid (see :func:`parse_classes`).
     """
     from torchvision import datasets, transforms as T
 
@@ -230,7 +413,41 @@ def load_imagefolder_data(root, old_classes=None, image_size: int = 64, test_siz
     """Any ``root/<class>/<image>`` tree (torchvision ``ImageFolder``).
 
     If ``root`` has ``train/`` and ``test/`` (or ``val/``) sub-folders they are used as the
-    splits; otherwise one tree is split, stratified and seeded.
+    splits; otherwise one tree is split, stratified and seeded. Classes are numbered in the
+    sorted order of their folder names. Training images get a random resized crop (scale 0.5–1)
+    and a horizontal flip; test images (and ``train_plain``) are resized to ``1.14 · image_size``
+    and centre-cropped. All are normalised with the ImageNet channel mean and std. Nothing is
+    downloaded.
+
+    Parameters
+    ----------
+    root : str or Path
+        The image tree (required; ``~`` is expanded).
+    old_classes : str or sequence of int, optional
+        Classes of the old model, in any form :func:`parse_classes` accepts. Default the first
+        half of the classes.
+    image_size : int, default 64
+        Side of the square inputs.
+    test_size : float, default 0.2
+        Share of the images in the test split when ``root`` is one tree (ignored with
+        ``train/`` and ``test/`` sub-folders).
+    split_seed : int, default 0
+        Seed of that split (ignored with sub-folders).
+
+    Returns
+    -------
+    BackfillData
+        Inputs of shape ``(3, image_size, image_size)``.
+
+    Raises
+    ------
+    ValueError
+        If ``root`` is None, if the ``train/`` and ``test/`` (or ``val/``) sub-folders hold
+        different classes, or if ``old_classes`` is invalid.
+    DataNotFoundError
+        If ``root`` is not a folder.
+    FileNotFoundError
+        From torchvision, if a tree holds no class folders or no images.
     """
     from torchvision import datasets, transforms as T
 
@@ -275,13 +492,28 @@ def load_dataset(name: str = "digits", old_classes=None, root=None, **kwargs) ->
 
     Parameters
     ----------
-    name : str
+    name : {"digits", "synthetic", "cifar100", "imagefolder"}, default "digits"
+        Which dataset; each is loaded by its own function (:func:`load_digits_data`,
+        :func:`load_synthetic_data`, :func:`load_cifar100_data`, :func:`load_imagefolder_data`).
     old_classes : str or sequence of int, optional
         Classes the old model sees, e.g. ``"0-4"``; default the first half.
-    root : path, optional
-        Data folder for ``cifar100`` (default ``$BACKFILL_DATA``) and ``imagefolder`` (required).
+    root : str or Path, optional
+        Data folder for ``cifar100`` (default ``$BACKFILL_DATA``) and ``imagefolder`` (required);
+        ignored by ``digits`` and ``synthetic``.
     **kwargs
         Passed to the loader (``split_seed``, ``test_size``, ``download``, ``image_size``, ...).
+
+    Returns
+    -------
+    BackfillData
+        Training, un-augmented training and test splits, labels and the old classes.
+
+    Raises
+    ------
+    ValueError
+        If ``name`` is not one of the four datasets, or the loader rejects an argument.
+    DataNotFoundError
+        If the data of ``cifar100`` or ``imagefolder`` are not on disk and cannot be downloaded.
 
     Examples
     --------

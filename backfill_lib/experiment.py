@@ -54,23 +54,60 @@ def run_experiment(dataset: str = "digits", old_classes=None, strategies=DEFAULT
                    params: MethodParams | None = None) -> dict:
     """Run the backfill experiment and return the JSON-ready results (see module docstring).
 
+    For each seed, the old model φ_o (old classes) and the new model φ_n (all classes) are
+    trained or loaded from the checkpoint cache, each strategy is built and evaluated along the
+    backfill (:func:`~backfill_lib.backfill.evaluate_backfill`, backfill order drawn with the
+    seed), and old/old and new/new retrieval are measured as references. A strategy that does
+    not apply to the setting (e.g. BCT with ``d_n ≠ d_o``) is reported as ``"n/a"`` with the
+    reason.
+
     Parameters
     ----------
-    dataset : str
-        ``digits`` (default), ``synthetic``, ``cifar100`` or ``imagefolder``.
-    old_classes : str or sequence, optional
+    dataset : str, default "digits"
+        ``digits``, ``synthetic``, ``cifar100`` or ``imagefolder``.
+    old_classes : str or sequence of int, optional
         Classes of the old model (default the first half).
-    strategies : sequence of str
+    strategies : sequence of str, default ("old", "offline", "rank_merge")
         Names registered in :data:`~backfill_lib.strategies.STRATEGY_REGISTRY`.
-    seeds : sequence of int
+    seeds : sequence of int, default (0, 1, 2)
         One run per seed (model initialisation, data order, backfill order).
-    setting : {"homogeneous", "heterogeneous"}
-    ratios : sequence of float
-        Backfill ratios; must include 0 and 1.
+    setting : {"homogeneous", "heterogeneous"}, default "homogeneous"
+        Whether the new model has the old model's architecture, or the preset's
+        ``new_heterogeneous`` one.
+    ratios : sequence of float, default ``DEFAULT_RATIOS``
+        Backfill ratios ``r`` in [0, 1] (0, 0.1, ..., 1 by default); must include 0 and 1.
     device, cache, root : optional
-        Torch device, checkpoint folder, data folder.
+        Torch device (default the GPU if there is one), checkpoint folder (default
+        ``$BACKFILL_CACHE``, see :func:`~backfill_lib.training.cache_dir`), data folder (default
+        ``$BACKFILL_DATA``, see :func:`~backfill_lib.data.data_root`).
+    progress : bool, default True
+        Show training progress bars.
+    data_kwargs : dict, optional
+        Extra keyword arguments of :func:`~backfill_lib.data.load_dataset` (``split_seed``,
+        ``test_size``, ``image_size``, ...).
+    preset : Preset, optional
+        Models and training schedule (a :class:`~backfill_lib.strategies.Preset`); default the
+        dataset's entry of ``backfill_lib.strategies.PRESETS``.
     params : MethodParams, optional
         Hyper-parameters of the compatibility methods (default :class:`~backfill_lib.strategies.MethodParams`).
+
+    Returns
+    -------
+    dict
+        JSON-ready results: the settings (``dataset``, ``setting``, ``old_classes``, ``seeds``,
+        ``ratios``, ``models``, ``method_params``), old/old and new/new mAP, top-1 and top-5
+        (``old_old``, ``new_new``), and per strategy (``strategies``) the AUCs, relative gain,
+        largest negative-flip rate and mAP at r = 0, 0.5, 1 as ``{"mean", "std"}`` over seeds,
+        the curves of every seed, and what was trained and how long it took; plus
+        ``environment`` (versions, elapsed time). :func:`format_table` prints it.
+
+    Raises
+    ------
+    ValueError
+        If ``dataset``, a strategy name or ``setting`` is unknown, ``seeds`` is empty, a ratio is
+        outside [0, 1], ``ratios`` lacks 0 or 1, or the dataset loader rejects an argument.
+    ~backfill_lib.data.DataNotFoundError
+        If the data of ``cifar100`` or ``imagefolder`` are not on disk and cannot be downloaded.
     """
     params = params or MethodParams()
     if dataset not in DATASETS:
@@ -170,7 +207,22 @@ def format_table(result: dict, markdown: bool = False) -> str:
 
     Columns: strategy, what is trained and how long it took, backbone passes per query, measured
     query cost as a multiple of one new-model pass (when ``result["query_cost"]`` holds it), mAP at
-    r = 0, 0.5, 1, AUC of mAP and of top-1, relative gain, largest negative-flip rate.
+    r = 0, 0.5, 1, AUC of mAP and of top-1, relative gain, largest negative-flip rate. Values are
+    ``mean ± std`` over seeds. A title line gives the dataset, setting, old classes, seeds and the
+    old/old and new/new references.
+
+    Parameters
+    ----------
+    result : dict
+        The output of :func:`run_experiment`, or the same read back from its JSON file.
+    markdown : bool, default False
+        Write a Markdown table (title in bold, marked as our measurements, and a note on how the
+        query cost was measured) instead of aligned plain text.
+
+    Returns
+    -------
+    str
+        The table, without a trailing newline.
     """
     cost = result.get("query_cost", {}).get("ratios")
     head = ["strategy", "trained (time)", "passes", *(["query cost"] if cost else []), "mAP r=0", "mAP r=0.5", "mAP r=1", "AUC mAP", "AUC top-1",
@@ -210,6 +262,27 @@ def _parse_list(text: str) -> list[str]:
 
 
 def main(argv=None) -> int:
+    """The command line: ``python -m backfill_lib.experiment [options]``.
+
+    Runs :func:`run_experiment` with the options (``--dataset``, ``--old-classes``,
+    ``--strategies``, ``--seeds``, ``--setting``, ``--ratios``, ``--root``, ``--cache``,
+    ``--device``, ``--quiet``), adds the measured query costs of ``--query-cost`` when that file
+    exists, prints the table, and writes the results JSON (``--out``) and the Markdown table
+    (``--markdown``) when asked. ``--table JSON`` only rebuilds the tables from saved results.
+    ``--help`` lists every option.
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        The arguments; default ``sys.argv[1:]``.
+
+    Returns
+    -------
+    int
+        The exit status: 0 on success, 2 when the experiment rejects an argument or the data
+        are missing (the message is printed to stderr). Malformed options make ``argparse``
+        exit with status 2.
+    """
     parser = argparse.ArgumentParser(prog="python -m backfill_lib.experiment", description=__doc__.split("\n")[0])
     parser.add_argument("--dataset", default="digits", choices=DATASETS)
     parser.add_argument("--old-classes", default=None, help="classes of the old model, e.g. 0-4 (default: first half)")

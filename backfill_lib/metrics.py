@@ -52,6 +52,14 @@ def average_precision(scores, relevant) -> np.ndarray:
     ap : array of shape (n_queries,)
         AP per query; ``nan`` for a query with no relevant item.
 
+    Raises
+    ------
+    TypeError
+        If ``scores`` is not numeric.
+    ValueError
+        If ``scores`` is not a non-empty 2-D matrix, holds NaN or ``+inf``, or ``relevant``
+        has another shape.
+
     Examples
     --------
     >>> average_precision([[0.9, 0.8, 0.1]], [[True, False, True]]).round(3)
@@ -68,7 +76,37 @@ def average_precision(scores, relevant) -> np.ndarray:
 
 
 def topk_hits(scores, relevant, ks=(1, 5)) -> dict[int, np.ndarray]:
-    """CMC: for each ``k``, whether a relevant item is among each query's top ``k``."""
+    """CMC: for each ``k``, whether a relevant item is among each query's top ``k``.
+
+    Parameters
+    ----------
+    scores : array of shape (n_queries, n_gallery)
+        Similarity of each query to each gallery item (higher is better); ``-inf`` excludes an
+        item (its ``relevant`` entry must be False), as in :func:`average_precision`.
+    relevant : bool array of shape (n_queries, n_gallery)
+        Whether each gallery item is relevant to each query.
+    ks : sequence of int, default (1, 5)
+        Cut-offs; the largest must not exceed ``n_gallery``.
+
+    Returns
+    -------
+    hits : dict of int to bool array of shape (n_queries,)
+        ``hits[k][i]`` is True when query ``i`` has a relevant item in its top ``k``; the mean
+        over queries is the top-``k`` accuracy.
+
+    Raises
+    ------
+    TypeError
+        If ``scores`` is not numeric.
+    ValueError
+        If ``scores`` is not a non-empty 2-D matrix, holds NaN or ``+inf``, ``relevant`` has
+        another shape, or ``max(ks)`` exceeds ``n_gallery``.
+
+    Examples
+    --------
+    >>> topk_hits([[0.9, 0.8, 0.1]], [[False, True, False]], ks=(1, 2))
+    {1: array([False]), 2: array([ True])}
+    """
     scores, relevant = _check_scores(scores, relevant)
     kmax = max(ks)
     if kmax > scores.shape[1]:
@@ -79,14 +117,63 @@ def topk_hits(scores, relevant, ks=(1, 5)) -> dict[int, np.ndarray]:
 
 
 def mean_average_precision(scores, relevant) -> float:
-    """mAP: the mean of :func:`average_precision` over queries that have a relevant item."""
+    """mAP: the mean of :func:`average_precision` over queries that have a relevant item.
+
+    Parameters
+    ----------
+    scores : array of shape (n_queries, n_gallery)
+        Similarity of each query to each gallery item (higher is better); ``-inf`` excludes an
+        item (its ``relevant`` entry must be False).
+    relevant : bool array of shape (n_queries, n_gallery)
+        Whether each gallery item is relevant to each query.
+
+    Returns
+    -------
+    float
+        Mean AP; ``nan`` (with a ``RuntimeWarning``) if no query has a relevant item.
+
+    Raises
+    ------
+    TypeError
+        If ``scores`` is not numeric.
+    ValueError
+        If ``scores`` is not a non-empty 2-D matrix, holds NaN or ``+inf``, or ``relevant``
+        has another shape.
+
+    Examples
+    --------
+    >>> round(mean_average_precision([[0.9, 0.8, 0.1]], [[True, False, True]]), 3)
+    0.833
+    """
     return float(np.nanmean(average_precision(scores, relevant)))
 
 
 def auc(ratios, values) -> float:
     """Area under a backfill curve by the trapezoidal rule over ``ratios`` (METHOD §4).
 
-    The ratios must span [0, 1] for the area to be comparable with a single mAP.
+    The ratios must span [0, 1] for the area to be comparable with a single mAP: it is then
+    the mean of the metric over the backfill.
+
+    Parameters
+    ----------
+    ratios : sequence of float in [0, 1]
+        Backfill ratios ``r``, each once, in any order (the points are sorted together); must
+        include 0 and 1.
+    values : sequence of float
+        The metric ``m(r)`` at each ratio (same length as ``ratios``).
+
+    Returns
+    -------
+    float
+        ``AUC(m)``, the trapezoidal area.
+
+    Raises
+    ------
+    TypeError
+        If a ratio is not a number.
+    ValueError
+        If a ratio is outside [0, 1] or repeated, the lengths differ, or the ratios do not
+        start at 0 and end at 1.
 
     Examples
     --------
@@ -111,6 +198,27 @@ def relative_gain(auc_value: float, old_old: float, new_new: float) -> float:
     """``(AUC − m_old/old) / (m_new/new − m_old/old)``: the share of the upgrade's gain obtained
     on average during the backfill (0 = never upgrading, 1 = new-model quality at once).
 
+    Values below 0 (worse than never upgrading) and above 1 are possible.
+
+    Parameters
+    ----------
+    auc_value : float
+        Area under the strategy's backfill curve (see :func:`auc`).
+    old_old : float
+        The metric of old/old retrieval (``r = 0`` with no upgrade).
+    new_new : float
+        The metric of new/new retrieval after a full backfill.
+
+    Returns
+    -------
+    float
+        The relative gain.
+
+    Raises
+    ------
+    ValueError
+        If ``new_new`` equals ``old_old`` (within ``1e-12``) or the gap is not finite.
+
     Examples
     --------
     >>> relative_gain(0.75, old_old=0.5, new_new=1.0)
@@ -126,7 +234,32 @@ def relative_gain(auc_value: float, old_old: float, new_new: float) -> float:
 
 
 def negative_flip_rate(correct_before, correct_after) -> float:
-    """Share of queries whose top-1 was right before (old/old) and is wrong after."""
+    """Share of queries whose top-1 was right before (old/old) and is wrong after.
+
+    The share is over all queries, not only those that were right before.
+
+    Parameters
+    ----------
+    correct_before : bool array of shape (n_queries,)
+        Top-1 correctness of each query before the change (usually old/old retrieval).
+    correct_after : bool array of shape (n_queries,)
+        Top-1 correctness of the same queries after it (e.g. at backfill ratio ``r``).
+
+    Returns
+    -------
+    float in [0, 1]
+        The negative flip rate.
+
+    Raises
+    ------
+    ValueError
+        If the two arrays have different shapes or are empty.
+
+    Examples
+    --------
+    >>> negative_flip_rate([True, True, False, False], [True, False, True, False])
+    0.25
+    """
     before = np.asarray(correct_before, dtype=bool)
     after = np.asarray(correct_after, dtype=bool)
     if before.shape != after.shape:
@@ -137,7 +270,33 @@ def negative_flip_rate(correct_before, correct_after) -> float:
 
 
 def same_label(query_labels, gallery_labels) -> np.ndarray:
-    """Relevance matrix: ``relevant[i, j] = query_labels[i] == gallery_labels[j]``."""
+    """Relevance matrix: ``relevant[i, j] = query_labels[i] == gallery_labels[j]``.
+
+    Parameters
+    ----------
+    query_labels : int array of shape (n_queries,)
+        Class label of each query.
+    gallery_labels : int array of shape (n_gallery,)
+        Class label of each gallery item.
+
+    Returns
+    -------
+    relevant : bool array of shape (n_queries, n_gallery)
+        Whether gallery item ``j`` has the label of query ``i``.
+
+    Raises
+    ------
+    TypeError
+        If the labels are not integers.
+    ValueError
+        If a label array is not 1-D.
+
+    Examples
+    --------
+    >>> same_label([0, 1], [1, 0, 1])
+    array([[False,  True, False],
+           [ True, False,  True]])
+    """
     q = as_labels(query_labels, "query_labels")
     g = as_labels(gallery_labels, "gallery_labels")
     return q[:, None] == g[None, :]

@@ -26,13 +26,19 @@ ARCHITECTURES = ("mlp", "small_cnn", "resnet18", "resnet50")
 class ModelSpec:
     """Everything that defines a model's shape (part of the checkpoint cache key).
 
-    Attributes
+    Each parameter is kept as an attribute of the same name. Values are checked when a model is
+    built (:class:`EmbeddingModel`), not here.
+
+    Parameters
     ----------
-    arch : {"mlp", "small_cnn", "resnet18", "resnet50"}
-    embed_dim : int
-        Embedding size ``d``.
-    width : int
-        Base width of ``mlp`` and ``small_cnn`` (ignored by the ResNets).
+    arch : {"mlp", "small_cnn", "resnet18", "resnet50"}, default "small_cnn"
+        Backbone: a two-layer MLP on the flattened input, a three-block CNN for small images, or
+        a CIFAR-style ResNet-18/50 (:func:`cifar_resnet`).
+    embed_dim : int, default 32
+        Embedding size ``d`` (``d_o`` for the old model, ``d_n`` for the new one).
+    width : int, default 32
+        Base width of ``mlp`` (hidden size ``4 · width``) and ``small_cnn`` (channels
+        ``width``, ``2 · width``, ``4 · width``); ignored by the ResNets.
     """
 
     arch: str = "small_cnn"
@@ -40,6 +46,13 @@ class ModelSpec:
     width: int = 32
 
     def to_dict(self) -> dict:
+        """The fields as a plain dict, e.g. for a results JSON.
+
+        Returns
+        -------
+        dict
+            ``{"arch": ..., "embed_dim": ..., "width": ...}``.
+        """
         return asdict(self)
 
 
@@ -61,7 +74,29 @@ def _mlp(in_features: int, width: int) -> tuple[nn.Module, int]:
 
 
 def cifar_resnet(depth: int = 18, in_channels: int = 3) -> tuple[nn.Module, int]:
-    """torchvision's ResNet-18/50 with the CIFAR stem (3×3 conv, stride 1, no max-pool), no fc."""
+    """torchvision's ResNet-18/50 with the CIFAR stem (3×3 conv, stride 1, no max-pool), no fc.
+
+    Weights are randomly initialised (nothing is downloaded).
+
+    Parameters
+    ----------
+    depth : {18, 50}, default 18
+        ResNet depth.
+    in_channels : int, default 3
+        Channels of the input images.
+
+    Returns
+    -------
+    backbone : nn.Module
+        Maps ``(batch, in_channels, H, W)`` images to ``(batch, feat_dim)`` pooled features.
+    feat_dim : int
+        512 for ResNet-18, 2048 for ResNet-50.
+
+    Raises
+    ------
+    ValueError
+        If ``depth`` is not 18 or 50.
+    """
     from torchvision.models import resnet18, resnet50
 
     if depth not in (18, 50):
@@ -75,7 +110,27 @@ def cifar_resnet(depth: int = 18, in_channels: int = 3) -> tuple[nn.Module, int]
 
 
 class EmbeddingModel(nn.Module):
-    """Backbone → linear embedding layer → (L2-normalised embedding, linear-classifier logits)."""
+    """Backbone → linear embedding layer → (L2-normalised embedding, linear-classifier logits).
+
+    Used for both the old model φ_o and the new model φ_n. Build it with :func:`build_model` to
+    get reproducible initial weights.
+
+    Parameters
+    ----------
+    spec : ModelSpec
+        Architecture, embedding size and width.
+    input_shape : tuple of int
+        Shape of one input without the batch axis: ``(C, H, W)`` for images (required by the
+        CNNs and ResNets), anything for ``mlp`` (inputs are flattened).
+    num_classes : int
+        Outputs of the linear classifier on the embedding.
+
+    Raises
+    ------
+    ValueError
+        If ``spec.arch`` is unknown, ``spec.embed_dim < 1``, or a convolutional architecture
+        gets an ``input_shape`` that is not ``(C, H, W)``.
+    """
 
     def __init__(self, spec: ModelSpec, input_shape: tuple[int, ...], num_classes: int):
         super().__init__()
@@ -98,29 +153,114 @@ class EmbeddingModel(nn.Module):
 
     @property
     def embed_dim(self) -> int:
+        """Embedding size ``d`` (``spec.embed_dim``)."""
         return self.spec.embed_dim
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Un-normalised embedding (before L2 normalisation)."""
+        """Un-normalised embedding (before L2 normalisation).
+
+        Parameters
+        ----------
+        x : Tensor (batch, *input_shape)
+            Inputs.
+
+        Returns
+        -------
+        Tensor (batch, embed_dim)
+            Output of the embedding layer; the classifier is applied to this.
+        """
         return self.embedding(self.backbone(x))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embedding and class logits of ``x``, for training.
+
+        Parameters
+        ----------
+        x : Tensor (batch, *input_shape)
+            Inputs.
+
+        Returns
+        -------
+        embedding : Tensor (batch, embed_dim)
+            L2-normalised embeddings ``φ(x)``.
+        logits : Tensor (batch, num_classes)
+            The linear classifier applied to the un-normalised embeddings.
+        """
         z = self.features(x)
         return F.normalize(z, dim=1), self.classifier(z)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """L2-normalised embeddings ``φ(x)``."""
+        """L2-normalised embeddings ``φ(x)`` (what the gallery stores).
+
+        Parameters
+        ----------
+        x : Tensor (batch, *input_shape)
+            Inputs.
+
+        Returns
+        -------
+        Tensor (batch, embed_dim)
+            Unit-norm rows.
+        """
         return F.normalize(self.features(x), dim=1)
 
     def classify(self, z: torch.Tensor) -> torch.Tensor:
-        """Apply this model's classifier to embeddings ``z`` (possibly another model's, as in BCT)."""
+        """Apply this model's classifier to embeddings ``z`` (possibly another model's, as in BCT).
+
+        Parameters
+        ----------
+        z : Tensor (batch, embed_dim)
+            Embeddings of the same size as this model's, e.g. the new model's ``features(x)``
+            given to the frozen old classifier ``W_o``.
+
+        Returns
+        -------
+        Tensor (batch, num_classes)
+            Logits.
+
+        Raises
+        ------
+        ValueError
+            If ``z`` does not have ``embed_dim`` columns.
+        """
         if z.shape[1] != self.embed_dim:
             raise ValueError(f"z has dimension {z.shape[1]} but this classifier expects {self.embed_dim}")
         return self.classifier(z)
 
 
 def build_model(spec: ModelSpec, input_shape, num_classes: int, seed: int | None = None) -> EmbeddingModel:
-    """Create an :class:`EmbeddingModel`; with ``seed`` the initial weights are reproducible."""
+    """Create an :class:`EmbeddingModel`; with ``seed`` the initial weights are reproducible.
+
+    The seed is applied inside a forked RNG state, so the global torch random state is left as
+    it was.
+
+    Parameters
+    ----------
+    spec : ModelSpec
+        Architecture, embedding size and width.
+    input_shape : tuple of int
+        Shape of one input, e.g. ``data.input_shape`` of a :class:`~backfill_lib.data.BackfillData`.
+    num_classes : int
+        Outputs of the classifier.
+    seed : int, optional
+        Seed of the initial weights; default None (torch's current random state).
+
+    Returns
+    -------
+    EmbeddingModel
+        A fresh, untrained model on the CPU.
+
+    Raises
+    ------
+    ValueError
+        If ``spec`` or ``input_shape`` is invalid (see :class:`EmbeddingModel`).
+
+    Examples
+    --------
+    >>> model = build_model(ModelSpec("mlp", embed_dim=16), (1, 8, 8), num_classes=10, seed=0)
+    >>> model.embed(torch.zeros(2, 1, 8, 8)).shape
+    torch.Size([2, 16])
+    """
     if seed is None:
         return EmbeddingModel(spec, input_shape, num_classes)
     with torch.random.fork_rng(devices=[]):

@@ -46,11 +46,34 @@ METRIC_LABELS = {"map": "mAP", "top1": "top-1 accuracy (CMC)", "top5": "top-5 ac
 
 
 def color(name: str) -> str:
-    """The colour of a model or strategy (grey for unknown names)."""
+    """The colour of a model or strategy (grey for unknown names).
+
+    Parameters
+    ----------
+    name : str
+        A key of ``COLORS``: ``"old"``, ``"new"`` or a strategy name such as ``"rank_merge"``.
+
+    Returns
+    -------
+    str
+        A hex colour, e.g. ``"#1f77b4"``; ``"#999999"`` for a name without a colour.
+    """
     return COLORS.get(name, "#999999")
 
 
 def label(name: str) -> str:
+    """The legend name of a model or strategy (the name itself when it has none).
+
+    Parameters
+    ----------
+    name : str
+        A key of ``LABELS``: ``"old"``, ``"new"`` or a strategy name such as ``"rank_merge"``.
+
+    Returns
+    -------
+    str
+        E.g. ``"distance rank merge"`` for ``"rank_merge"``.
+    """
     return LABELS.get(name, name)
 
 
@@ -67,14 +90,36 @@ def plot_backfill_curves(curves: dict, metric: str = "map", old_old: float | Non
                          source: str = "our measurement"):
     """Plot backfill curves ``m(r)``, one line per strategy, mean ± std band over seeds.
 
+    Colours and legend names come from :func:`color` and :func:`label`; the ``offline`` curve
+    is drawn as a step.
+
     Parameters
     ----------
-    curves : dict name -> BackfillCurve, list of BackfillCurve, or a results-JSON strategy entry
-    metric : {"map", "top1", "top5", "negative_flips"}
+    curves : dict
+        Strategy name -> a :class:`~backfill_lib.backfill.BackfillCurve`, a list of them (one per
+        seed), or a strategy entry of :func:`~backfill_lib.experiment.run_experiment`'s results
+        (``result["strategies"][name]``; entries with status ``"n/a"`` are skipped). With
+        several seeds the band is ± one standard deviation.
+    metric : {"map", "top1", "top5", "negative_flips"}, default "map"
+        Which curve to draw.
     old_old, new_new : float, optional
         Reference levels drawn as dashed lines.
-    source : str
-        Shown in the title so our numbers are never confused with the paper's.
+    ax : matplotlib Axes, optional
+        Where to draw; default a new 6.4 × 4.0 inch figure.
+    title : str, optional
+        Default ``"<metric> during the backfill (<source>)"``.
+    source : str, default "our measurement"
+        Shown in the default title so our numbers are never confused with the paper's.
+
+    Returns
+    -------
+    matplotlib Axes
+        The axes drawn on.
+
+    Raises
+    ------
+    ValueError
+        If ``metric`` is unknown.
     """
     if metric not in METRIC_LABELS:
         raise ValueError(f"unknown metric {metric!r}; choose one of: {', '.join(METRIC_LABELS)}")
@@ -104,7 +149,20 @@ def plot_backfill_curves(curves: dict, metric: str = "map", old_old: float | Non
 
 
 def figure_to_png(fig, dpi: int = 80) -> bytes:
-    """Render a matplotlib figure to PNG bytes and close it."""
+    """Render a matplotlib figure to PNG bytes and close it.
+
+    Parameters
+    ----------
+    fig : matplotlib Figure
+        The figure; it is closed afterwards, so it is not shown again in a notebook.
+    dpi : int, default 80
+        Resolution; the image is cropped to the drawn area (``bbox_inches="tight"``).
+
+    Returns
+    -------
+    bytes
+        The PNG file.
+    """
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
     plt.close(fig)

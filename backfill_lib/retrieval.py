@@ -27,10 +27,25 @@ def _as_ids(ids, n: int, name: str = "ids") -> np.ndarray:
 class Gallery:
     """An exact inner-product index (``faiss.IndexFlatIP``) with stable external ids.
 
+    Vectors are stored as given (as float32): normalise them first so that the inner product
+    ranks like the distance ``d``.
+
     Parameters
     ----------
     dim : int
         Embedding dimension.
+
+    Attributes
+    ----------
+    dim : int
+        Embedding dimension.
+    index : faiss.IndexIDMap2
+        The underlying faiss index (an ``IndexFlatIP`` with external ids).
+
+    Raises
+    ------
+    ValueError
+        If ``dim`` is not a positive integer.
 
     Examples
     --------
@@ -56,7 +71,24 @@ class Gallery:
         return self.ntotal
 
     def add(self, vectors, ids=None) -> None:
-        """Store ``vectors`` under ``ids`` (default: the next unused ids, ``0, 1, ...`` at first)."""
+        """Store ``vectors`` under ``ids`` (default: the next unused ids, ``0, 1, ...`` at first).
+
+        Parameters
+        ----------
+        vectors : array (n, dim)
+            Vectors to store, at least one row; stored as float32, not normalised here.
+        ids : array of n non-negative ints, optional
+            External ids. Default: consecutive ids after the largest id ever stored, so an id
+            freed by :meth:`remove_ids` is not reused.
+
+        Raises
+        ------
+        TypeError
+            If ``vectors`` or ``ids`` is not numeric (``ids`` must be integers).
+        ValueError
+            If ``vectors`` is empty, not 2-D, of another width than ``dim`` or not finite, or
+            ``ids`` does not hold one non-negative id per vector.
+        """
         x = as_embeddings(vectors, "vectors", dim=self.dim)
         # Counting on from ntotal would reuse an id after a removal, and two items would share it.
         ids = np.arange(self._next_id, self._next_id + len(x)) if ids is None else _as_ids(ids, len(x))
@@ -64,12 +96,46 @@ class Gallery:
         self._next_id = max(self._next_id, int(ids.max()) + 1)
 
     def remove_ids(self, ids) -> int:
-        """Remove the vectors stored under ``ids``; returns how many were removed."""
+        """Remove the vectors stored under ``ids``; returns how many were removed.
+
+        Parameters
+        ----------
+        ids : int or array of ints
+            External ids to remove; ids that are not stored are ignored.
+
+        Returns
+        -------
+        int
+            Number of vectors removed.
+        """
         arr = np.asarray(ids, dtype=np.int64).ravel()
         return int(self.index.remove_ids(arr)) if arr.size else 0
 
     def search(self, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-``k`` items per query by inner product: ``(scores, ids)``, best first."""
+        """Top-``k`` items per query by inner product: ``(scores, ids)``, best first.
+
+        Parameters
+        ----------
+        queries : array (n_q, dim)
+            Query vectors.
+        k : int
+            Results per query, from 1 to :attr:`ntotal`.
+
+        Returns
+        -------
+        scores : array (n_q, k) of float32
+            Inner products, descending.
+        ids : array (n_q, k) of int64
+            External ids of the results.
+
+        Raises
+        ------
+        TypeError
+            If ``queries`` is not numeric or ``k`` is not an integer.
+        ValueError
+            If ``queries`` is not a finite non-empty ``(n_q, dim)`` matrix, or ``k`` is below 1
+            or larger than the number of stored vectors.
+        """
         q = as_embeddings(queries, "queries", dim=self.dim)
         k = check_k(k, self.ntotal)
         return self.index.search(q, k)
@@ -78,19 +144,44 @@ class Gallery:
 def search(queries, gallery, k: int, exclude_self: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Exact inner-product top-``k`` search of ``queries`` in ``gallery``.
 
+    A one-off :class:`Gallery` is built from ``gallery``. Vectors are used as given (not
+    normalised here).
+
     Parameters
     ----------
     queries : array (n_q, d)
+        Query vectors.
     gallery : array (n_g, d)
+        Gallery vectors, in the same space as the queries.
     k : int
-        Results per query; at most the number of searchable items.
-    exclude_self : bool
+        Results per query; at most the number of searchable items (``n_g``, or ``n_g - 1``
+        with ``exclude_self``).
+    exclude_self : bool, default False
         Leave-one-out protocol: query ``i`` is gallery item ``i`` (same set), and is removed
         from its own results. Requires ``n_q == n_g``.
 
     Returns
     -------
-    scores, ids : arrays (n_q, k), best first; ``ids`` index rows of ``gallery``.
+    scores : array (n_q, k) of float32
+        Inner products, best first.
+    ids : array (n_q, k) of int64
+        Row indices into ``gallery``.
+
+    Raises
+    ------
+    TypeError
+        If an input is not numeric or ``k`` is not an integer.
+    ValueError
+        If the inputs are not finite non-empty 2-D arrays of one width, ``exclude_self`` is
+        set with ``n_q != n_g``, or ``k`` is out of range.
+
+    Examples
+    --------
+    >>> x = np.array([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0]])
+    >>> search(x, x, k=1, exclude_self=True)[1]
+    array([[1],
+           [0],
+           [1]])
     """
     g = as_embeddings(gallery, "gallery")
     q = as_embeddings(queries, "queries", dim=g.shape[1])
@@ -122,6 +213,25 @@ def score_matrix(queries, gallery) -> np.ndarray:
     """All inner products ``queries @ gallery.T`` (what ``IndexFlatIP`` computes before its top-k).
 
     Used where a metric needs the full ranking (mAP), not only a top-k list.
+
+    Parameters
+    ----------
+    queries : array (n_q, d)
+        Query vectors.
+    gallery : array (n_g, d)
+        Gallery vectors, in the same space as the queries.
+
+    Returns
+    -------
+    array (n_q, n_g) of float32
+        ``scores[i, j]`` is the inner product of query ``i`` and gallery item ``j``.
+
+    Raises
+    ------
+    TypeError
+        If an input is not numeric.
+    ValueError
+        If the inputs are not finite non-empty 2-D arrays of one width.
     """
     g = as_embeddings(gallery, "gallery")
     q = as_embeddings(queries, "queries", dim=g.shape[1])
@@ -132,7 +242,29 @@ def merge_topk(results: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np
     """Merge several per-query ``(scores, ids)`` lists into one top-``k`` list, best first.
 
     ``ids == -1`` marks an empty slot (faiss convention) and is never returned while real
-    results remain.
+    results remain. Ties keep the order of ``results``. Inputs are not validated.
+
+    Parameters
+    ----------
+    results : list of (scores, ids) pairs
+        One pair per searched index, each two arrays ``(n_q, k_i)``, e.g. from
+        :meth:`Gallery.search`. All lists must have the same number of rows.
+    k : int
+        Results to keep per query.
+
+    Returns
+    -------
+    scores : array (n_q, min(k, sum of k_i))
+        Merged scores, best first; empty slots get ``-inf``.
+    ids : array (n_q, min(k, sum of k_i))
+        Ids of the merged results (``-1`` only where fewer real results than ``k`` exist).
+
+    Examples
+    --------
+    >>> a = (np.array([[0.9, 0.1]]), np.array([[5, -1]]))
+    >>> b = (np.array([[0.5]]), np.array([[7]]))
+    >>> merge_topk([a, b], k=2)[1]
+    array([[5, 7]])
     """
     scores = np.concatenate([s for s, _ in results], axis=1)
     ids = np.concatenate([i for _, i in results], axis=1)
@@ -158,7 +290,23 @@ class MixedGallery:
     new_dim : int
         Dimension of the vectors the backfill writes.
     ids : array of N ints, optional
-        External ids (default ``0..N-1``).
+        External ids, distinct and non-negative (default ``0..N-1``).
+
+    Attributes
+    ----------
+    old : Gallery
+        Items still stored old.
+    new : Gallery
+        Backfilled items.
+
+    Raises
+    ------
+    TypeError
+        If ``old_vectors`` is not numeric or ``ids`` is not integer.
+    ValueError
+        If ``old_vectors`` is not a finite non-empty 2-D array, ``new_dim`` is not a positive
+        integer, or ``ids`` repeats an id, holds a negative one or does not hold one id per
+        item.
 
     Examples
     --------
@@ -183,6 +331,7 @@ class MixedGallery:
 
     @property
     def ntotal(self) -> int:
+        """Number of gallery items, stored old or new."""
         return self.old.ntotal + self.new.ntotal
 
     @property
@@ -191,7 +340,24 @@ class MixedGallery:
         return self.new.ntotal / self.ntotal
 
     def backfill(self, ids, new_vectors) -> None:
-        """Replace the old vectors of ``ids`` by ``new_vectors`` (one step of the backfill)."""
+        """Replace the old vectors of ``ids`` by ``new_vectors`` (one step of the backfill).
+
+        Parameters
+        ----------
+        ids : array of n ints
+            Ids of gallery items not yet backfilled, each once.
+        new_vectors : array (n, new_dim)
+            Their new vectors (e.g. ``φ_n(g)`` or ``ρ̂(φ_n(g))``), one row per id.
+
+        Raises
+        ------
+        TypeError
+            If ``new_vectors`` is not numeric or ``ids`` is not integer.
+        ValueError
+            If ``new_vectors`` has the wrong shape or non-finite values, or ``ids`` does not
+            hold one id per row, repeats an id, holds a negative one, or names an item that is
+            unknown or already backfilled.
+        """
         x = as_embeddings(new_vectors, "new_vectors", dim=self.new.dim)
         ids = _as_ids(ids, len(x))
         if len(np.unique(ids)) != len(ids):
@@ -217,8 +383,25 @@ class MixedGallery:
         query_new : array (n_q, d_new)
             Query vector used against backfilled items.
         k : int
+            Results per query; at most :attr:`ntotal` (minus one with ``exclude_ids``).
         exclude_ids : array of n_q ints, optional
             Leave-one-out: the id of each query's own gallery item, removed from its results.
+
+        Returns
+        -------
+        scores : array (n_q, k)
+            Merged scores, best first (each against the query vector of its own space).
+        ids : array (n_q, k) of int64
+            External ids of the results.
+
+        Raises
+        ------
+        TypeError
+            If a query is not numeric or ``k`` is not an integer.
+        ValueError
+            If a query has the wrong width or non-finite values, the two queries have different
+            numbers of rows, ``k`` is out of range, or ``exclude_ids`` does not hold one
+            non-negative id per query.
         """
         qo = as_embeddings(query_old, "query_old", dim=self.old.dim)
         qn = as_embeddings(query_new, "query_new", dim=self.new.dim)

@@ -32,7 +32,21 @@ class NotApplicable(Exception):
 
 @dataclass(frozen=True)
 class Preset:
-    """Models and schedules of one dataset: the one place to change the scale."""
+    """Models and schedules of one dataset: the one place to change the scale.
+
+    Each parameter is kept as an attribute of the same name.
+
+    Parameters
+    ----------
+    old : ModelSpec
+        The old model ``φ_o`` (trained on the old classes).
+    new : ModelSpec
+        The new model ``φ_n`` in the homogeneous setting (usually the same as ``old``).
+    new_heterogeneous : ModelSpec
+        The new model in the heterogeneous setting (another architecture and embedding size).
+    train : TrainConfig
+        Schedule of the old and new models, BCT and RA-BCT (its seed is replaced by the run's).
+    """
 
     old: ModelSpec
     new: ModelSpec
@@ -40,6 +54,7 @@ class Preset:
     train: TrainConfig
 
 
+#: The :class:`Preset` of each dataset name (what :class:`ExperimentContext` uses when given none).
 PRESETS: dict[str, Preset] = {
     "digits": Preset(ModelSpec("small_cnn", 32, 32), ModelSpec("small_cnn", 32, 32),
                      ModelSpec("mlp", 64, 64), TrainConfig(epochs=30, batch_size=64, lr=2e-3)),
@@ -51,30 +66,39 @@ PRESETS: dict[str, Preset] = {
                           TrainConfig(epochs=60, batch_size=128, lr=0.1, weight_decay=5e-4, optimizer="sgd")),
 }
 
+#: Valid ``setting`` values: the new model has the old model's architecture, or another one.
 SETTINGS = ("homogeneous", "heterogeneous")
 
 
 @dataclass(frozen=True)
 class MethodParams:
-    """Hyper-parameters of the compatibility methods (METHOD §3); how they were chosen is in
-    ``results/README.md`` (a sweep on a validation split carved out of the training data).
+    """Hyper-parameters of the compatibility methods (METHOD §3).
 
-    Attributes
+    How they were chosen is in ``results/README.md`` (a sweep on a validation split carved out of
+    the training data). Each parameter is kept as an attribute of the same name.
+
+    Parameters
     ----------
-    bct_lambda : float
+    bct_lambda : float, default 1.0
         Weight ``λ`` of BCT's influence loss (§3.2).
-    ra_bct_lambda, ra_bct_tau : float
-        Weight and temperature of RA-BCT's ``L_ra`` (§3.3; ``τ = 0.05`` as published).
-    mct_tau, mct_lambda_rt : float
-        Temperature of ``L_mc`` and weight ``λ_rt`` of ``L_rt`` (§3.5). The validation sweep preferred
-        ``τ = 0.2`` and ``λ_rt = 0``: ``L_mc`` already holds each image's own old feature as a
-        positive, and adding ``L_rt`` lowered the validation relative gain (0.73 → 0.67).
-    transform : TrainConfig
-        Optimiser of ``ψ``, ``ρ`` and ``h`` on cached embeddings (its seed is replaced by the run's,
-        its epochs by ``transform_steps``).
-    transform_steps : int
-        Optimiser steps of the heads, whatever the size of the training set (a small training set
-        would otherwise give a few dozen steps and an under-fitted ``ψ``).
+    ra_bct_lambda : float, default 1.0
+        Weight ``λ`` of RA-BCT's ``L_ra`` (§3.3).
+    ra_bct_tau : float, default 0.05
+        Temperature of ``L_ra`` (``τ = 0.05`` as published).
+    mct_tau : float, default 0.2
+        Temperature ``τ`` of ``L_mc`` (§3.5).
+    mct_lambda_rt : float, default 0.0
+        Weight ``λ_rt`` of ``L_rt`` next to ``L_mc``. The validation sweep preferred ``τ = 0.2`` and
+        ``λ_rt = 0``: ``L_mc`` already holds each image's own old feature as a positive, and
+        adding ``L_rt`` lowered the validation relative gain (0.73 → 0.67).
+    transform : TrainConfig, optional
+        Optimiser of ``ψ``, ``ρ`` and ``h`` on cached embeddings, default
+        :data:`~backfill_lib.transforms.TRANSFORM_CONFIG` (its seed is replaced by the run's, its
+        epochs by enough to make ``transform_steps`` steps).
+    transform_steps : int, optional
+        Optimiser steps of the heads, whatever the size of the training set, default
+        :data:`~backfill_lib.transforms.TRANSFORM_STEPS` (a small training set would otherwise
+        give a few dozen steps and an under-fitted ``ψ``).
     """
 
     bct_lambda: float = 1.0
@@ -92,14 +116,68 @@ def init_seed(name: str, seed: int) -> int:
     Each model starts from its own random weights, as independently trained models do. (Sharing
     one initialisation between the old and the new model makes them partly compatible by
     accident: on digits the new query then finds old-stored items with mAP 0.54 instead of 0.21.)
+
+    Parameters
+    ----------
+    name : str
+        Model name, as given to :meth:`ExperimentContext.train_model` (``"old"``, ``"new"``,
+        ``"new_bct"``, ...).
+    seed : int
+        The run's seed.
+
+    Returns
+    -------
+    int
+        CRC-32 of ``"<name>:<seed>"``: the same for the same pair, in every process.
+
+    Examples
+    --------
+    >>> init_seed("old", 0) == init_seed("old", 0) != init_seed("new", 0)
+    True
     """
     return zlib.crc32(f"{name}:{seed}".encode())
 
 
 @dataclass
 class ExperimentContext:
-    """Shared state of one experiment run for one seed: models are trained (or loaded from the
-    checkpoint cache) and embeddings extracted at most once, then reused by every strategy."""
+    """Shared state of one experiment run for one seed.
+
+    Models are trained (or loaded from the checkpoint cache) and embeddings extracted at most once,
+    lazily on first use, then reused by every strategy. Each parameter is kept as an attribute of
+    the same name.
+
+    Parameters
+    ----------
+    data : BackfillData
+        The dataset (:class:`~backfill_lib.data.BackfillData`).
+    seed : int, default 0
+        The run's seed: initial weights of every model (:func:`init_seed`), and the seed of every
+        training schedule (:attr:`train_config`, :attr:`transform_config`).
+    setting : {"homogeneous", "heterogeneous"}, default "homogeneous"
+        Whether the new model is ``preset.new`` or ``preset.new_heterogeneous``.
+    preset : Preset, optional
+        Models and schedules; default ``PRESETS[data.name]`` (:data:`PRESETS`).
+    device : str or torch.device, optional
+        Where models train and embed; default :func:`~backfill_lib.training.default_device`.
+        Stored as a ``torch.device``.
+    cache : str or Path, optional
+        Checkpoint folder; default :func:`~backfill_lib.training.cache_dir`.
+    progress : bool, default True
+        Show progress bars while training.
+    params : MethodParams, optional
+        Hyper-parameters of the methods; default ``MethodParams()``.
+    trained : dict, optional
+        Filled as models and heads are trained: name → ``{"what": str, "seconds": float or None,
+        "cached": bool}`` (``seconds`` is the original training time for a cached checkpoint,
+        None when unknown). Leave it empty.
+    _models, _embeddings : dict, optional
+        Internal caches: models by name, embeddings by ``(role, split)``. Leave them empty.
+
+    Raises
+    ------
+    ValueError
+        If ``setting`` is not one of :data:`SETTINGS`.
+    """
 
     data: BackfillData
     seed: int = 0
@@ -122,14 +200,17 @@ class ExperimentContext:
 
     @property
     def old_spec(self) -> ModelSpec:
+        """The old model's architecture, ``preset.old``."""
         return self.preset.old
 
     @property
     def new_spec(self) -> ModelSpec:
+        """The new model's architecture, ``preset.new`` or (heterogeneous) ``preset.new_heterogeneous``."""
         return self.preset.new if self.setting == "homogeneous" else self.preset.new_heterogeneous
 
     @property
     def train_config(self) -> TrainConfig:
+        """The preset's schedule with this run's seed (old, new, BCT and RA-BCT models)."""
         c = self.preset.train
         return TrainConfig(c.epochs, c.batch_size, c.lr, c.weight_decay, c.optimizer, seed=self.seed)
 
@@ -139,9 +220,38 @@ class ExperimentContext:
 
     def train_model(self, name: str, spec: ModelSpec, classes=None, loss_fn=None, config: TrainConfig | None = None,
                     what: str | None = None, extra_key: dict | None = None) -> EmbeddingModel:
-        """Train (or load) a model on the training items of ``classes`` (default all) and keep it
-        under ``name``. ``loss_fn`` defaults to cross-entropy; ``extra_key`` must describe
-        anything else that changes the weights (a loss's hyper-parameters, a frozen model used)."""
+        """Train (or load from the checkpoint cache) a model and keep it under ``name``.
+
+        The checkpoint is found by a :func:`~backfill_lib.training.cache_key` of the name, spec,
+        classes, schedule, dataset, initial-weight seed and ``extra_key``
+        (:func:`~backfill_lib.training.train_or_load`). Training time is recorded in
+        ``trained``.
+
+        Parameters
+        ----------
+        name : str
+            Model name: key of the in-memory cache, of ``trained`` and of the initial weights
+            (:func:`init_seed`). A model already held under ``name`` is returned as it is and the
+            other arguments are ignored.
+        spec : ModelSpec
+            Architecture and embedding size.
+        classes : sequence of int, optional
+            Train on the training items of these classes; default all classes.
+        loss_fn : callable ``(model, x, y) -> scalar tensor``, optional
+            Objective; default the cross-entropy of :func:`~backfill_lib.training.train`.
+        config : TrainConfig, optional
+            Schedule; default :attr:`train_config`.
+        what : str, optional
+            Description recorded in ``trained``; default ``"<arch> d=<embed_dim>, <epochs> epochs"``.
+        extra_key : dict, optional
+            Anything else that changes the weights (a loss's hyper-parameters, a frozen model
+            used); it goes into the cache key.
+
+        Returns
+        -------
+        EmbeddingModel
+            The trained model, in eval mode, on ``device``.
+        """
         if name in self._models:
             return self._models[name]
         config = config or self.train_config
@@ -162,7 +272,23 @@ class ExperimentContext:
         return model
 
     def model(self, role: str) -> EmbeddingModel:
-        """The old model (old classes only) or the new model (all classes), trained with cross-entropy."""
+        """A trained model by role, trained (or loaded) on first use.
+
+        Parameters
+        ----------
+        role : str
+            ``"old"``: the old model on the old classes; ``"new"``: the new model on all classes
+            (both with cross-entropy); or a name already given to :meth:`train_model`.
+
+        Returns
+        -------
+        EmbeddingModel
+
+        Raises
+        ------
+        ValueError
+            If ``role`` is none of these.
+        """
         if role == "old":
             return self.train_model("old", self.old_spec, self.data.old_classes,
                                     what=f"old {self.old_spec.arch} on classes {self.data.old_classes[0]}-{self.data.old_classes[-1]}")
@@ -174,7 +300,26 @@ class ExperimentContext:
         raise ValueError(f"unknown model {role!r}: use 'old', 'new', or a name given to train_model")
 
     def embeddings(self, role: str, split: str = "test") -> np.ndarray:
-        """L2-normalised embeddings of ``split`` ("test" or "train") by the model ``role`` (cached)."""
+        """L2-normalised embeddings of a split by a model, extracted once and cached.
+
+        Parameters
+        ----------
+        role : str
+            The model, as in :meth:`model` (trained on first use).
+        split : {"test", "train"}, default "test"
+            ``"test"``: the query set and gallery; ``"train"``: the training items without
+            augmentation (what the heads ``ψ``, ``ρ``, ``h`` train on).
+
+        Returns
+        -------
+        array (n, d) of float32
+            One row per item of the split, in order.
+
+        Raises
+        ------
+        ValueError
+            If ``split`` or ``role`` is unknown.
+        """
         if split not in ("test", "train"):
             raise ValueError(f"split must be 'test' or 'train', got {split!r}")
         key = (role, split)
@@ -184,7 +329,24 @@ class ExperimentContext:
         return self._embeddings[key]
 
     def timed(self, name: str, what: str, fn: Callable[[], object]):
-        """Run ``fn`` and record it as training of ``name`` (for steps outside :meth:`train_model`)."""
+        """Run ``fn`` and record it in ``trained`` (for training outside :meth:`train_model`).
+
+        Nothing is cached: ``fn`` runs every time, and the record says ``"cached": False``.
+
+        Parameters
+        ----------
+        name : str
+            Key in ``trained``.
+        what : str
+            Description recorded with the time.
+        fn : callable ``() -> anything``
+            The training step to run and time.
+
+        Returns
+        -------
+        object
+            What ``fn`` returned.
+        """
         start = time.perf_counter()
         out = fn()
         self.trained[name] = {"what": what, "seconds": time.perf_counter() - start, "cached": False}
@@ -199,6 +361,23 @@ class ExperimentContext:
 
 @dataclass(frozen=True)
 class StrategyInfo:
+    """A registered strategy (an entry of :data:`STRATEGY_REGISTRY`).
+
+    Each parameter is kept as an attribute of the same name.
+
+    Parameters
+    ----------
+    name : str
+        Registry name, e.g. ``"rank_merge"``.
+    build : callable ``(ExperimentContext) -> Strategy``
+        Builds the :class:`~backfill_lib.backfill.Strategy`; may raise :class:`NotApplicable`.
+    description : str
+        One line for results tables.
+    trains : tuple of str, default ()
+        Names in ``ExperimentContext.trained`` this strategy needs (their training times are
+        reported with its results).
+    """
+
     name: str
     build: Callable[[ExperimentContext], bf.Strategy]
     description: str
@@ -210,7 +389,23 @@ STRATEGY_REGISTRY: dict[str, StrategyInfo] = {}
 
 
 def register_strategy(name: str, description: str, trains: tuple[str, ...] = ()):
-    """Decorator: make ``build(ctx) -> Strategy`` available to experiments as ``name``."""
+    """Decorator: make ``build(ctx) -> Strategy`` available to experiments as ``name``.
+
+    Parameters
+    ----------
+    name : str
+        Registry name; an existing entry of that name is replaced.
+    description : str
+        One line for results tables.
+    trains : tuple of str, default ()
+        Names in ``ExperimentContext.trained`` the strategy needs (see :class:`StrategyInfo`).
+
+    Returns
+    -------
+    callable
+        The decorator: it adds a :class:`StrategyInfo` to :data:`STRATEGY_REGISTRY` and returns
+        the builder unchanged.
+    """
     def wrap(fn):
         STRATEGY_REGISTRY[name] = StrategyInfo(name, fn, description, trains)
         return fn
@@ -218,7 +413,28 @@ def register_strategy(name: str, description: str, trains: tuple[str, ...] = ())
 
 
 def build_strategy(name: str, ctx: ExperimentContext) -> bf.Strategy:
-    """Build the registered strategy ``name`` (raises :class:`NotApplicable` when it does not apply)."""
+    """Build the registered strategy ``name`` for one run.
+
+    Parameters
+    ----------
+    name : str
+        A key of :data:`STRATEGY_REGISTRY`.
+    ctx : ExperimentContext
+        The run; models and heads the strategy needs are trained through it.
+
+    Returns
+    -------
+    Strategy
+        The :class:`~backfill_lib.backfill.Strategy`, renamed to ``name`` if the builder named it
+        otherwise.
+
+    Raises
+    ------
+    ValueError
+        If ``name`` is not registered.
+    NotApplicable
+        If the strategy does not apply to this setting (e.g. BCT with ``d_n ≠ d_o``).
+    """
     if name not in STRATEGY_REGISTRY:
         raise ValueError(f"unknown strategy {name!r}; choose from: {', '.join(STRATEGY_REGISTRY)}")
     strategy = STRATEGY_REGISTRY[name].build(ctx)

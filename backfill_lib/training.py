@@ -35,12 +35,30 @@ LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 class TrainConfig:
     """Optimisation settings (part of the checkpoint cache key).
 
-    Attributes
+    Each parameter is kept as an attribute of the same name.
+
+    Parameters
     ----------
-    epochs, batch_size, lr, weight_decay : training schedule (cosine learning-rate decay)
-    optimizer : {"adam", "sgd"}
-    seed : int
-        Seeds the weight initialisation and the data order.
+    epochs : int, default 30
+        Passes over the training set.
+    batch_size : int, default 64
+        Items per optimiser step.
+    lr : float, default 2e-3
+        Peak learning rate, decayed to zero over all steps with a cosine schedule.
+    weight_decay : float, default 5e-4
+        Weight decay of the optimiser.
+    optimizer : {"adam", "sgd"}, default "adam"
+        ``"adam"`` is AdamW; ``"sgd"`` is SGD with Nesterov momentum 0.9.
+    seed : int, default 0
+        Seeds the data order and the randomness inside the loop (augmentation, dropout) in
+        :func:`train`. (The initial weights are seeded by
+        :func:`~backfill_lib.models.build_model`.)
+
+    Raises
+    ------
+    ValueError
+        If ``optimizer`` is unknown, ``epochs`` or ``batch_size`` is below 1, or ``lr`` is not
+        positive.
     """
 
     epochs: int = 30
@@ -66,7 +84,21 @@ def default_device() -> torch.device:
 
 
 def cache_dir(path=None) -> Path:
-    """Checkpoint folder: ``path``, else ``$BACKFILL_CACHE``, else ``~/.cache/backfill_lib/checkpoints``."""
+    """Checkpoint folder: ``path``, else ``$BACKFILL_CACHE``, else ``~/.cache/backfill_lib/checkpoints``.
+
+    The folder is not created here (:func:`train_or_load` creates it when it saves).
+
+    Parameters
+    ----------
+    path : str or Path, optional
+        An explicit folder; ``~`` is expanded. Takes precedence over the ``BACKFILL_CACHE``
+        environment variable.
+
+    Returns
+    -------
+    Path
+        The checkpoint folder.
+    """
     if path is not None:
         return Path(path).expanduser()
     if os.environ.get(CACHE_ENV):
@@ -75,7 +107,23 @@ def cache_dir(path=None) -> Path:
 
 
 def cross_entropy_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """The default objective: cross-entropy of the model's classifier."""
+    """The default objective: cross-entropy of the model's classifier.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A model whose call returns ``(embedding, logits)``, such as
+        :class:`~backfill_lib.models.EmbeddingModel`.
+    x : Tensor (batch, ...)
+        Inputs.
+    y : Tensor (batch,) of int64
+        Labels.
+
+    Returns
+    -------
+    Tensor
+        Scalar mean cross-entropy.
+    """
     _, logits = model(x)
     return F.cross_entropy(logits, y)
 
@@ -91,17 +139,42 @@ def train(model: nn.Module, dataset: Dataset, config: TrainConfig = TrainConfig(
           device=None, params=None, desc: str = "train", progress: bool = True) -> list[float]:
     """Train ``model`` on ``dataset`` by minimising ``loss_fn``; returns the mean loss per epoch.
 
+    The data are shuffled with ``config.seed``; the last incomplete batch is dropped when the
+    dataset holds more than one batch. The learning rate follows a cosine decay over all steps.
+    Gradients are enabled even when the caller is inside ``torch.no_grad()``.
+
     Parameters
     ----------
     model : nn.Module
+        The model to train, in place. It is moved to ``device`` and left there in eval mode.
     dataset : Dataset of ``(x, y)``
-    config : TrainConfig
-    loss_fn : callable ``(model, x, y) -> scalar tensor``
-    device : torch.device, optional
+        Training items.
+    config : TrainConfig, optional
+        Schedule, optimiser and seed; default ``TrainConfig()``.
+    loss_fn : callable ``(model, x, y) -> scalar tensor``, optional
+        The objective; default :func:`cross_entropy_loss`. BCT, RA-BCT and the transformation
+        losses plug in here.
+    device : str or torch.device, optional
         Default :func:`default_device`.
     params : iterable of parameters, optional
         What to optimise (default: every parameter of ``model`` that requires grad). Frozen
         parts (an old model a loss uses, a backbone under a transformation) stay as they are.
+    desc : str, default "train"
+        Label of the progress bar and of the error message.
+    progress : bool, default True
+        Show a tqdm progress bar (one step per epoch, with the last epoch's loss).
+
+    Returns
+    -------
+    list of float
+        Mean training loss of each epoch.
+
+    Raises
+    ------
+    ValueError
+        If ``dataset`` is empty or no parameter requires grad.
+    FloatingPointError
+        If the loss becomes NaN or infinite (lower ``config.lr``).
     """
     if len(dataset) == 0:
         raise ValueError("dataset is empty: nothing to train on")
@@ -138,7 +211,30 @@ def train(model: nn.Module, dataset: Dataset, config: TrainConfig = TrainConfig(
 
 
 def cache_key(**parts) -> str:
-    """A stable hash of a configuration (dataclasses and plain values)."""
+    """A stable hash of a configuration (dataclasses and plain values).
+
+    The parts are turned into JSON (dataclasses through ``asdict``, tuples as lists, anything
+    else JSON cannot hold through ``str``) with sorted keys, together with ``CACHE_VERSION``,
+    and hashed with SHA-256. The order of the keyword arguments does not matter.
+
+    Parameters
+    ----------
+    **parts
+        Everything that determines the weights, by name (model spec, classes, training config,
+        dataset description, seeds, loss settings, ...).
+
+    Returns
+    -------
+    str
+        The first 20 hexadecimal digits of the hash.
+
+    Examples
+    --------
+    >>> cache_key(seed=0, config=TrainConfig()) == cache_key(config=TrainConfig(), seed=0)
+    True
+    >>> cache_key(seed=0) == cache_key(seed=1)
+    False
+    """
     def plain(v):
         if hasattr(v, "__dataclass_fields__"):
             return asdict(v)
@@ -156,6 +252,10 @@ def train_or_load(module: nn.Module, name: str, key: str, train_fn: Callable[[nn
                   directory=None, force: bool = False) -> tuple[nn.Module, dict]:
     """Load ``module``'s weights from ``<directory>/<name>-<key>.pt`` if present, else train and save.
 
+    Checkpoints are read onto the CPU with ``weights_only=True``. A new checkpoint is written
+    atomically (a concurrent reader never sees half a file), with a side file
+    ``<name>-<key>.json`` that records the training time.
+
     Parameters
     ----------
     module : nn.Module
@@ -166,15 +266,18 @@ def train_or_load(module: nn.Module, name: str, key: str, train_fn: Callable[[nn
         :func:`cache_key` of everything that determines the weights.
     train_fn : callable ``(module) -> anything``
         Trains ``module`` in place.
-    directory : path, optional
-        Default :func:`cache_dir`.
-    force : bool
-        Retrain even if a checkpoint exists.
+    directory : str or Path, optional
+        Default :func:`cache_dir` (``$BACKFILL_CACHE``, else ``~/.cache/backfill_lib/checkpoints``).
+    force : bool, default False
+        Retrain (and overwrite the checkpoint) even if a checkpoint exists.
 
     Returns
     -------
-    module, info : the model in eval mode, and ``{"path", "cached", "seconds"}``; ``seconds`` is
-        the training time (recorded in the checkpoint's side file when loaded from cache).
+    module : nn.Module
+        The same model, in eval mode.
+    info : dict
+        ``{"path": str, "cached": bool, "seconds": float or None}``; ``seconds`` is the training
+        time (read from the checkpoint's side file when loaded from cache, None without one).
     """
     directory = cache_dir(directory)
     path = directory / f"{name}-{key}.pt"
@@ -201,7 +304,33 @@ def extract_embeddings(model: nn.Module, dataset: Dataset, batch_size: int = 512
                        progress: bool = False) -> np.ndarray:
     """Embed every item of ``dataset`` (in order) with ``model.embed`` (or ``fn(model, x)``).
 
-    Returns a ``float32`` array of shape ``(len(dataset), d)``.
+    Runs without gradients, with the model in eval mode; the model's training mode is restored
+    afterwards (it stays on ``device``).
+
+    Parameters
+    ----------
+    model : nn.Module
+        Usually an :class:`~backfill_lib.models.EmbeddingModel` (φ_o or φ_n).
+    dataset : Dataset of ``(x, y)``
+        Items to embed; labels are ignored.
+    batch_size : int, default 512
+        Items per forward pass.
+    device : str or torch.device, optional
+        Default :func:`default_device`.
+    fn : callable ``(model, x) -> Tensor (batch, d)``, optional
+        What to compute instead of ``model.embed(x)``, e.g. a head applied after the backbone.
+    progress : bool, default False
+        Show a tqdm progress bar.
+
+    Returns
+    -------
+    array (len(dataset), d) of float32
+        One row per item.
+
+    Raises
+    ------
+    ValueError
+        If ``dataset`` is empty.
     """
     if len(dataset) == 0:
         raise ValueError("dataset is empty: nothing to embed")

@@ -34,8 +34,35 @@ TRANSFORM_STEPS = 1000
 
 
 def schedule(config: TrainConfig, n_items: int, steps: int | None) -> TrainConfig:
-    """``config`` with its epochs set so that training takes at least ``steps`` optimiser steps
-    on ``n_items`` items (``steps=None`` keeps ``config.epochs``)."""
+    """``config`` with its epochs set so that training takes at least ``steps`` optimiser steps.
+
+    One epoch is ``max(1, n_items // config.batch_size)`` steps, because
+    :func:`~backfill_lib.training.train` drops the last partial batch.
+
+    Parameters
+    ----------
+    config : TrainConfig
+        The schedule to adapt; every other field is kept.
+    n_items : int
+        Number of training items.
+    steps : int or None
+        Minimum number of optimiser steps; ``None`` returns ``config`` unchanged.
+
+    Returns
+    -------
+    TrainConfig
+        A copy with ``epochs = ceil(steps / steps_per_epoch)``.
+
+    Raises
+    ------
+    ValueError
+        If ``steps`` is not a positive integer (or None).
+
+    Examples
+    --------
+    >>> schedule(TrainConfig(batch_size=256), n_items=898, steps=1000).epochs  # 3 steps per epoch
+    334
+    """
     if steps is None:
         return config
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
@@ -56,9 +83,14 @@ class MLPTransform(nn.Module):
     Parameters
     ----------
     d_in, d_out : int
-        Input and output embedding sizes.
+        Input and output embedding sizes (kept as attributes ``d_in`` and ``d_out``).
     hidden : int, optional
         Hidden width (default ``2·max(d_in, d_out)``).
+
+    Raises
+    ------
+    ValueError
+        If a size is not a positive integer.
     """
 
     def __init__(self, d_in: int, d_out: int, hidden: int | None = None):
@@ -69,24 +101,90 @@ class MLPTransform(nn.Module):
                                  nn.Linear(hidden, self.d_out))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Map a batch and L2-normalise the result.
+
+        Parameters
+        ----------
+        x : Tensor (B, d_in)
+            Input embeddings, e.g. ``φ_n(x)`` for ``ψ``.
+
+        Returns
+        -------
+        Tensor (B, d_out)
+            Unit-norm rows, e.g. ``ψ̂(φ_n(x))``.
+
+        Raises
+        ------
+        ValueError
+            If ``x`` is not of shape ``(B, d_in)``.
+        """
         if x.ndim != 2 or x.shape[1] != self.d_in:
             raise ValueError(f"expected inputs of shape (n, {self.d_in}), got {tuple(x.shape)}")
         return F.normalize(self.net(x), dim=1)
 
 
 def reverse_transformation(d_new: int, d_old: int, hidden: int | None = None) -> MLPTransform:
-    """``ψ: R^{d_n} → R^{d_o}`` (METHOD §3.4)."""
+    """``ψ: R^{d_n} → R^{d_o}`` (METHOD §3.4), untrained.
+
+    Train it with :func:`fit_reverse_transform`.
+
+    Parameters
+    ----------
+    d_new : int
+        Input size ``d_n``.
+    d_old : int
+        Output size ``d_o``.
+    hidden : int, optional
+        Hidden width (default ``2·max(d_o, d_n)``).
+
+    Returns
+    -------
+    MLPTransform
+        Outputs ``ψ̂``, L2-normalised.
+    """
     return MLPTransform(d_new, d_old, hidden)
 
 
 def forward_transformation(d_old: int, d_new: int, hidden: int | None = None) -> MLPTransform:
-    """``h: R^{d_o} → R^{d_n}``, FCT-style without side information."""
+    """``h: R^{d_o} → R^{d_n}``, FCT-style without side information (METHOD §2), untrained.
+
+    Train it with :func:`fit_forward_transform`.
+
+    Parameters
+    ----------
+    d_old : int
+        Input size ``d_o``.
+    d_new : int
+        Output size ``d_n``.
+    hidden : int, optional
+        Hidden width (default ``2·max(d_o, d_n)``).
+
+    Returns
+    -------
+    MLPTransform
+        Outputs ``ĥ``, L2-normalised.
+    """
     return MLPTransform(d_old, d_new, hidden)
 
 
 class ResidualEmbedding(nn.Module):
-    """``ρ(z) = normalise(z + W₂ ReLU(W₁ z))``; ``W₂`` starts at zero, so ``ρ̂ = identity`` at first
-    (``ρ̂(φ_n) = φ_n`` since ``φ_n`` is already unit-norm)."""
+    """``ρ(z) = normalise(z + W₂ ReLU(W₁ z))``, the learnable new embedding (METHOD §3.5).
+
+    ``W₂`` starts at zero, so ``ρ̂ = identity`` at first (``ρ̂(φ_n) = φ_n`` since ``φ_n`` is
+    already unit-norm).
+
+    Parameters
+    ----------
+    d : int
+        Embedding size ``d_n`` (input and output; kept as attribute ``d_in``).
+    hidden : int, optional
+        Hidden width of the residual branch (default ``2·d``).
+
+    Raises
+    ------
+    ValueError
+        If a size is not a positive integer.
+    """
 
     def __init__(self, d: int, hidden: int | None = None):
         super().__init__()
@@ -97,13 +195,47 @@ class ResidualEmbedding(nn.Module):
         nn.init.zeros_(self.residual[-1].bias)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """``ρ̂(z)``: add the residual and L2-normalise.
+
+        Parameters
+        ----------
+        z : Tensor (B, d)
+            New embeddings ``φ_n(x)``.
+
+        Returns
+        -------
+        Tensor (B, d)
+            Unit-norm rows ``ρ̂(φ_n(x))``.
+
+        Raises
+        ------
+        ValueError
+            If ``z`` is not of shape ``(B, d)``.
+        """
         if z.ndim != 2 or z.shape[1] != self.d_in:
             raise ValueError(f"expected inputs of shape (n, {self.d_in}), got {tuple(z.shape)}")
         return F.normalize(z + self.residual(z), dim=1)
 
 
 class CompatibilityHeads(nn.Module):
-    """The heads on top of the frozen new model: ``ψ`` (new → old) and ``ρ`` (identity when off)."""
+    """The heads on top of the frozen new model: ``ψ`` (new → old) and ``ρ`` (identity when off).
+
+    Built and trained by :func:`fit_reverse_transform`. Attributes ``psi``
+    (:class:`MLPTransform`, default hidden width) and ``rho`` (:class:`ResidualEmbedding`, or
+    None when ``learn_rho`` is False).
+
+    Parameters
+    ----------
+    d_new, d_old : int
+        Embedding sizes ``d_n`` and ``d_o``.
+    learn_rho : bool, default True
+        Add the learnable new embedding ``ρ``; otherwise ``ρ`` is the identity.
+
+    Raises
+    ------
+    ValueError
+        If a size is not a positive integer.
+    """
 
     def __init__(self, d_new: int, d_old: int, learn_rho: bool = True):
         super().__init__()
@@ -112,17 +244,52 @@ class CompatibilityHeads(nn.Module):
         self.rho = ResidualEmbedding(self.d_new) if learn_rho else None
 
     def rho_hat(self, z: torch.Tensor) -> torch.Tensor:
+        """``ρ̂(z)``: ``rho(z)``, or ``z`` L2-normalised when there is no ``ρ``.
+
+        Parameters
+        ----------
+        z : Tensor (B, d_n)
+            New embeddings ``φ_n(x)``.
+
+        Returns
+        -------
+        Tensor (B, d_n)
+            Unit-norm rows.
+        """
         return F.normalize(z, dim=1) if self.rho is None else self.rho(z)
 
 
 @torch.no_grad()
 def apply_transform(module: nn.Module, embeddings, name: str = "embeddings", batch_size: int = 4096) -> np.ndarray:
-    """Apply a trained head (``ψ``, ``h`` or ``ρ``) to an array of embeddings; returns ``float32`` unit rows.
+    """Apply a trained head (``ψ``, ``h`` or ``ρ``) to an array of embeddings.
+
+    Runs without gradients, in eval mode (the module's training mode is restored afterwards), in
+    batches on the module's device.
+
+    Parameters
+    ----------
+    module : nn.Module
+        A head with a ``d_in`` attribute: an :class:`MLPTransform` or a
+        :class:`ResidualEmbedding` (e.g. ``heads.psi`` or ``heads.rho`` of
+        :class:`CompatibilityHeads`).
+    embeddings : array-like or Tensor (n, d_in)
+        Input embeddings, one row per item.
+    name : str, default "embeddings"
+        Argument name used in error messages.
+    batch_size : int, default 4096
+        Rows per forward pass.
+
+    Returns
+    -------
+    array (n, d_out) of float32
+        Unit-norm rows.
 
     Raises
     ------
+    TypeError
+        If ``embeddings`` is not numeric.
     ValueError
-        If ``embeddings`` is not a 2-D array with the head's input dimension ``module.d_in``.
+        If ``embeddings`` is not a non-empty, finite 2-D array with ``module.d_in`` columns.
     """
     x = as_embeddings(embeddings, name, dim=module.d_in)
     was_training = module.training
@@ -158,23 +325,41 @@ def fit_reverse_transform(new, old, labels=None, objective: str = "rt", learn_rh
     ----------
     new, old : arrays (n, d_n), (n, d_o)
         ``φ_n(x)`` and ``φ_o(x)`` of the same training images.
-    labels : array (n,), optional
-        Needed by ``objective="mc"``.
-    objective : {"rt", "mc"}
+    labels : array (n,) of int, optional
+        Needed by ``objective="mc"`` (positives are the same-label items); unused by ``"rt"``.
+    objective : {"rt", "mc"}, default "rt"
         ``"rt"``: ``L_rt`` only (§3.4). ``"mc"``: ``L_mc + λ_rt·L_rt`` (§3.5).
-    learn_rho : bool
+    learn_rho : bool, default False
         Train the learnable new embedding ``ρ`` (``"mc"`` only; otherwise ``ρ`` is the identity).
-    tau, lam_rt, negatives :
-        Temperature, weight of ``L_rt``, and where ``L_mc`` takes negatives from ("both", "old", "new").
-        Defaults are the values chosen on a validation split (``results/README.md``).
-    config : TrainConfig
+    tau : float, default 0.2
+        Temperature of ``L_mc`` (the value chosen on a validation split, ``results/README.md``).
+    lam_rt : float, default 0.0
+        Weight ``λ_rt`` of ``L_rt`` in the ``"mc"`` objective.
+    negatives : {"both", "old", "new"}, default "both"
+        Stored set(s) ``L_mc`` takes negatives from.
+    config : TrainConfig, default :data:`TRANSFORM_CONFIG`
         Optimiser; ``config.seed`` seeds the initial weights and the batch order.
-    steps : int or None
-        Optimiser steps (overrides ``config.epochs``; ``None`` keeps them).
+    steps : int or None, default :data:`TRANSFORM_STEPS`
+        Minimum number of optimiser steps (sets the epochs through :func:`schedule`); ``None``
+        keeps ``config.epochs``.
+    device : str or torch.device, optional
+        Where to train; default :func:`~backfill_lib.training.default_device`.
+    progress : bool, default False
+        Show a progress bar.
 
     Returns
     -------
-    CompatibilityHeads in eval mode.
+    CompatibilityHeads
+        The trained heads, in eval mode, on ``device``.
+
+    Raises
+    ------
+    ValueError
+        If ``objective`` or ``negatives`` is unknown, ``objective="mc"`` has no ``labels``,
+        ``learn_rho`` is asked with ``objective="rt"``, ``steps`` is not a positive integer, or
+        ``new``, ``old`` and ``labels`` do not have one row per image.
+    TypeError
+        If the embeddings are not numeric or the labels not integers.
     """
     if objective not in ("rt", "mc"):
         raise ValueError(f"objective must be 'rt' (L_rt only) or 'mc' (L_mc + λ_rt·L_rt), got {objective!r}")
@@ -203,8 +388,35 @@ def fit_reverse_transform(new, old, labels=None, objective: str = "rt", learn_rh
 
 def fit_forward_transform(old, new, config: TrainConfig = TRANSFORM_CONFIG, steps: int | None = TRANSFORM_STEPS,
                           device=None, progress: bool = False) -> MLPTransform:
-    """Train ``h`` (old → new) by ``mean ||ĥ(φ_o(x)) − φ_n(x)||²`` on cached training embeddings
-    (``config`` and ``steps`` as in :func:`fit_reverse_transform`)."""
+    """Train ``h`` (old → new) by ``mean ||ĥ(φ_o(x)) − φ_n(x)||²`` on cached training embeddings.
+
+    Both backbones stay frozen; ``φ_n(x)`` is the target and gets no gradient.
+
+    Parameters
+    ----------
+    old, new : arrays (n, d_o), (n, d_n)
+        ``φ_o(x)`` and ``φ_n(x)`` of the same training images.
+    config : TrainConfig, default :data:`TRANSFORM_CONFIG`
+        Optimiser; ``config.seed`` seeds the initial weights and the batch order.
+    steps : int or None, default :data:`TRANSFORM_STEPS`
+        Minimum number of optimiser steps (see :func:`schedule`); ``None`` keeps ``config.epochs``.
+    device : str or torch.device, optional
+        Where to train; default :func:`~backfill_lib.training.default_device`.
+    progress : bool, default False
+        Show a progress bar.
+
+    Returns
+    -------
+    MLPTransform
+        The trained ``h`` (outputs ``ĥ``), in eval mode, on ``device``.
+
+    Raises
+    ------
+    ValueError
+        If ``steps`` is not a positive integer, or ``old`` and ``new`` do not have one row per image.
+    TypeError
+        If the embeddings are not numeric.
+    """
     old, new, dataset = _pairs(old, new, None, ("old", "new"))
     d_old = old.shape[1]
     h = _seeded(lambda: forward_transformation(d_old, new.shape[1]), config.seed)

@@ -23,8 +23,14 @@ def as_embeddings(x, name: str, dim: int | None = None, allow_empty: bool = Fals
         Argument name used in error messages.
     dim : int, optional
         Required number of columns.
-    allow_empty : bool
+    allow_empty : bool, default False
         Whether zero rows are allowed.
+
+    Returns
+    -------
+    ndarray (n, d) of float32
+        ``x`` as given (not normalised); a ``torch.Tensor`` is detached and moved to the CPU
+        first.
 
     Raises
     ------
@@ -65,7 +71,30 @@ def as_embeddings(x, name: str, dim: int | None = None, allow_empty: bool = Fals
 
 
 def as_labels(y, name: str, n: int | None = None) -> np.ndarray:
-    """Return ``y`` as a 1-D integer array, optionally of length ``n``."""
+    """Return ``y`` as a 1-D integer array, optionally of length ``n``.
+
+    Parameters
+    ----------
+    y : array-like or torch.Tensor
+        Class labels, one per item. Floats that are whole numbers (``3.0``) are accepted and
+        converted.
+    name : str
+        Argument name used in error messages.
+    n : int, optional
+        Required number of labels (the number of items).
+
+    Returns
+    -------
+    ndarray (n,) of int64
+        The labels.
+
+    Raises
+    ------
+    TypeError
+        If the labels are not integers (or whole-number floats).
+    ValueError
+        If ``y`` is not 1-D or does not hold ``n`` labels.
+    """
     if hasattr(y, "detach"):
         y = y.detach().cpu().numpy()
     arr = np.asarray(y)
@@ -82,7 +111,28 @@ def as_labels(y, name: str, n: int | None = None) -> np.ndarray:
 
 
 def check_ratio(r, name: str = "ratio") -> float:
-    """Return ``r`` as a float, checking it lies in [0, 1]."""
+    """Return ``r`` as a float, checking it lies in [0, 1].
+
+    Parameters
+    ----------
+    r : int or float
+        A backfill ratio (share of the gallery backfilled). A Python or numpy number; ``bool``
+        is refused.
+    name : str, default "ratio"
+        Argument name used in error messages.
+
+    Returns
+    -------
+    float
+        ``r`` as a Python float.
+
+    Raises
+    ------
+    TypeError
+        If ``r`` is not a number.
+    ValueError
+        If ``r`` is NaN or outside [0, 1].
+    """
     if isinstance(r, bool) or not isinstance(r, (int, float, np.integer, np.floating)):
         raise TypeError(f"{name} must be a number in [0, 1], got {type(r).__name__}")
     r = float(r)
@@ -92,7 +142,27 @@ def check_ratio(r, name: str = "ratio") -> float:
 
 
 def check_ratios(ratios: Iterable[float], name: str = "ratios") -> np.ndarray:
-    """Return sorted unique ratios in [0, 1] as a float array (must be non-empty)."""
+    """Return sorted unique ratios in [0, 1] as a float array (must be non-empty).
+
+    Parameters
+    ----------
+    ratios : iterable of float in [0, 1]
+        Backfill ratios, in any order; repeats are dropped.
+    name : str, default "ratios"
+        Argument name used in error messages (an entry is named ``name[i]``).
+
+    Returns
+    -------
+    ndarray (n_ratios,) of float64
+        The distinct ratios, ascending.
+
+    Raises
+    ------
+    TypeError
+        If an entry is not a number.
+    ValueError
+        If an entry is outside [0, 1] or ``ratios`` is empty.
+    """
     vals = [check_ratio(r, f"{name}[{i}]") for i, r in enumerate(ratios)]
     if not vals:
         raise ValueError(f"{name} is empty: give at least one backfill ratio, e.g. [0, 0.5, 1]")
@@ -100,7 +170,29 @@ def check_ratios(ratios: Iterable[float], name: str = "ratios") -> np.ndarray:
 
 
 def check_k(k, n_gallery: int, name: str = "k") -> int:
-    """Check that ``k`` is a positive integer no larger than the gallery."""
+    """Check that ``k`` is a positive integer no larger than the gallery.
+
+    Parameters
+    ----------
+    k : int
+        Number of results per query (a Python or numpy integer; ``bool`` is refused).
+    n_gallery : int
+        Number of searchable gallery items.
+    name : str, default "k"
+        Argument name used in error messages.
+
+    Returns
+    -------
+    int
+        ``k`` as a Python int.
+
+    Raises
+    ------
+    TypeError
+        If ``k`` is not an integer.
+    ValueError
+        If ``k < 1`` or ``k > n_gallery``.
+    """
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
         raise TypeError(f"{name} must be a positive integer, got {type(k).__name__}")
     if k < 1:
@@ -114,7 +206,27 @@ def check_k(k, n_gallery: int, name: str = "k") -> int:
 
 
 def check_choice(value: str, choices: Sequence[str], name: str) -> str:
-    """Check that ``value`` is one of ``choices``."""
+    """Check that ``value`` is one of ``choices``.
+
+    Parameters
+    ----------
+    value : str
+        The option given.
+    choices : sequence of str
+        The allowed options, listed in the error message.
+    name : str
+        What the option is (e.g. ``"policy"``), used in the error message.
+
+    Returns
+    -------
+    str
+        ``value``, unchanged.
+
+    Raises
+    ------
+    ValueError
+        If ``value`` is not in ``choices``.
+    """
     if value not in choices:
         raise ValueError(f"unknown {name} {value!r}; choose one of: {', '.join(choices)}")
     return value

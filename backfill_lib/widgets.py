@@ -18,7 +18,29 @@ SLIDER_CLASS = "backfill-slider"
 
 
 def render_frames(draw: Callable[[float], object], values: Sequence[float], dpi: int = 80) -> list[bytes]:
-    """Call ``draw(value) -> matplotlib Figure`` for each value and return the PNG bytes."""
+    """Call ``draw(value) -> matplotlib Figure`` for each value and return the PNG bytes.
+
+    Each figure is closed once rendered (:func:`~backfill_lib.plots.figure_to_png`).
+
+    Parameters
+    ----------
+    draw : callable ``(value) -> matplotlib Figure``
+        Makes the figure of one slider position.
+    values : sequence of float
+        The slider positions, in order.
+    dpi : int, default 80
+        Resolution of the PNGs.
+
+    Returns
+    -------
+    list of bytes
+        One PNG per value.
+
+    Raises
+    ------
+    ValueError
+        If ``values`` is empty.
+    """
     values = list(values)
     if not values:
         raise ValueError("values is empty: a slider needs at least one position")
@@ -30,16 +52,22 @@ def frame_slider(frames: Sequence[bytes], labels: Sequence[str], description: st
 
     Parameters
     ----------
-    frames : sequence of PNG bytes
+    frames : sequence of bytes
+        PNG images, e.g. from :func:`render_frames`.
     labels : sequence of str
         Shown as the slider's readout, one per frame (e.g. ``"30%"``).
-    description : str
+    description : str, default "backfill"
         Text before the slider.
 
     Returns
     -------
     ipywidgets.VBox
         The slider above the frames. ``box.children[0]`` is the slider, ``box.children[1]`` the tab.
+
+    Raises
+    ------
+    ValueError
+        If ``frames`` and ``labels`` differ in length, or are empty.
     """
     import ipywidgets as W
 
@@ -63,6 +91,30 @@ def frame_slider(frames: Sequence[bytes], labels: Sequence[str], description: st
 def backfill_slider(draw: Callable[[float], object], ratios: Sequence[float], description: str = "backfill ratio r",
                     dpi: int = 80):
     """A backfill-progress slider: ``draw(r)`` makes the figure shown at ratio ``r``.
+
+    Every figure is drawn now (:func:`render_frames`) and the slider reads out each ratio as a
+    percentage (:func:`frame_slider`), so it works without a kernel.
+
+    Parameters
+    ----------
+    draw : callable ``(r) -> matplotlib Figure``
+        Makes the figure at backfill ratio ``r``.
+    ratios : sequence of float
+        The backfill ratios of the slider positions, in order, e.g. ``DEFAULT_RATIOS``.
+    description : str, default "backfill ratio r"
+        Text before the slider.
+    dpi : int, default 80
+        Resolution of the frames.
+
+    Returns
+    -------
+    ipywidgets.VBox
+        The slider above the frames (see :func:`frame_slider`).
+
+    Raises
+    ------
+    ValueError
+        If ``ratios`` is empty.
 
     Examples
     --------

@@ -45,7 +45,25 @@ def bct_influence_loss(z_new: torch.Tensor, y: torch.Tensor, old_classifier: nn.
 def bct_objective(old_model: nn.Module, old_classes: Sequence[int], lam: float = 1.0):
     """``loss_fn(model, x, y)`` for :func:`~backfill_lib.training.train`: CE + λ·influence.
 
-    The old model is frozen here (``requires_grad=False``), so only the new model learns.
+    Parameters
+    ----------
+    old_model : EmbeddingModel
+        The old model; frozen here, in place (eval mode, ``requires_grad=False``), so only the new
+        model learns. Its ``classifier`` is ``W_o``.
+    old_classes : sequence of int
+        Classes the old model was trained on.
+    lam : float, default 1.0
+        Weight ``λ`` of the influence loss.
+
+    Returns
+    -------
+    callable
+        ``loss_fn(model, x, y)``; it raises ValueError when the new model's ``d_n ≠ d_o``.
+
+    Raises
+    ------
+    ValueError
+        If ``lam`` is negative.
     """
     if lam < 0:
         raise ValueError(f"lam must be non-negative, got {lam}")

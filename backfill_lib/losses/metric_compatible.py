@@ -43,7 +43,12 @@ def metric_compatible_loss(psi_new: torch.Tensor, old: torch.Tensor, rho_new: to
 
     Returns
     -------
-    Scalar tensor: the mean over anchors that have at least one positive.
+    Scalar tensor: the mean over anchors (each has its own old feature as a positive).
+
+    Raises
+    ------
+    ValueError
+        If ``negatives`` is unknown, ``tau`` is not positive, or the shapes do not match.
     """
     if negatives not in NEGATIVES:
         raise ValueError(f"unknown negatives {negatives!r}; choose one of: {', '.join(NEGATIVES)}")

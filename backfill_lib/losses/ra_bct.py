@@ -25,6 +25,11 @@ def ra_bct_loss(new: torch.Tensor, old: torch.Tensor, y: torch.Tensor, tau: floa
         Labels; ``j`` is a negative of ``i`` when ``y_j ≠ y_i``.
     tau : float
         Temperature (0.05 in the public implementation).
+
+    Raises
+    ------
+    ValueError
+        If ``new`` and ``old`` differ in shape.
     """
     if new.shape != old.shape:
         raise ValueError(f"new {tuple(new.shape)} and old {tuple(old.shape)} must have the same shape: "
@@ -41,7 +46,28 @@ def ra_bct_loss(new: torch.Tensor, old: torch.Tensor, y: torch.Tensor, tau: floa
 
 
 def ra_bct_objective(old_model: nn.Module, lam: float = 1.0, tau: float = 0.05):
-    """``loss_fn(model, x, y)`` for :func:`~backfill_lib.training.train`: CE + λ·L_ra, old model frozen."""
+    """``loss_fn(model, x, y)`` for :func:`~backfill_lib.training.train`: CE + λ·L_ra.
+
+    Parameters
+    ----------
+    old_model : EmbeddingModel
+        The old model; frozen here, in place (eval mode, ``requires_grad=False``). Its
+        ``embed(x)`` gives the positives and old negatives, without gradients.
+    lam : float, default 1.0
+        Weight ``λ`` of ``L_ra``.
+    tau : float, default 0.05
+        Temperature of ``L_ra``.
+
+    Returns
+    -------
+    callable
+        ``loss_fn(model, x, y)``: cross-entropy of the new classifier + ``λ·L_ra`` on ``φ_n(x)``.
+
+    Raises
+    ------
+    ValueError
+        If ``lam`` is negative or ``tau`` not positive.
+    """
     if lam < 0 or tau <= 0:
         raise ValueError(f"lam must be non-negative and tau positive, got lam={lam}, tau={tau}")
     old_model.eval().requires_grad_(False)

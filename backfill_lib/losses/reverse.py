@@ -10,8 +10,23 @@ import torch
 
 
 def regression_loss(mapped: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """``mean_i ||mapped_i − target_i||²`` with the target held fixed: the one regression of this
-    library (``L_rt`` for ``ψ``; the same with ``ĥ(φ_o)`` and ``φ_n`` for the forward ``h``)."""
+    """``mean_i ||mapped_i − target_i||²`` with the target held fixed (no gradient).
+
+    The one regression of this library: ``L_rt`` for ``ψ``; the same with ``ĥ(φ_o)`` and ``φ_n``
+    for the forward ``h``.
+
+    Parameters
+    ----------
+    mapped : tensor (B, d)
+        Transformed embeddings (gradients flow here).
+    target : tensor (B, d)
+        Embeddings of the same images in the target space.
+
+    Raises
+    ------
+    ValueError
+        If the shapes differ.
+    """
     if mapped.shape != target.shape:
         raise ValueError(f"mapped {tuple(mapped.shape)} and target {tuple(target.shape)} must have the same "
                          "shape: the transformation must output the target space's dimension")
@@ -27,6 +42,11 @@ def reverse_loss(psi_new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
         L2-normalised transformed new embeddings ``ψ̂(φ_n(x))``.
     old : tensor (B, d_o)
         L2-normalised old embeddings ``φ_o(x)`` of the same images (targets, no gradient).
+
+    Raises
+    ------
+    ValueError
+        If the shapes differ.
 
     Examples
     --------
