@@ -12,7 +12,13 @@ from typing import Iterable, Sequence
 import numpy as np
 
 
-def as_embeddings(x, name: str, dim: int | None = None, allow_empty: bool = False) -> np.ndarray:
+#: Largest allowed deviation of a row norm from 1 when unit-norm rows are required (float32
+#: embeddings normalised by a model are within 1e-6 of 1; ``0.5 * x`` is far outside).
+UNIT_NORM_TOL = 1e-3
+
+
+def as_embeddings(x, name: str, dim: int | None = None, allow_empty: bool = False,
+                  unit_norm: bool = False) -> np.ndarray:
     """Return ``x`` as a C-contiguous ``float32`` matrix of shape ``(n, d)``.
 
     Parameters
@@ -25,6 +31,10 @@ def as_embeddings(x, name: str, dim: int | None = None, allow_empty: bool = Fals
         Required number of columns.
     allow_empty : bool, default False
         Whether zero rows are allowed.
+    unit_norm : bool, default False
+        Require every row to have L2 norm 1 (within :data:`UNIT_NORM_TOL`): inner products then
+        rank like distances. Callers that accept other rows normalise them first (see
+        :func:`normalize_rows`) or store them as given, and say which in their docstring.
 
     Returns
     -------
@@ -35,9 +45,10 @@ def as_embeddings(x, name: str, dim: int | None = None, allow_empty: bool = Fals
     Raises
     ------
     TypeError
-        If ``x`` is not numeric.
+        If ``x`` is not real-valued numbers (complex numbers are refused too).
     ValueError
-        If ``x`` is not 2-D, has the wrong width, is empty, or holds NaN/inf.
+        If ``x`` is not 2-D, has no columns or the wrong width, is empty, holds NaN/inf, or
+        (with ``unit_norm``) has a row whose norm is not 1.
     """
     if hasattr(x, "detach"):  # torch.Tensor, without importing torch here
         x = x.detach().cpu().numpy()
@@ -47,11 +58,15 @@ def as_embeddings(x, name: str, dim: int | None = None, allow_empty: bool = Fals
         raise TypeError(f"{name} must be an array of numbers, got {type(x).__name__}") from exc
     if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
         raise TypeError(f"{name} must be an array of numbers, got dtype {arr.dtype}")
+    if np.issubdtype(arr.dtype, np.complexfloating):
+        raise TypeError(f"{name} must be real-valued, got complex dtype {arr.dtype}: embeddings are real vectors")
     if arr.ndim != 2:
         raise ValueError(
             f"{name} must be a 2-D array of shape (n_items, dim), got shape {arr.shape}; "
             "reshape a single vector with x[None, :]"
         )
+    if arr.shape[1] == 0:
+        raise ValueError(f"{name} has 0 columns: an embedding needs at least one dimension")
     if arr.shape[0] == 0 and not allow_empty:
         raise ValueError(f"{name} is empty (0 rows): add at least one item")
     if dim is not None and arr.shape[1] != dim:
@@ -67,7 +82,52 @@ def as_embeddings(x, name: str, dim: int | None = None, allow_empty: bool = Fals
             f"{name} contains NaN or infinite values in {bad} row(s): check the model output "
             "(a diverged training run or a zero vector normalised) before searching"
         )
+    if unit_norm and len(arr):
+        norms = np.linalg.norm(arr.astype(np.float64), axis=1)
+        bad = np.abs(norms - 1.0) > UNIT_NORM_TOL
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise ValueError(
+                f"{name} must have unit-norm rows (inner products then rank like distances), but "
+                f"{int(bad.sum())} row(s) are not, e.g. row {i} has norm {norms[i]:.4g}: normalise "
+                f"them first, e.g. with backfill_lib.validation.normalize_rows({name})"
+            )
     return arr
+
+
+def normalize_rows(x, name: str = "x") -> np.ndarray:
+    """Return ``x`` with every row scaled to unit L2 norm, as C-contiguous ``float32``.
+
+    Parameters
+    ----------
+    x : array-like or torch.Tensor (n, d)
+        Embeddings, one row per item.
+    name : str, default "x"
+        Argument name used in error messages.
+
+    Returns
+    -------
+    ndarray (n, d) of float32
+        ``x / ||x||`` row by row.
+
+    Raises
+    ------
+    TypeError
+        If ``x`` is not real-valued numbers.
+    ValueError
+        If ``x`` is not a finite non-empty 2-D array, or a row is all zeros (it has no
+        direction to keep).
+
+    Examples
+    --------
+    >>> normalize_rows([[3.0, 4.0]])
+    array([[0.6, 0.8]], dtype=float32)
+    """
+    arr = as_embeddings(x, name).astype(np.float64)
+    norms = np.linalg.norm(arr, axis=1, keepdims=True)
+    if (norms == 0).any():
+        raise ValueError(f"{name} has {int((norms == 0).sum())} all-zero row(s): they cannot be normalised")
+    return np.ascontiguousarray(arr / norms, dtype=np.float32)
 
 
 def as_labels(y, name: str, n: int | None = None) -> np.ndarray:
