@@ -10,11 +10,22 @@
 Every module returns L2-normalised vectors (``ψ̂``, ``ĥ``, ``ρ̂``). Backbones are frozen, so the
 heads train on cached embeddings with the one loop of :func:`backfill_lib.training.train`, in
 seconds on a CPU. Numpy arrays go in and out at the public boundary (:func:`apply_transform`).
+
+For a retrieval service, :class:`ReverseTransform` (``ψ``, optionally with ``ρ``) and
+:class:`ForwardTransform` (``h``) wrap the fit functions in the scikit-learn manner: built with
+their hyper-parameters, ``fit(X, Y)`` with ``X`` the space the transform reads and ``Y`` the space
+it maps into, ``transform(X)``, and ``save(path)`` / ``load(path)``.
+
+Inputs must have unit-norm rows, as the models of this library produce (the losses compare
+normalised vectors); ``normalize=True`` L2-normalises them first instead of refusing them.
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,7 +35,7 @@ from torch.utils.data import TensorDataset
 
 from .losses import NEGATIVES, metric_compatible_loss, regression_loss, reverse_loss
 from .training import TrainConfig, default_device, train
-from .validation import as_embeddings, as_labels
+from .validation import as_embeddings, as_labels, normalize_rows
 
 #: Optimiser of the heads (contrastive losses over the batch want large batches; data are tiny vectors).
 TRANSFORM_CONFIG = TrainConfig(epochs=60, batch_size=256, lr=2e-3, weight_decay=1e-4)
@@ -271,9 +282,11 @@ def apply_transform(module: nn.Module, embeddings, name: str = "embeddings", bat
     module : nn.Module
         A head with a ``d_in`` attribute: an :class:`MLPTransform` or a
         :class:`ResidualEmbedding` (e.g. ``heads.psi`` or ``heads.rho`` of
-        :class:`CompatibilityHeads`).
+        :class:`CompatibilityHeads`; the heads themselves are refused, since they hold two
+        maps).
     embeddings : array-like or Tensor (n, d_in)
-        Input embeddings, one row per item.
+        Input embeddings, one row per item, with unit-norm rows (as the heads were trained on;
+        see :func:`~backfill_lib.validation.normalize_rows`).
     name : str, default "embeddings"
         Argument name used in error messages.
     batch_size : int, default 4096
@@ -287,11 +300,18 @@ def apply_transform(module: nn.Module, embeddings, name: str = "embeddings", bat
     Raises
     ------
     TypeError
-        If ``embeddings`` is not numeric.
+        If ``module`` is a :class:`CompatibilityHeads` or has no ``d_in``, or ``embeddings``
+        is not numeric.
     ValueError
-        If ``embeddings`` is not a non-empty, finite 2-D array with ``module.d_in`` columns.
+        If ``embeddings`` is not a non-empty, finite 2-D array with ``module.d_in`` columns and
+        unit-norm rows.
     """
-    x = as_embeddings(embeddings, name, dim=module.d_in)
+    if isinstance(module, CompatibilityHeads):
+        raise TypeError("module is a CompatibilityHeads, which holds two maps: pass heads.psi for ψ̂ (new → old) "
+                        "or heads.rho for ρ̂ (the learnable new embedding; None when it was not learned)")
+    if not isinstance(module, nn.Module) or not hasattr(module, "d_in"):
+        raise TypeError(f"module must be a trained head (MLPTransform or ResidualEmbedding), got {type(module).__name__}")
+    x = as_embeddings(embeddings, name, dim=module.d_in, unit_norm=True)
     was_training = module.training
     module.eval()
     device = next(module.parameters()).device
@@ -306,25 +326,88 @@ def _seeded(build, seed: int):
         return build()
 
 
-def _pairs(a, b, labels, names) -> tuple[np.ndarray, np.ndarray, TensorDataset]:
+def _embeddings(x, name: str, dim: int | None = None, normalize: bool = False) -> np.ndarray:
+    """``x`` as float32 with unit-norm rows: normalised when ``normalize``, else checked."""
+    x = as_embeddings(x, name, dim=dim)
+    if normalize:
+        return normalize_rows(x, name)
+    try:
+        # the bare argument ("X", not "X (new embeddings)"): the message suggests normalize_rows(<name>)
+        return as_embeddings(x, name.split(" (")[0], unit_norm=True)
+    except ValueError as exc:  # only the norm check can fail here: the shape passed above
+        raise ValueError(f"{exc}, or pass normalize=True to normalise the rows inside") from None
+
+
+def _pairs(a, b, labels, names, normalize: bool = False) -> tuple[np.ndarray, np.ndarray, TensorDataset]:
     """Cached embeddings of the same images side by side: ``x = [a | b]`` (one tensor for the train loop)."""
-    a = as_embeddings(a, names[0])
-    b = as_embeddings(b, names[1])
+    a = _embeddings(a, names[0], normalize=normalize)
+    b = _embeddings(b, names[1], normalize=normalize)
     if len(a) != len(b):
         raise ValueError(f"{names[0]} has {len(a)} rows but {names[1]} has {len(b)}: both must embed the same images")
+    if len(a) < 2:
+        # BatchNorm in the heads needs two items per batch to estimate a variance.
+        raise ValueError(f"{names[0]} has {len(a)} row: fitting a transformation needs at least 2 training images")
     y = np.zeros(len(a), dtype=np.int64) if labels is None else as_labels(labels, "labels", n=len(a))
     return a, b, TensorDataset(torch.from_numpy(np.hstack([a, b])), torch.from_numpy(y))
 
 
+def _check_reverse_options(objective: str, learn_rho: bool, negatives: str) -> None:
+    if objective not in ("rt", "mc"):
+        raise ValueError(f"objective must be 'rt' (L_rt only) or 'mc' (L_mc + λ_rt·L_rt), got {objective!r}")
+    if objective == "rt" and learn_rho:
+        raise ValueError("learn_rho needs objective='mc': L_rt does not involve ρ")
+    if negatives not in NEGATIVES:
+        raise ValueError(f"unknown negatives {negatives!r}; choose one of: {', '.join(NEGATIVES)}")
+
+
+def _fit_reverse(new, old, labels, names, objective, learn_rho, tau, lam_rt, negatives, config, steps, device,
+                 progress, normalize) -> CompatibilityHeads:
+    _check_reverse_options(objective, learn_rho, negatives)
+    if objective == "mc" and labels is None:
+        raise ValueError("objective='mc' needs labels: positives are the same-label items")
+    new, old, dataset = _pairs(new, old, labels, names, normalize)
+    d_new, d_old = new.shape[1], old.shape[1]
+    heads = _seeded(lambda: CompatibilityHeads(d_new, d_old, learn_rho), config.seed)
+
+    def loss_fn(model: CompatibilityHeads, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        z_new, z_old = x[:, :d_new], x[:, d_new:]
+        psi_new = model.psi(z_new)
+        l_rt = reverse_loss(psi_new, z_old)
+        if objective == "rt":
+            return l_rt
+        return metric_compatible_loss(psi_new, z_old, model.rho_hat(z_new), y, tau, negatives) + lam_rt * l_rt
+
+    train(heads, dataset, schedule(config, len(dataset), steps), loss_fn=loss_fn, device=device or default_device(),
+          desc=f"psi ({objective})", progress=progress)
+    return heads.eval()
+
+
+def _fit_forward(old, new, names, config, steps, device, progress, normalize) -> MLPTransform:
+    old, new, dataset = _pairs(old, new, None, names, normalize)
+    d_old = old.shape[1]
+    h = _seeded(lambda: forward_transformation(d_old, new.shape[1]), config.seed)
+    train(h, dataset, schedule(config, len(dataset), steps), loss_fn=lambda m, x, y: regression_loss(m(x[:, :d_old]), x[:, d_old:]),
+          device=device or default_device(), desc="h (forward)", progress=progress)
+    return h.eval()
+
+
 def fit_reverse_transform(new, old, labels=None, objective: str = "rt", learn_rho: bool = False, tau: float = 0.2,
                           lam_rt: float = 0.0, negatives: str = "both", config: TrainConfig = TRANSFORM_CONFIG,
-                          steps: int | None = TRANSFORM_STEPS, device=None, progress: bool = False) -> CompatibilityHeads:
+                          steps: int | None = TRANSFORM_STEPS, device=None, progress: bool = False,
+                          normalize: bool = False) -> CompatibilityHeads:
     """Train ``ψ`` (and ``ρ``) on cached embeddings of the training images; both backbones stay frozen.
+
+    Argument order: the first argument is the space ``ψ`` reads (its input, the new
+    embeddings), the second the space it maps into (its target, the old embeddings), as in
+    :meth:`ReverseTransform.fit` and :func:`fit_forward_transform`.
 
     Parameters
     ----------
-    new, old : arrays (n, d_n), (n, d_o)
-        ``φ_n(x)`` and ``φ_o(x)`` of the same training images.
+    new : array (n, d_n)
+        ``φ_n(x)`` of the training images: the input of ``ψ``. Unit-norm rows (or
+        ``normalize=True``); at least 2 rows.
+    old : array (n, d_o)
+        ``φ_o(x)`` of the same images, in the same order: the target of ``ψ``.
     labels : array (n,) of int, optional
         Needed by ``objective="mc"`` (positives are the same-label items); unused by ``"rt"``.
     objective : {"rt", "mc"}, default "rt"
@@ -346,6 +429,10 @@ def fit_reverse_transform(new, old, labels=None, objective: str = "rt", learn_rh
         Where to train; default :func:`~backfill_lib.training.default_device`.
     progress : bool, default False
         Show a progress bar.
+    normalize : bool, default False
+        L2-normalise the rows of ``new`` and ``old`` first. By default rows that are not unit
+        norm are refused: the losses compare normalised vectors, and a scaled copy (``0.5 * new``)
+        would train a different map without a word.
 
     Returns
     -------
@@ -356,46 +443,36 @@ def fit_reverse_transform(new, old, labels=None, objective: str = "rt", learn_rh
     ------
     ValueError
         If ``objective`` or ``negatives`` is unknown, ``objective="mc"`` has no ``labels``,
-        ``learn_rho`` is asked with ``objective="rt"``, ``steps`` is not a positive integer, or
-        ``new``, ``old`` and ``labels`` do not have one row per image.
+        ``learn_rho`` is asked with ``objective="rt"``, ``steps`` is not a positive integer,
+        ``new``, ``old`` and ``labels`` do not have one row per image, there are fewer than 2
+        images, or a row is not unit norm (without ``normalize``).
     TypeError
         If the embeddings are not numeric or the labels not integers.
+
+    See Also
+    --------
+    ReverseTransform : the same fit as an object with ``transform``, ``save`` and ``load``.
     """
-    if objective not in ("rt", "mc"):
-        raise ValueError(f"objective must be 'rt' (L_rt only) or 'mc' (L_mc + λ_rt·L_rt), got {objective!r}")
-    if objective == "mc" and labels is None:
-        raise ValueError("objective='mc' needs labels: positives are the same-label items")
-    if objective == "rt" and learn_rho:
-        raise ValueError("learn_rho needs objective='mc': L_rt does not involve ρ")
-    if negatives not in NEGATIVES:
-        raise ValueError(f"unknown negatives {negatives!r}; choose one of: {', '.join(NEGATIVES)}")
-    new, old, dataset = _pairs(new, old, labels, ("new", "old"))
-    d_new, d_old = new.shape[1], old.shape[1]
-    heads = _seeded(lambda: CompatibilityHeads(d_new, d_old, learn_rho), config.seed)
-
-    def loss_fn(model: CompatibilityHeads, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        z_new, z_old = x[:, :d_new], x[:, d_new:]
-        psi_new = model.psi(z_new)
-        l_rt = reverse_loss(psi_new, z_old)
-        if objective == "rt":
-            return l_rt
-        return metric_compatible_loss(psi_new, z_old, model.rho_hat(z_new), y, tau, negatives) + lam_rt * l_rt
-
-    train(heads, dataset, schedule(config, len(dataset), steps), loss_fn=loss_fn, device=device or default_device(), desc=f"psi ({objective})",
-          progress=progress)
-    return heads.eval()
+    return _fit_reverse(new, old, labels, ("new", "old"), objective, learn_rho, tau, lam_rt, negatives, config, steps,
+                        device, progress, normalize)
 
 
 def fit_forward_transform(old, new, config: TrainConfig = TRANSFORM_CONFIG, steps: int | None = TRANSFORM_STEPS,
-                          device=None, progress: bool = False) -> MLPTransform:
+                          device=None, progress: bool = False, normalize: bool = False) -> MLPTransform:
     """Train ``h`` (old → new) by ``mean ||ĥ(φ_o(x)) − φ_n(x)||²`` on cached training embeddings.
 
-    Both backbones stay frozen; ``φ_n(x)`` is the target and gets no gradient.
+    Both backbones stay frozen; ``φ_n(x)`` is the target and gets no gradient. Argument order:
+    the first argument is the space ``h`` reads (its input, the old embeddings), the second the
+    space it maps into (its target, the new embeddings), as in :meth:`ForwardTransform.fit` and
+    :func:`fit_reverse_transform`.
 
     Parameters
     ----------
-    old, new : arrays (n, d_o), (n, d_n)
-        ``φ_o(x)`` and ``φ_n(x)`` of the same training images.
+    old : array (n, d_o)
+        ``φ_o(x)`` of the training images: the input of ``h``. Unit-norm rows (or
+        ``normalize=True``); at least 2 rows.
+    new : array (n, d_n)
+        ``φ_n(x)`` of the same images, in the same order: the target of ``h``.
     config : TrainConfig, default :data:`TRANSFORM_CONFIG`
         Optimiser; ``config.seed`` seeds the initial weights and the batch order.
     steps : int or None, default :data:`TRANSFORM_STEPS`
@@ -404,6 +481,9 @@ def fit_forward_transform(old, new, config: TrainConfig = TRANSFORM_CONFIG, step
         Where to train; default :func:`~backfill_lib.training.default_device`.
     progress : bool, default False
         Show a progress bar.
+    normalize : bool, default False
+        L2-normalise the rows of ``old`` and ``new`` first; by default rows that are not unit
+        norm are refused.
 
     Returns
     -------
@@ -413,13 +493,513 @@ def fit_forward_transform(old, new, config: TrainConfig = TRANSFORM_CONFIG, step
     Raises
     ------
     ValueError
-        If ``steps`` is not a positive integer, or ``old`` and ``new`` do not have one row per image.
+        If ``steps`` is not a positive integer, ``old`` and ``new`` do not have one row per
+        image, there are fewer than 2 images, or a row is not unit norm (without ``normalize``).
     TypeError
         If the embeddings are not numeric.
+
+    See Also
+    --------
+    ForwardTransform : the same fit as an object with ``transform``, ``save`` and ``load``.
     """
-    old, new, dataset = _pairs(old, new, None, ("old", "new"))
-    d_old = old.shape[1]
-    h = _seeded(lambda: forward_transformation(d_old, new.shape[1]), config.seed)
-    train(h, dataset, schedule(config, len(dataset), steps), loss_fn=lambda m, x, y: regression_loss(m(x[:, :d_old]), x[:, d_old:]),
-          device=device or default_device(), desc="h (forward)", progress=progress)
-    return h.eval()
+    return _fit_forward(old, new, ("old", "new"), config, steps, device, progress, normalize)
+
+
+# --- Fitted transformations a service can keep (scikit-learn manner) --------------------------
+
+#: What :meth:`FittedTransform.save` writes in every file, checked by :meth:`FittedTransform.load`.
+FILE_FORMAT = "backfill_lib.transforms.FittedTransform"
+#: Layout version of those files; bump it when the layout changes (newer files are refused).
+FILE_VERSION = 1
+
+
+class NotFittedError(ValueError, AttributeError):
+    """Raised when a transform is used before :meth:`~FittedTransform.fit` (as in scikit-learn).
+
+    A ``ValueError`` (and an ``AttributeError``, like scikit-learn's ``NotFittedError``), so
+    ``except ValueError`` catches it.
+    """
+
+
+def _positive_int(name: str, v, minimum: int = 1) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
+        raise ValueError(f"{name} must be an integer of at least {minimum}, got {v!r}")
+    return int(v)
+
+
+def _number(name: str, v, positive: bool) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not np.isfinite(v) \
+            or (v <= 0 if positive else v < 0):
+        raise ValueError(f"{name} must be a {'positive' if positive else 'non-negative'} finite number, got {v!r}")
+    return float(v)
+
+
+def _flag(name: str, v) -> bool:
+    if not isinstance(v, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {v!r}")
+    return bool(v)
+
+
+def _device(device) -> torch.device:
+    if device is None:
+        return default_device()
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:0', ... or a torch.device, got {device!r}") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={str(device)!r} but torch sees no GPU here: use device='cpu' (or None)")
+    return device
+
+
+class FittedTransform:
+    """What :class:`ReverseTransform` and :class:`ForwardTransform` share: checks, ``save``, ``load``.
+
+    Not used on its own. ``X`` is always the space the transform reads (its input) and ``Y``
+    the space it maps into (its target). After :meth:`fit` (or :meth:`load`) the attributes
+    ``dim_in_``, ``dim_out_`` (the widths of ``X`` and ``Y``) and ``module_`` (the trained
+    torch module, in eval mode) are set.
+    """
+
+    #: Names of the constructor's hyper-parameters that are saved with the weights (not
+    #: ``device`` or ``progress``: where and how verbosely to run is not part of the model).
+    _saved_params: tuple[str, ...] = ()
+    #: What ``X`` and ``Y`` hold, for error messages.
+    _spaces: tuple[str, str] = ("input", "target")
+
+    def _common_init(self, steps, batch_size, lr, weight_decay, seed, normalize, device, progress) -> None:
+        self.steps = _positive_int("steps", steps)
+        # BatchNorm in the heads needs at least two items per batch.
+        self.batch_size = _positive_int("batch_size", batch_size, minimum=2)
+        self.lr = _number("lr", lr, positive=True)
+        self.weight_decay = _number("weight_decay", weight_decay, positive=False)
+        self.seed = _positive_int("seed", seed, minimum=0)
+        self.normalize = _flag("normalize", normalize)
+        self.device = device
+        self._device = _device(device)
+        self.progress = _flag("progress", progress)
+        self.module_ = None
+        self.dim_in_ = self.dim_out_ = None
+
+    @property
+    def fitted(self) -> bool:
+        """Whether :meth:`fit` (or :meth:`load`) has set the weights."""
+        return self.module_ is not None
+
+    def get_params(self) -> dict:
+        """The constructor's arguments, as scikit-learn's ``get_params`` returns them.
+
+        Returns
+        -------
+        dict
+            ``{name: value}`` for every constructor parameter; ``type(self)(**params)`` builds
+            an unfitted copy.
+        """
+        return {name: getattr(self, name) for name in self._saved_params + ("device", "progress")}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
+        return f"{type(self).__name__}({args})"
+
+    def _config(self) -> TrainConfig:
+        return replace(TRANSFORM_CONFIG, batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
+                       seed=self.seed)
+
+    def _check_fitted(self) -> None:
+        if not self.fitted:
+            raise NotFittedError(f"this {type(self).__name__} is not fitted yet: call fit(X, Y) first, "
+                                 f"or {type(self).__name__}.load(path)")
+
+    def _x(self, X) -> np.ndarray:
+        """``X`` checked against the fitted input width, with unit-norm rows."""
+        self._check_fitted()
+        return _embeddings(X, f"X ({self._spaces[0]} embeddings)", dim=self.dim_in_, normalize=self.normalize)
+
+    def _build(self, dim_in: int, dim_out: int) -> nn.Module:  # pragma: no cover - each subclass has its own
+        raise NotImplementedError
+
+    def _map(self) -> nn.Module:  # pragma: no cover - the module transform() applies
+        raise NotImplementedError
+
+    def transform(self, X) -> np.ndarray:
+        """Map ``X`` (the input space) into the target space.
+
+        Parameters
+        ----------
+        X : array-like (n, dim_in_)
+            Embeddings of the input space, any real dtype (float16, float32, float64, ...),
+            unit-norm rows (or built with ``normalize=True``).
+
+        Returns
+        -------
+        ndarray (n, dim_out_) of float32
+            Unit-norm rows.
+
+        Raises
+        ------
+        NotFittedError
+            Before :meth:`fit` or :meth:`load`.
+        TypeError
+            If ``X`` is not real numbers.
+        ValueError
+            If ``X`` is not a finite non-empty 2-D array of width ``dim_in_``, or a row is not
+            unit norm (without ``normalize``).
+        """
+        x = self._x(X)
+        return apply_transform(self._map(), x, name="X")
+
+    def save(self, path) -> Path:
+        """Write the fitted weights with their dimensions, hyper-parameters and class name.
+
+        One ``torch.save`` file of plain types and tensors (readable with
+        ``torch.load(weights_only=True)``, no pickled code), written to a temporary file in the
+        same folder and moved into place, so a crash never leaves half a file under ``path``.
+
+        Parameters
+        ----------
+        path : str or Path
+            Where to write (``.pt`` by custom); an existing file is replaced. Its folder must
+            exist.
+
+        Returns
+        -------
+        Path
+            ``path``.
+
+        Raises
+        ------
+        NotFittedError
+            Before :meth:`fit`.
+        FileNotFoundError
+            If the folder of ``path`` does not exist.
+        """
+        from . import __version__  # here, not at import time: the package imports this module lazily
+
+        self._check_fitted()
+        path = Path(path).expanduser()
+        if not path.parent.is_dir():
+            raise FileNotFoundError(f"path: folder {path.parent} does not exist; create it first")
+        blob = {
+            "format": FILE_FORMAT,
+            "version": FILE_VERSION,
+            "class": type(self).__name__,
+            "backfill_lib_version": __version__,
+            "dims": {"dim_in": self.dim_in_, "dim_out": self.dim_out_},
+            "params": {name: getattr(self, name) for name in self._saved_params},
+            "state_dict": {k: v.detach().cpu() for k, v in self.module_.state_dict().items()},
+        }
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(blob, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path, device=None) -> "FittedTransform":
+        """Read a transform written by :meth:`save`, ready to :meth:`transform`.
+
+        Loading is safe: ``torch.load(weights_only=True)`` runs no code from the file.
+        ``FittedTransform.load`` returns whichever class the file holds;
+        ``ReverseTransform.load`` and ``ForwardTransform.load`` insist on their own.
+
+        Parameters
+        ----------
+        path : str or Path
+            A file written by :meth:`save`.
+        device : str or torch.device, optional
+            Where to put the weights; default :func:`~backfill_lib.training.default_device`.
+
+        Returns
+        -------
+        FittedTransform
+            The fitted transform, with the hyper-parameters it was saved with.
+
+        Raises
+        ------
+        FileNotFoundError
+            If there is no file at ``path``.
+        ValueError
+            If the file is not one written by :meth:`save` (another kind of file, a damaged
+            one), holds another class than the one asked, or was written by a newer version of
+            the format.
+        """
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"path: no transform file at {path} (write one with {cls.__name__}.save)")
+        not_ours = f"{path} is not a transform file written by ReverseTransform.save or ForwardTransform.save"
+        try:
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises several kinds (unpickling, zip, EOF) for a foreign file
+            raise ValueError(f"{not_ours} (torch could not read it safely: {type(exc).__name__})") from None
+        if not isinstance(blob, dict) or blob.get("format") != FILE_FORMAT:
+            raise ValueError(not_ours)
+        version = blob.get("version")
+        if not isinstance(version, int) or version > FILE_VERSION:
+            raise ValueError(f"{path} has format version {version!r}, newer than this backfill_lib reads "
+                             f"({FILE_VERSION}): upgrade backfill_lib (the file was written by version "
+                             f"{blob.get('backfill_lib_version')!r})")
+        kinds = {k.__name__: k for k in FittedTransform.__subclasses__()}
+        kind = kinds.get(blob.get("class"))
+        if kind is None:
+            raise ValueError(f"{path} holds an unknown transform class {blob.get('class')!r}")
+        if cls is not FittedTransform and kind is not cls:
+            raise ValueError(f"{path} holds a {kind.__name__}, not a {cls.__name__}: load it with {kind.__name__}.load")
+        try:
+            obj = kind(**blob["params"], device=device)
+            dims = blob["dims"]
+            module = obj._build(_check_dim("dim_in", dims["dim_in"]), _check_dim("dim_out", dims["dim_out"]))
+            module.load_state_dict(blob["state_dict"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise ValueError(f"{path} is a damaged transform file: {exc}") from None
+        obj.module_ = module.to(obj._device).eval()
+        obj.dim_in_, obj.dim_out_ = int(dims["dim_in"]), int(dims["dim_out"])
+        return obj
+
+
+class ReverseTransform(FittedTransform):
+    """The reverse transformation ``ψ: new → old`` (METHOD §3.4), with an optional learnable ``ρ`` (§3.5).
+
+    ``ψ̂(φ_n(q))`` lets a new query search the gallery items still stored old; ``ρ̂(φ_n(·))``
+    (:meth:`new_embedding`) is what gets backfilled and what queries the new-stored items.
+    Wraps :func:`fit_reverse_transform`.
+
+    Argument order, as in every transform here: ``fit(X, Y)`` with ``X`` the space the
+    transform reads (its input: the **new** embeddings ``φ_n(x)``) and ``Y`` the space it maps
+    into (its target: the **old** embeddings ``φ_o(x)`` of the same images).
+
+    Parameters
+    ----------
+    objective : {"rt", "mc"}, default "rt"
+        ``"rt"``: ``L_rt`` only. ``"mc"``: metric-compatible ``L_mc + λ_rt·L_rt`` (needs labels).
+    learn_rho : bool, default False
+        Learn ``ρ`` too (``objective="mc"`` only); otherwise ``ρ`` is the identity.
+    tau : float, default 0.2
+        Temperature of ``L_mc``.
+    lam_rt : float, default 0.0
+        Weight ``λ_rt`` of ``L_rt`` in the ``"mc"`` objective.
+    negatives : {"both", "old", "new"}, default "both"
+        Stored set(s) ``L_mc`` takes negatives from.
+    steps : int, default :data:`TRANSFORM_STEPS`
+        Optimiser steps (at least; see :func:`schedule`).
+    batch_size : int, default 256
+        Items per step (at least 2).
+    lr : float, default 2e-3
+        Peak learning rate (cosine decay).
+    weight_decay : float, default 1e-4
+        AdamW weight decay.
+    seed : int, default 0
+        Seeds the initial weights and the batch order: the same data and seed give the same ``ψ``.
+    normalize : bool, default False
+        L2-normalise input rows (in :meth:`fit`, :meth:`transform` and :meth:`new_embedding`);
+        by default rows that are not unit norm are refused.
+    device : str or torch.device, optional
+        Where to train and run; default :func:`~backfill_lib.training.default_device`.
+    progress : bool, default False
+        Show a progress bar while fitting.
+
+    Attributes
+    ----------
+    dim_in_ : int
+        Width of ``X`` (``d_n``), set by :meth:`fit`.
+    dim_out_ : int
+        Width of ``Y`` (``d_o``).
+    module_ : CompatibilityHeads
+        The trained heads (``module_.psi``, ``module_.rho``).
+
+    Raises
+    ------
+    ValueError
+        If a hyper-parameter is out of range, ``objective`` or ``negatives`` is unknown,
+        ``learn_rho`` is asked with ``objective="rt"``, or ``device`` is not usable here.
+    TypeError
+        If a flag is not a bool.
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> new = normalize_rows(rng.normal(size=(64, 8)))
+    >>> old = normalize_rows(new[:, :4])
+    >>> psi = ReverseTransform(steps=20, device="cpu").fit(new, old)  # X = new (input), Y = old (target)
+    >>> psi.transform(new).shape
+    (64, 4)
+    """
+
+    _saved_params = ("objective", "learn_rho", "tau", "lam_rt", "negatives", "steps", "batch_size", "lr",
+                     "weight_decay", "seed", "normalize")
+    _spaces = ("new", "old")
+
+    def __init__(self, objective: str = "rt", learn_rho: bool = False, tau: float = 0.2, lam_rt: float = 0.0,
+                 negatives: str = "both", steps: int = TRANSFORM_STEPS, batch_size: int = TRANSFORM_CONFIG.batch_size,
+                 lr: float = TRANSFORM_CONFIG.lr, weight_decay: float = TRANSFORM_CONFIG.weight_decay, seed: int = 0,
+                 normalize: bool = False, device=None, progress: bool = False):
+        self.learn_rho = _flag("learn_rho", learn_rho)
+        _check_reverse_options(objective, self.learn_rho, negatives)
+        self.objective, self.negatives = objective, negatives
+        self.tau = _number("tau", tau, positive=True)
+        self.lam_rt = _number("lam_rt", lam_rt, positive=False)
+        self._common_init(steps, batch_size, lr, weight_decay, seed, normalize, device, progress)
+
+    def fit(self, X, Y, labels=None) -> "ReverseTransform":
+        """Train ``ψ`` (and ``ρ``) on embeddings of the same training images by both models.
+
+        Parameters
+        ----------
+        X : array-like (n, d_n)
+            Input space: the **new** embeddings ``φ_n(x)``, unit-norm rows, at least 2.
+        Y : array-like (n, d_o)
+            Target space: the **old** embeddings ``φ_o(x)`` of the same images, same order.
+        labels : array-like (n,) of int, optional
+            Class labels; needed by ``objective="mc"``, unused by ``"rt"``.
+
+        Returns
+        -------
+        ReverseTransform
+            ``self``, fitted.
+
+        Raises
+        ------
+        ValueError
+            If ``X``, ``Y`` (and ``labels``) do not have one row per image, there are fewer than
+            2, a row is not unit norm (without ``normalize``), or ``objective="mc"`` has no
+            ``labels``.
+        TypeError
+            If the embeddings are not real numbers or the labels not integers.
+        """
+        heads = _fit_reverse(X, Y, labels, ("X (new embeddings)", "Y (old embeddings)"), self.objective,
+                             self.learn_rho, self.tau, self.lam_rt, self.negatives, self._config(), self.steps,
+                             self._device, self.progress, self.normalize)
+        self.module_, self.dim_in_, self.dim_out_ = heads, heads.d_new, heads.d_old
+        return self
+
+    def _build(self, dim_in: int, dim_out: int) -> CompatibilityHeads:
+        return CompatibilityHeads(dim_in, dim_out, self.learn_rho)
+
+    def _map(self) -> nn.Module:
+        return self.module_.psi
+
+    def new_embedding(self, X) -> np.ndarray:
+        """``ρ̂(X)``: the vector to backfill and to query the new-stored items with.
+
+        With ``learn_rho=False`` ``ρ`` is the identity and this returns ``X`` (unit-norm rows).
+
+        Parameters
+        ----------
+        X : array-like (n, dim_in_)
+            New embeddings ``φ_n(·)``, any real dtype, unit-norm rows (or ``normalize=True``).
+
+        Returns
+        -------
+        ndarray (n, dim_in_) of float32
+            Unit-norm rows ``ρ̂(φ_n(·))``.
+
+        Raises
+        ------
+        NotFittedError
+            Before :meth:`fit` or :meth:`load`.
+        TypeError
+            If ``X`` is not real numbers.
+        ValueError
+            If ``X`` is not a finite non-empty 2-D array of width ``dim_in_``, or a row is not
+            unit norm (without ``normalize``).
+        """
+        x = self._x(X)
+        return x if self.module_.rho is None else apply_transform(self.module_.rho, x, name="X")
+
+
+class ForwardTransform(FittedTransform):
+    """The forward transformation ``h: old → new`` (FCT-style without side information, METHOD §2).
+
+    ``ĥ(φ_o(g))`` re-expresses a stored old vector in the new space, so one new query
+    ``φ_n(q)`` searches everything. Wraps :func:`fit_forward_transform`.
+
+    Argument order, as in every transform here: ``fit(X, Y)`` with ``X`` the space the
+    transform reads (its input: the **old** embeddings ``φ_o(x)``) and ``Y`` the space it maps
+    into (its target: the **new** embeddings ``φ_n(x)`` of the same images).
+
+    Parameters
+    ----------
+    steps : int, default :data:`TRANSFORM_STEPS`
+        Optimiser steps (at least; see :func:`schedule`).
+    batch_size : int, default 256
+        Items per step (at least 2).
+    lr : float, default 2e-3
+        Peak learning rate (cosine decay).
+    weight_decay : float, default 1e-4
+        AdamW weight decay.
+    seed : int, default 0
+        Seeds the initial weights and the batch order: the same data and seed give the same ``h``.
+    normalize : bool, default False
+        L2-normalise input rows (in :meth:`fit` and :meth:`transform`); by default rows that are
+        not unit norm are refused.
+    device : str or torch.device, optional
+        Where to train and run; default :func:`~backfill_lib.training.default_device`.
+    progress : bool, default False
+        Show a progress bar while fitting.
+
+    Attributes
+    ----------
+    dim_in_ : int
+        Width of ``X`` (``d_o``), set by :meth:`fit`.
+    dim_out_ : int
+        Width of ``Y`` (``d_n``).
+    module_ : MLPTransform
+        The trained ``h``.
+
+    Raises
+    ------
+    ValueError
+        If a hyper-parameter is out of range or ``device`` is not usable here.
+    TypeError
+        If a flag is not a bool.
+    """
+
+    _saved_params = ("steps", "batch_size", "lr", "weight_decay", "seed", "normalize")
+    _spaces = ("old", "new")
+
+    def __init__(self, steps: int = TRANSFORM_STEPS, batch_size: int = TRANSFORM_CONFIG.batch_size,
+                 lr: float = TRANSFORM_CONFIG.lr, weight_decay: float = TRANSFORM_CONFIG.weight_decay, seed: int = 0,
+                 normalize: bool = False, device=None, progress: bool = False):
+        self._common_init(steps, batch_size, lr, weight_decay, seed, normalize, device, progress)
+
+    def fit(self, X, Y, labels=None) -> "ForwardTransform":
+        """Train ``h`` on embeddings of the same training images by both models.
+
+        Parameters
+        ----------
+        X : array-like (n, d_o)
+            Input space: the **old** embeddings ``φ_o(x)``, unit-norm rows, at least 2.
+        Y : array-like (n, d_n)
+            Target space: the **new** embeddings ``φ_n(x)`` of the same images, same order.
+        labels : array-like (n,) of int, optional
+            Unused (the regression objective needs no labels); accepted so that both
+            transforms are fitted with the same call.
+
+        Returns
+        -------
+        ForwardTransform
+            ``self``, fitted.
+
+        Raises
+        ------
+        ValueError
+            If ``X`` and ``Y`` do not have one row per image, there are fewer than 2, or a row
+            is not unit norm (without ``normalize``).
+        TypeError
+            If the embeddings are not real numbers.
+        """
+        h = _fit_forward(X, Y, ("X (old embeddings)", "Y (new embeddings)"), self._config(), self.steps,
+                         self._device, self.progress, self.normalize)
+        self.module_, self.dim_in_, self.dim_out_ = h, h.d_in, h.d_out
+        return self
+
+    def _build(self, dim_in: int, dim_out: int) -> MLPTransform:
+        return forward_transformation(dim_in, dim_out)
+
+    def _map(self) -> nn.Module:
+        return self.module_
