@@ -6,7 +6,9 @@ with ``repository.url`` in ``_config.yml`` (the one place that names the reposit
 
 The badge is the notebook's first cell (id ``colab-badge``, tagged ``remove-cell``: the website shows
 the theme's Colab launch button instead), the bootstrap its first code cell
-(id ``colab-bootstrap``): in Colab only, it installs faiss and ``backfill_lib`` from the repository.
+(id ``colab-bootstrap``): in Colab only, it installs faiss and ``backfill_lib`` from the repository,
+or, when the environment variable ``BACKFILL_INSTALL`` is set, faiss and that pip requirement (the
+Colab-path test, ``scripts/test_colab_path.py``, points it at the wheel it built).
 """
 
 from __future__ import annotations
@@ -51,11 +53,15 @@ def badge_source(url: str, branch: str, notebook: str) -> str:
 
 
 def bootstrap_source(url: str, branch: str) -> str:
+    # BACKFILL_INSTALL is the switch scripts/test_colab_path.py uses to install the wheel it built.
     return ("# In Colab only: install faiss and backfill_lib (Colab already has torch, matplotlib, ipywidgets).\n"
+            "# Set BACKFILL_INSTALL to a pip requirement (e.g. a wheel file) to install that instead.\n"
+            "import os\n"
             "import sys\n"
             "\n"
-            "if \"google.colab\" in sys.modules:\n"
-            f"    %pip install -q faiss-cpu {install_spec(url, branch)}")
+            "if \"google.colab\" in sys.modules or os.environ.get(\"BACKFILL_INSTALL\"):\n"
+            f"    spec = os.environ.get(\"BACKFILL_INSTALL\") or {install_spec(url, branch)}\n"
+            "    %pip install -q faiss-cpu \"{spec}\"")
 
 
 def chapters() -> list[Path]:
@@ -76,8 +82,13 @@ def chapters() -> list[Path]:
     return [ROOT / f"{f}.ipynb" for f in files if (ROOT / f"{f}.ipynb").exists()]
 
 
+def _lines(source: str) -> list[str]:
+    # Stored as a list of lines, as Jupyter and nbformat write them (diffs stay line by line).
+    return source.splitlines(keepends=True)
+
+
 def _cell(cell_type: str, cid: str, source: str) -> dict:
-    cell = {"cell_type": cell_type, "id": cid, "metadata": {}, "source": source}
+    cell = {"cell_type": cell_type, "id": cid, "metadata": {}, "source": _lines(source)}
     if cell_type == "code":
         cell.update(execution_count=None, outputs=[])
     return cell
@@ -96,7 +107,7 @@ def sync_notebook(path: Path, url: str, branch: str, check: bool) -> bool:
         cells.insert(0, badge)
         changed = True
     elif "".join(badge["source"]) != want_badge:
-        badge["source"] = want_badge
+        badge["source"] = _lines(want_badge)
         changed = True
     # The website has its own Colab launch button; the badge image lives on Colab's servers and
     # would be a broken image (and a console error) on an offline copy of the site.
@@ -111,7 +122,7 @@ def sync_notebook(path: Path, url: str, branch: str, check: bool) -> bool:
         cells.insert(pos, _cell("code", BOOT_ID, want_boot))
         changed = True
     elif "".join(boot["source"]) != want_boot:
-        boot["source"] = want_boot
+        boot["source"] = _lines(want_boot)
         changed = True
     if changed and not check:
         nb["nbformat_minor"] = max(nb.get("nbformat_minor", 5), 5)  # cell ids need 4.5
