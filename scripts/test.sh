@@ -12,6 +12,8 @@ export MPLBACKEND=Agg
 # cores and every training step slows down many times over.
 echo "[test] unit tests"
 OMP_NUM_THREADS=1 python -m pytest tests backfill_lib --doctest-modules -n 2 -q
+echo "[test] the Colab path"
+OMP_NUM_THREADS=1 python scripts/test_colab_path.py
 echo "[test] nbval over book/"
 OMP_NUM_THREADS=1 python -m pytest --nbval-lax --nbval-current-env book/ -n 2 --dist loadscope -q -p no:cacheprovider
 echo "[test] strict book build"
