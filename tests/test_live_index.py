@@ -1,0 +1,384 @@
+"""OnlineBackfillIndex: merged search against brute force, errors, crash-safe save, threads."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import zipfile
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from backfill_lib.live_index import OnlineBackfillIndex
+from backfill_lib.retrieval import MixedGallery
+from backfill_lib.validation import normalize_rows
+from live_helpers import PsiStandIn, brute_force_merged, grid_unit
+
+D_OLD, D_NEW = 6, 8
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+def build(rng, n, specs=("Flat", "Flat"), psi=None):
+    """An index of ``n`` items with random ids, all stored old, and the vectors behind it."""
+    ids = rng.choice(10**6, size=n, replace=False).astype(np.int64)
+    old, new = grid_unit(rng, n, D_OLD), grid_unit(rng, n, D_NEW)
+    index = OnlineBackfillIndex(D_OLD, D_NEW, *specs, psi=psi)
+    if specs[0].startswith("IVF"):
+        index.train_old(grid_unit(rng, 64, D_OLD))
+    if specs[1].startswith("IVF"):
+        index.train_new(grid_unit(rng, 64, D_NEW))
+    index.add_old(ids, old)
+    if specs[0].startswith("IVF") or specs[1].startswith("IVF"):
+        index.set_search_params(nprobe=4)  # every list: exact
+    return index, ids, old, new
+
+
+@settings(max_examples=40)
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 40), n_batches=st.integers(0, 5),
+       use_psi=st.booleans(), spec=st.sampled_from(["Flat", "IVF4,Flat"]), data=st.data())
+def test_merged_search_equals_brute_force(seed, n, n_batches, use_psi, spec, data):
+    rng = np.random.default_rng(seed)
+    psi = PsiStandIn(D_NEW, D_OLD, seed) if use_psi else None
+    index, ids, old, new = build(rng, n, (spec, spec), psi)
+    stored_new = np.zeros(n, dtype=bool)
+    # Backfill a random order in random batch sizes, up to a random point.
+    order = rng.permutation(n)
+    cuts = np.sort(rng.integers(0, n + 1, size=n_batches))
+    start = 0
+    for cut in cuts:
+        if cut > start:
+            batch = order[start:cut]
+            index.backfill(ids[batch], new[batch])
+            stored_new[batch] = True
+            start = cut
+    # A few items arrive new and a few leave.
+    n_arrive = data.draw(st.integers(0, 3))
+    arrive_ids = np.arange(10**6, 10**6 + n_arrive)
+    arrive_new = grid_unit(rng, n_arrive, D_NEW)
+    if n_arrive:
+        index.add(arrive_ids, arrive_new)
+    keep = np.ones(n, dtype=bool)
+    if n > 1 and data.draw(st.booleans()):
+        gone = rng.choice(n, size=rng.integers(1, n), replace=False)
+        index.remove(ids[gone])
+        keep[gone] = False
+    all_ids = np.concatenate([ids[keep], arrive_ids])
+    all_old = np.concatenate([old[keep], np.zeros((n_arrive, D_OLD), np.float32)])
+    all_new = np.concatenate([new[keep], arrive_new])
+    all_stored_new = np.concatenate([stored_new[keep], np.ones(n_arrive, bool)])
+    assert index.ntotal == len(all_ids)
+    assert index.progress == pytest.approx(all_stored_new.mean())
+
+    qn = grid_unit(rng, 7, D_NEW)
+    qo = psi.transform(qn) if use_psi else grid_unit(rng, 7, D_OLD)
+    k = data.draw(st.integers(1, len(all_ids)))
+    scores, got = index.search(qn, k) if use_psi else index.search(qn, k, query_old=qo)
+    want_s, want_i = brute_force_merged(qo, qn, all_ids, all_old, all_new, all_stored_new, k)
+    np.testing.assert_array_equal(got, want_i)
+    np.testing.assert_allclose(scores, want_s, atol=1e-6)
+
+
+def test_ties_go_to_the_smaller_id_even_beyond_the_first_fetch():
+    # 30 identical old vectors and one query: every score ties, and faiss returns whichever it
+    # likes among them; the index must return the 3 smallest ids.
+    index = OnlineBackfillIndex(4, 4)
+    ids = np.array([50 - i for i in range(30)])
+    index.add_old(ids, np.tile([[1.0, 0, 0, 0]], (30, 1)))
+    index.backfill([35, 21], [[1.0, 0, 0, 0], [1.0, 0, 0, 0]])
+    q = np.array([[1.0, 0, 0, 0]])
+    _, got = index.search(q, 3, query_old=q)
+    assert got.tolist() == [[21, 22, 23]]
+
+
+def test_agrees_with_mixed_gallery_on_continuous_vectors():
+    rng = np.random.default_rng(3)
+    old, new = normalize_rows(rng.normal(size=(300, D_OLD))), normalize_rows(rng.normal(size=(300, D_NEW)))
+    index = OnlineBackfillIndex(D_OLD, D_NEW)
+    index.add_old(np.arange(300), old)
+    gallery = MixedGallery(old, D_NEW)
+    batch = rng.permutation(300)[:120]
+    index.backfill(batch, new[batch])
+    gallery.backfill(batch, new[batch])
+    qo, qn = normalize_rows(rng.normal(size=(25, D_OLD))), normalize_rows(rng.normal(size=(25, D_NEW)))
+    s1, i1 = index.search(qn, 10, query_old=qo)
+    s2, i2 = gallery.search(qo, qn, 10)
+    np.testing.assert_allclose(s1, s2, atol=1e-6)
+    np.testing.assert_array_equal(i1, i2)
+
+
+def test_hnsw_parts_use_tombstones_and_compact():
+    rng = np.random.default_rng(1)
+    n = 200
+    old, new = normalize_rows(rng.normal(size=(n, D_OLD))), normalize_rows(rng.normal(size=(n, D_NEW)))
+    index = OnlineBackfillIndex(D_OLD, D_NEW, "HNSW8", "HNSW8")
+    index.set_search_params(efSearch=400)  # larger than the part: the graph search is exhaustive
+    index.add_old(np.arange(n), old)
+    index.backfill(np.arange(0, n, 2), new[::2])
+    index.remove([1, 4])
+    qo, qn = normalize_rows(rng.normal(size=(5, D_OLD))), normalize_rows(rng.normal(size=(5, D_NEW)))
+    stored_new = np.arange(n) % 2 == 0
+    keep = ~np.isin(np.arange(n), [1, 4])
+    want = brute_force_merged(qo, qn, np.arange(n)[keep], old[keep], new[keep], stored_new[keep], n - 2)[1]
+    _, got = index.search(qn, n - 2, query_old=qo)
+    np.testing.assert_array_equal(got, want)  # every item once, none of the tombstones
+    with pytest.raises(ValueError, match="compact"):
+        index.add([4], new[4:5])
+    index.compact()
+    index.add([4], new[4:5])
+    _, got = index.search(qn, n - 1, query_old=qo)
+    assert sorted(got[0].tolist()) == sorted(np.arange(n)[np.arange(n) != 1].tolist())
+
+
+def test_psi_is_used_for_the_old_part_and_query_old_takes_precedence():
+    rng = np.random.default_rng(2)
+    psi = PsiStandIn(D_NEW, D_OLD)
+    index, ids, old, new = build(rng, 30, psi=psi)
+    index.backfill(ids[:10], new[:10])
+    qn = grid_unit(rng, 4, D_NEW)
+    stored = np.arange(30) < 10
+    with_psi = index.search(qn, 30)[1]
+    np.testing.assert_array_equal(with_psi, brute_force_merged(psi.transform(qn), qn, ids, old, new, stored, 30)[1])
+    qo = grid_unit(rng, 4, D_OLD)
+    merged = index.search(qn, 30, query_old=qo)[1]
+    np.testing.assert_array_equal(merged, brute_force_merged(qo, qn, ids, old, new, stored, 30)[1])
+
+
+def test_no_old_query_needed_once_everything_is_new():
+    rng = np.random.default_rng(4)
+    index, ids, old, new = build(rng, 10)
+    with pytest.raises(ValueError, match="query_old.*psi"):
+        index.search(new[:1], 3)
+    index.backfill(ids, new)
+    assert index.progress == 1.0
+    scores, _ = index.search(new[:1], 1)
+    assert scores[0, 0] == 1.0  # the item's own new vector (or an equal one)
+
+
+@pytest.fixture
+def small():
+    rng = np.random.default_rng(5)
+    index, ids, old, new = build(rng, 10)
+    index.backfill(ids[:3], new[:3])
+    return index, ids, old, new
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda ix, ids, o, n: ix.backfill([123456789], n[:1]), "not in the index"),
+    (lambda ix, ids, o, n: ix.backfill(ids[:1], n[:1]), "already backfilled"),
+    (lambda ix, ids, o, n: ix.backfill(ids[[5, 5]], n[:2]), "must not repeat"),
+    (lambda ix, ids, o, n: ix.add_old(ids[4:5], o[:1]), "already in the index"),
+    (lambda ix, ids, o, n: ix.add(ids[:1], n[:1]), "already in the index"),
+    (lambda ix, ids, o, n: ix.add([7, 7], n[:2]), "must not repeat"),
+    (lambda ix, ids, o, n: ix.add([-1], n[:1]), "non-negative"),
+    (lambda ix, ids, o, n: ix.add([7, 8], n[:1]), "one id per vector"),
+    (lambda ix, ids, o, n: ix.remove([123456789]), "not in the index"),
+    (lambda ix, ids, o, n: ix.backfill(ids[5:6], o[5:6]), "dimension 6 but 8"),
+    (lambda ix, ids, o, n: ix.add_old([99], n[:1]), "dimension 8 but 6"),
+    (lambda ix, ids, o, n: ix.backfill(ids[5:6], 0.5 * n[5:6]), "unit-norm"),
+    (lambda ix, ids, o, n: ix.backfill(ids[5:6], np.full((1, D_NEW), np.nan)), "NaN"),
+    (lambda ix, ids, o, n: ix.search(n[:1], 3, query_old=0.9 * o[:1]), "unit-norm"),
+    (lambda ix, ids, o, n: ix.search(n[:1], 3, query_old=o[:2]), "rows"),
+    (lambda ix, ids, o, n: ix.search(n[:1], 11, query_old=o[:1]), "larger than the gallery"),
+    (lambda ix, ids, o, n: ix.search(n[:1], 0, query_old=o[:1]), "at least 1"),
+    (lambda ix, ids, o, n: ix.set_search_params(part="both", nprobe=3), "cannot set nprobe"),
+    (lambda ix, ids, o, n: ix.set_search_params(part="middle"), "part must be"),
+])
+def test_bad_input_raises_and_leaves_the_index_unchanged(small, call, match):
+    index, ids, old, new = small
+    before = (index.old_ids(), index.new_ids())
+    with pytest.raises(ValueError, match=match):
+        call(index, ids, old, new)
+    np.testing.assert_array_equal(index.old_ids(), before[0])
+    np.testing.assert_array_equal(index.new_ids(), before[1])
+
+
+def test_a_batch_is_applied_whole_or_not_at_all(small):
+    index, ids, old, new = small
+    # One bad id (already backfilled) at the end of the batch: none of the others moves.
+    with pytest.raises(ValueError, match="already backfilled"):
+        index.backfill(np.concatenate([ids[5:9], ids[:1]]), new[[5, 6, 7, 8, 0]])
+    assert index.n_new == 3 and index.n_old == 7
+
+
+@pytest.mark.parametrize("kwargs, err, match", [
+    (dict(dim_old=0, dim_new=4), ValueError, "dim_old"),
+    (dict(dim_old=4, dim_new=2.5), ValueError, "dim_new"),
+    (dict(dim_old=4, dim_new=4, old_index="Nonsense"), ValueError, "factory string"),
+    (dict(dim_old=4, dim_new=4, new_index=7), TypeError, "factory string"),
+    (dict(dim_old=4, dim_new=4, old_index="IDMap,Flat"), ValueError, "IDMap"),
+    (dict(dim_old=4, dim_new=4, psi=object()), TypeError, "transform"),
+])
+def test_bad_constructor_arguments(kwargs, err, match):
+    with pytest.raises(err, match=match):
+        OnlineBackfillIndex(**kwargs)
+
+
+def test_ivf_needs_enough_training_vectors():
+    index = OnlineBackfillIndex(4, 4, old_index="IVF16,Flat")
+    with pytest.raises(ValueError, match="training the old part"):
+        index.add_old([1, 2], [[1.0, 0, 0, 0], [0, 1.0, 0, 0]])
+    assert index.ntotal == 0
+
+
+def test_save_load_roundtrip_keeps_everything_and_psi(tmp_path, small):
+    index, ids, old, new = small
+    index.psi = PsiStandIn(D_NEW, D_OLD, seed=9)
+    path = tmp_path / "live.idx"
+    index.save(path)
+    loaded = OnlineBackfillIndex.load(path)
+    assert isinstance(loaded.psi, PsiStandIn)
+    np.testing.assert_array_equal(loaded.psi.W, index.psi.W)
+    np.testing.assert_array_equal(loaded.old_ids(), index.old_ids())
+    np.testing.assert_array_equal(loaded.new_ids(), index.new_ids())
+    assert loaded.progress == index.progress
+    q = grid_unit(np.random.default_rng(0), 5, D_NEW)
+    for a, b in zip(loaded.search(q, 10), index.search(q, 10)):
+        np.testing.assert_array_equal(a, b)
+    assert os.listdir(tmp_path) == ["live.idx"]  # no temporary file left behind
+
+
+def test_psi_that_cannot_be_saved_is_refused_before_writing(tmp_path, small):
+    index = small[0]
+
+    class Bare:
+        def transform(self, x):
+            return x
+
+    index.psi = Bare()
+    with pytest.raises(TypeError, match="cannot be saved"):
+        index.save(tmp_path / "x.idx")
+    assert os.listdir(tmp_path) == []
+
+
+def test_load_refuses_what_is_not_an_index(tmp_path, small):
+    junk = tmp_path / "junk.idx"
+    junk.write_bytes(b"not an index at all")
+    with pytest.raises(ValueError, match="not an OnlineBackfillIndex file"):
+        OnlineBackfillIndex.load(junk)
+    other = tmp_path / "other.npz"
+    np.savez(other, x=np.arange(3))
+    with pytest.raises(ValueError, match="not an OnlineBackfillIndex file"):
+        OnlineBackfillIndex.load(other)
+    good = tmp_path / "good.idx"
+    small[0].save(good)
+    truncated = tmp_path / "truncated.idx"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(ValueError, match="not an OnlineBackfillIndex file"):
+        OnlineBackfillIndex.load(truncated)
+    with pytest.raises(FileNotFoundError):
+        OnlineBackfillIndex.load(tmp_path / "missing.idx")
+    assert zipfile.is_zipfile(good)
+
+
+# ---- crash injection: a child process is killed with SIGKILL in the middle of a save ----------
+
+CHILD = textwrap.dedent("""
+    import os, sys, time
+    import numpy as np
+    sys.path.insert(0, {tests!r})
+    from backfill_lib.live_index import OnlineBackfillIndex
+    from live_helpers import PsiStandIn, grid_unit
+    path, mode = sys.argv[1], sys.argv[2]
+    rng = np.random.default_rng(0)
+    ids = np.arange(2000)
+    index = OnlineBackfillIndex(6, 8, psi=PsiStandIn(8, 6))
+    index.add_old(ids, grid_unit(rng, 2000, 6))
+    new = grid_unit(rng, 2000, 8)
+    index.backfill(ids[:500], new[:500])   # state A: progress 0.25
+    index.save(path)
+    index.backfill(ids[500:1500], new[500:1500])  # state B: progress 0.75
+    marker = path + ".marker"
+    if mode in ("before_rename", "after_rename"):
+        real_fsync, calls = os.fsync, []
+        def fsync(fd):
+            real_fsync(fd)
+            calls.append(fd)
+            # 1st fsync: the temporary file is complete, not yet renamed; 2nd: renamed.
+            if len(calls) == (1 if mode == "before_rename" else 2):
+                open(marker, "w").close()
+                time.sleep(120)
+        os.fsync = fsync
+        index.save(path)
+    else:  # save over and over, A and B alternately, until killed
+        open(marker, "w").close()
+        while True:
+            index.save(path)
+""")
+
+
+def _run_child_and_kill(tmp_path, mode, delay=0.0):
+    path = str(tmp_path / "live.idx")
+    script = tmp_path / "child.py"
+    script.write_text(CHILD.format(tests=TESTS))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    child = subprocess.Popen([sys.executable, str(script), path, mode], env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while not os.path.exists(path + ".marker"):
+            assert child.poll() is None, "the child process died before the save"
+            assert time.monotonic() < deadline, "the child process never reached the save"
+            time.sleep(0.02)
+        time.sleep(delay)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    return path
+
+
+@pytest.mark.parametrize("mode, progress", [("before_rename", 0.25), ("after_rename", 0.75)])
+def test_kill_during_save_leaves_the_state_before_or_after(tmp_path, mode, progress):
+    path = _run_child_and_kill(tmp_path, mode)
+    loaded = OnlineBackfillIndex.load(path)
+    assert loaded.progress == progress
+    assert loaded.ntotal == 2000 and isinstance(loaded.psi, PsiStandIn)
+    assert len(np.union1d(loaded.old_ids(), loaded.new_ids())) == 2000
+
+
+def test_kill_at_a_random_moment_of_repeated_saves(tmp_path):
+    path = _run_child_and_kill(tmp_path, "loop", delay=float(np.random.default_rng(0).uniform(0.05, 0.3)))
+    loaded = OnlineBackfillIndex.load(path)
+    assert loaded.progress == 0.75  # every save in the loop writes state B over state B
+    assert loaded.ntotal == 2000
+
+
+# ---- threads -----------------------------------------------------------------------------------
+
+def test_searches_during_a_backfill_see_every_item_exactly_once():
+    rng = np.random.default_rng(6)
+    n = 3000
+    old, new = normalize_rows(rng.normal(size=(n, 16))), normalize_rows(rng.normal(size=(n, 16)))
+    index = OnlineBackfillIndex(16, 16)
+    index.add_old(np.arange(n), old)
+    qo, qn = normalize_rows(rng.normal(size=(2, 16))), normalize_rows(rng.normal(size=(2, 16)))
+    stop, errors, counts = threading.Event(), [], []
+
+    def searcher():
+        done = 0
+        while not stop.is_set():
+            _, ids = index.search(qn, n, query_old=qo)
+            for row in ids:
+                if not np.array_equal(np.sort(row), np.arange(n)):
+                    errors.append((done, np.setdiff1d(np.arange(n), row)[:5], len(row) - len(np.unique(row))))
+            done += 1
+        counts.append(done)
+
+    threads = [threading.Thread(target=searcher) for _ in range(3)]
+    for t in threads:
+        t.start()
+    order = rng.permutation(n)
+    for batch in np.array_split(order, 60):
+        index.backfill(batch, new[batch])
+        time.sleep(0.002)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+    assert index.progress == 1.0
+    assert min(counts) > 0  # every thread searched while the backfill ran
