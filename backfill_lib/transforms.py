@@ -514,7 +514,7 @@ FILE_VERSION = 1
 
 
 class NotFittedError(ValueError, AttributeError):
-    """Raised when a transform is used before :meth:`~FittedTransform.fit` (as in scikit-learn).
+    """Raised when a transform is used before ``fit`` (as in scikit-learn).
 
     A ``ValueError`` (and an ``AttributeError``, like scikit-learn's ``NotFittedError``), so
     ``except ValueError`` catches it.
@@ -556,7 +556,7 @@ class FittedTransform:
     """What :class:`ReverseTransform` and :class:`ForwardTransform` share: checks, ``save``, ``load``.
 
     Not used on its own. ``X`` is always the space the transform reads (its input) and ``Y``
-    the space it maps into (its target). After :meth:`fit` (or :meth:`load`) the attributes
+    the space it maps into (its target). After ``fit`` (or :meth:`load`) the attributes
     ``dim_in_``, ``dim_out_`` (the widths of ``X`` and ``Y``) and ``module_`` (the trained
     torch module, in eval mode) are set.
     """
@@ -583,7 +583,7 @@ class FittedTransform:
 
     @property
     def fitted(self) -> bool:
-        """Whether :meth:`fit` (or :meth:`load`) has set the weights."""
+        """Whether ``fit`` (or :meth:`load`) has set the weights."""
         return self.module_ is not None
 
     def get_params(self) -> dict:
@@ -638,7 +638,7 @@ class FittedTransform:
         Raises
         ------
         NotFittedError
-            Before :meth:`fit` or :meth:`load`.
+            Before ``fit`` or :meth:`load`.
         TypeError
             If ``X`` is not real numbers.
         ValueError
@@ -669,7 +669,7 @@ class FittedTransform:
         Raises
         ------
         NotFittedError
-            Before :meth:`fit`.
+            Before ``fit``.
         FileNotFoundError
             If the folder of ``path`` does not exist.
         """
@@ -796,7 +796,7 @@ class ReverseTransform(FittedTransform):
     seed : int, default 0
         Seeds the initial weights and the batch order: the same data and seed give the same ``ψ``.
     normalize : bool, default False
-        L2-normalise input rows (in :meth:`fit`, :meth:`transform` and :meth:`new_embedding`);
+        L2-normalise input rows (in :meth:`fit`, :meth:`~FittedTransform.transform` and :meth:`new_embedding`);
         by default rows that are not unit norm are refused.
     device : str or torch.device, optional
         Where to train and run; default :func:`~backfill_lib.training.default_device`.
@@ -901,7 +901,7 @@ class ReverseTransform(FittedTransform):
         Raises
         ------
         NotFittedError
-            Before :meth:`fit` or :meth:`load`.
+            Before :meth:`fit` or :meth:`~FittedTransform.load`.
         TypeError
             If ``X`` is not real numbers.
         ValueError
@@ -935,7 +935,7 @@ class ForwardTransform(FittedTransform):
     seed : int, default 0
         Seeds the initial weights and the batch order: the same data and seed give the same ``h``.
     normalize : bool, default False
-        L2-normalise input rows (in :meth:`fit` and :meth:`transform`); by default rows that are
+        L2-normalise input rows (in :meth:`fit` and :meth:`~FittedTransform.transform`); by default rows that are
         not unit norm are refused.
     device : str or torch.device, optional
         Where to train and run; default :func:`~backfill_lib.training.default_device`.
