@@ -101,6 +101,9 @@ class _Part:
         self.tombs = np.empty(0, dtype=np.int64)  # ids still in the faiss index but removed, sorted
         self._selector = None  # (IDSelectorNot, IDSelectorBatch) excluding self.tombs, built on demand
         self.params = {}  # search parameters set on the index, applied again when it is rebuilt
+        # Most vectors the faiss index has held since it was built: its storage (a std::vector)
+        # keeps that capacity after removals, which compact() gives back.
+        self.peak = 0
 
     @property
     def is_trained(self) -> bool:
@@ -126,6 +129,7 @@ class _Part:
             self.train(x)
         self.index.add_with_ids(x, ids)
         self.ids = np.union1d(self.ids, ids)
+        self.peak = max(self.peak, self.index.ntotal)
 
     def remove(self, ids: np.ndarray) -> None:
         if self.uses_tombstones:
@@ -158,17 +162,21 @@ class _Part:
         self.params[key] = value
 
     def compact(self) -> None:
-        if not len(self.tombs):
+        # Only parts with an IndexIDMap whose type needs no training can be rebuilt from their
+        # stored vectors (IVF frees removed vectors list by list itself).
+        if not isinstance(self.index, faiss.IndexIDMap) or not (len(self.tombs) or self.peak > self.index.ntotal):
             return
-        id_map = faiss.vector_to_array(self.index.id_map)
-        keep = np.nonzero(~np.isin(id_map, self.tombs))[0]
-        vectors = self.index.index.reconstruct_n(0, self.index.ntotal)[keep]
         fresh = _Part(self.name, self.dim, self.spec)
+        if not fresh.is_trained:
+            return
         for key, value in self.params.items():
             fresh.set_param(key, value)
+        id_map = faiss.vector_to_array(self.index.id_map)
+        keep = np.nonzero(~np.isin(id_map, self.tombs))[0]
         if len(keep):
-            fresh.index.add_with_ids(np.ascontiguousarray(vectors), id_map[keep])
-        self.index, self.ids, self.tombs = fresh.index, np.sort(id_map[keep]), fresh.tombs
+            vectors = self.index.index.reconstruct_n(0, self.index.ntotal)[keep]
+            fresh.add(id_map[keep], np.ascontiguousarray(vectors))
+        self.index, self.ids, self.tombs, self.peak = fresh.index, fresh.ids, fresh.tombs, fresh.peak
         self._selector = None
 
 
@@ -396,11 +404,14 @@ class OnlineBackfillIndex:
                     self._parts[n].set_param(key, value)
 
     def compact(self) -> None:
-        """Rebuild the HNSW parts without their tombstones (removed or backfilled items).
+        """Rebuild the parts that hold memory for items no longer in them, to free it.
 
-        Searches skip tombstones anyway; compacting frees their memory, speeds up searches of a
-        part that has lost most of its items, and lets a removed id be stored in that part again.
-        Other index types remove for real and are left as they are.
+        HNSW parts keep tombstones (removed or backfilled items): searches skip them anyway;
+        compacting frees their memory, speeds up searches of a part that has lost most of its
+        items, and lets a removed id be stored in that part again. A flat part frees removed
+        vectors, but its storage keeps its largest size; compacting gives the rest back (worth it
+        once the backfill is done, for the emptied old part). Parts of types that need training
+        (IVF, PQ) are left as they are. Writes wait while it runs; searches too.
         """
         with self._lock.write():
             for part in self._parts.values():
@@ -720,6 +731,7 @@ class OnlineBackfillIndex:
                 raise ValueError(f"{not_index}: the {name} part cannot be read ({exc})") from None
             part.ids, part.tombs = arrays[f"{name}_ids"].astype(np.int64), arrays[f"{name}_tombs"].astype(np.int64)
             part.params = dict(header.get(f"{name}_params", {}))
+            part.peak = part.index.ntotal  # a read index has no spare capacity
             if part.index.ntotal != len(part.ids) + len(part.tombs):
                 raise ValueError(f"{not_index}: the {name} part holds {part.index.ntotal} vectors for "
                                  f"{len(part.ids)} ids and {len(part.tombs)} tombstones")

@@ -382,3 +382,25 @@ def test_searches_during_a_backfill_see_every_item_exactly_once():
     assert not errors, errors[:3]
     assert index.progress == 1.0
     assert min(counts) > 0  # every thread searched while the backfill ran
+
+
+def test_with_the_real_reverse_transform_saved_and_loaded_with_the_index(tmp_path):
+    from backfill_lib.transforms import ReverseTransform
+
+    rng = np.random.default_rng(7)
+    new = normalize_rows(rng.normal(size=(200, D_NEW)))
+    old = normalize_rows(new[:, :D_OLD] + 0.1 * rng.normal(size=(200, D_OLD)))
+    psi = ReverseTransform(steps=20, device="cpu", seed=0).fit(new[:100], old[:100])
+    index = OnlineBackfillIndex(D_OLD, D_NEW, psi=psi)
+    index.add_old(np.arange(100, 200), old[100:])
+    index.backfill(np.arange(100, 150), new[100:150])
+    q = new[:5]
+    stored = np.arange(100) < 50
+    want = brute_force_merged(psi.transform(q), q, np.arange(100, 200), old[100:], new[100:], stored, 10)
+    scores, got = index.search(q, 10)
+    np.testing.assert_allclose(scores, want[0], atol=1e-5)
+    index.save(tmp_path / "live.idx")
+    loaded = OnlineBackfillIndex.load(tmp_path / "live.idx")
+    assert isinstance(loaded.psi, ReverseTransform)
+    for a, b in zip(loaded.search(q, 10), (scores, got)):
+        np.testing.assert_array_equal(a, b)
