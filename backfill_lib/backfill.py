@@ -6,7 +6,16 @@ query vector is compared with items still stored *old*, and which with items alr
 methods (ψ, h, ρ) plug in by handing over transformed embeddings; the engine never changes.
 
 Embeddings are extracted once per model. At each backfill ratio the engine only re-selects,
-per gallery item, which stored vector is used, then ranks the whole gallery by the merged score.
+per gallery item, which stored vector is used, and ranks the whole gallery by the merged score;
+the counting is done by :mod:`backfill_lib.evaluation` (exact, at about the cost of one ranking).
+
+Ties: the ranking is by descending score, ties broken by the smaller gallery index; average
+precision counts a group of tied items as one threshold, as scikit-learn's
+``average_precision_score`` (see :mod:`backfill_lib.evaluation`).
+
+Leave-one-out: a strategy built from the gallery's own embeddings (no query arrays given) has
+``queries_are_gallery=True`` and is evaluated leave-one-out (query ``i`` is gallery item ``i``
+and is left out of its own ranking); with separate query arrays it is not, unless told so.
 """
 
 from __future__ import annotations
@@ -15,7 +24,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .metrics import average_precision, auc, negative_flip_rate, relative_gain, same_label, topk_hits
+from .evaluation import check_chunk_size, check_order, evaluate_states
+from .metrics import auc, negative_flip_rate, relative_gain
 from .validation import as_embeddings, as_labels, check_choice, check_ratio, check_ratios
 
 #: The 11 ratios of METHOD §4.
@@ -34,7 +44,9 @@ class Strategy:
 
     Usually built by one of the constructors (:func:`old_only`, :func:`rank_merge`,
     :func:`reverse_transform`, ...). Each parameter is kept as an attribute of the same name;
-    the four embedding matrices are stored as C-contiguous float32 (not normalised here).
+    the four embedding matrices are stored as C-contiguous float32. Their rows must have unit
+    norm (inner products then rank like distances): normalise other vectors first, e.g. with
+    :func:`backfill_lib.validation.normalize_rows`.
 
     Parameters
     ----------
@@ -52,15 +64,20 @@ class Strategy:
         Backbone forward passes needed per query (METHOD §2).
     offline : bool, default False
         Offline backfilling: the new index is switched on only when ``r = 1``.
+    queries_are_gallery : bool or None, default None
+        Whether query ``i`` is gallery item ``i`` (the leave-one-out protocol of
+        :func:`evaluate_backfill`). ``None``: not said; it becomes ``False`` when the numbers
+        of queries and items differ, and :func:`evaluate_backfill` then needs ``exclude_self``.
 
     Raises
     ------
     TypeError
-        If an embedding matrix is not numeric.
+        If an embedding matrix is not real numbers, or ``queries_are_gallery`` is not a bool
+        or None.
     ValueError
-        If an embedding matrix is not a finite non-empty 2-D array, a query and its gallery
-        differ in width, the two galleries differ in length, or the two query matrices differ
-        in length.
+        If an embedding matrix is not a finite non-empty 2-D array of unit-norm rows, a query
+        and its gallery differ in width, the two galleries differ in length, the two query
+        matrices differ in length, or ``queries_are_gallery=True`` with ``n_q != N``.
     """
 
     name: str
@@ -70,12 +87,13 @@ class Strategy:
     gallery_new: np.ndarray
     backbone_passes: int = 1
     offline: bool = False
+    queries_are_gallery: bool | None = None
 
     def __post_init__(self):
-        go = as_embeddings(self.gallery_old, "gallery_old")
-        qo = as_embeddings(self.query_old, "query_old", dim=go.shape[1])
-        gn = as_embeddings(self.gallery_new, "gallery_new")
-        qn = as_embeddings(self.query_new, "query_new", dim=gn.shape[1])
+        go = as_embeddings(self.gallery_old, "gallery_old", unit_norm=True)
+        qo = as_embeddings(self.query_old, "query_old", dim=go.shape[1], unit_norm=True)
+        gn = as_embeddings(self.gallery_new, "gallery_new", unit_norm=True)
+        qn = as_embeddings(self.query_new, "query_new", dim=gn.shape[1], unit_norm=True)
         if len(go) != len(gn):
             raise ValueError(
                 f"gallery_old has {len(go)} items but gallery_new has {len(gn)}: both must store "
@@ -83,6 +101,18 @@ class Strategy:
             )
         if len(qo) != len(qn):
             raise ValueError(f"query_old has {len(qo)} rows but query_new has {len(qn)}")
+        same = self.queries_are_gallery
+        if same is not None and not isinstance(same, (bool, np.bool_)):
+            raise TypeError(f"queries_are_gallery must be True, False or None, got {same!r}")
+        if same and len(qo) != len(go):
+            raise ValueError(
+                f"queries_are_gallery=True but there are {len(qo)} queries for {len(go)} gallery items: "
+                "query i must be gallery item i"
+            )
+        if same is None and len(qo) != len(go):
+            object.__setattr__(self, "queries_are_gallery", False)
+        elif same is not None:
+            object.__setattr__(self, "queries_are_gallery", bool(same))
         for name, arr in (("query_old", qo), ("gallery_old", go), ("query_new", qn), ("gallery_new", gn)):
             object.__setattr__(self, name, arr)
 
@@ -101,7 +131,15 @@ def _same_items(x, query):
     return x if query is None else query
 
 
-def old_only(old, old_query=None) -> Strategy:
+def _queries_are_gallery(flag, *queries):
+    # No query arrays given: the queries are the gallery items. Given: only if the caller says so.
+    if flag is not None:
+        return flag
+    return True if all(q is None for q in queries) else None
+
+
+
+def old_only(old, old_query=None, queries_are_gallery: bool | None = None) -> Strategy:
     """No upgrade: ``d(φ_o(q), φ_o(g))`` for every ``g``, whatever the ratio.
 
     Parameters
@@ -110,6 +148,9 @@ def old_only(old, old_query=None) -> Strategy:
         Old embeddings ``φ_o(g)`` of the gallery items.
     old_query : array (n_q, d_o), optional
         Old embeddings ``φ_o(q)`` of the queries; default ``old`` (leave-one-out: the queries are the gallery items).
+    queries_are_gallery : bool, optional
+        Whether query ``i`` is gallery item ``i`` (leave-one-out in :func:`evaluate_backfill`);
+        default True when no query arrays are given and unset otherwise (see :class:`Strategy`).
 
     Returns
     -------
@@ -117,10 +158,11 @@ def old_only(old, old_query=None) -> Strategy:
         Named ``"old"``, one backbone pass per query.
     """
     q = _same_items(old, old_query)
-    return Strategy("old", q, old, q, old, backbone_passes=1)
+    return Strategy("old", q, old, q, old, backbone_passes=1,
+                    queries_are_gallery=_queries_are_gallery(queries_are_gallery, old_query))
 
 
-def offline_backfill(old, new, old_query=None, new_query=None) -> Strategy:
+def offline_backfill(old, new, old_query=None, new_query=None, queries_are_gallery: bool | None = None) -> Strategy:
     """Old/old until the backfill is complete, then new/new (a step curve).
 
     Parameters
@@ -133,6 +175,9 @@ def offline_backfill(old, new, old_query=None, new_query=None) -> Strategy:
         ``φ_o(q)`` of the queries; default ``old`` (leave-one-out: the queries are the gallery items).
     new_query : array (n_q, d_n), optional
         ``φ_n(q)`` of the queries; default ``new``.
+    queries_are_gallery : bool, optional
+        Whether query ``i`` is gallery item ``i`` (leave-one-out in :func:`evaluate_backfill`);
+        default True when no query arrays are given and unset otherwise (see :class:`Strategy`).
 
     Returns
     -------
@@ -141,10 +186,12 @@ def offline_backfill(old, new, old_query=None, new_query=None) -> Strategy:
         backbone pass per query.
     """
     return Strategy("offline", _same_items(old, old_query), old, _same_items(new, new_query), new,
-                    backbone_passes=1, offline=True)
+                    backbone_passes=1, offline=True,
+                    queries_are_gallery=_queries_are_gallery(queries_are_gallery, old_query, new_query))
 
 
-def compatible_single_space(old, new, new_query=None, name: str = "compatible") -> Strategy:
+def compatible_single_space(old, new, new_query=None, name: str = "compatible",
+                            queries_are_gallery: bool | None = None) -> Strategy:
     """BCT-style: the new query ``φ_n(q)`` searches whatever is stored (old or new vectors).
 
     Parameters
@@ -158,6 +205,9 @@ def compatible_single_space(old, new, new_query=None, name: str = "compatible") 
         The compatible new model's embeddings of the queries; default ``new`` (leave-one-out: the queries are the gallery items).
     name : str, default "compatible"
         Name of the strategy, e.g. ``"bct"``.
+    queries_are_gallery : bool, optional
+        Whether query ``i`` is gallery item ``i`` (leave-one-out in :func:`evaluate_backfill`);
+        default True when no query arrays are given and unset otherwise (see :class:`Strategy`).
 
     Returns
     -------
@@ -170,10 +220,11 @@ def compatible_single_space(old, new, new_query=None, name: str = "compatible") 
         If ``old`` and ``new`` differ in dimension (the single space needs ``d_n = d_o``).
     """
     q = _same_items(new, new_query)
-    return Strategy(name, q, old, q, new, backbone_passes=1)
+    return Strategy(name, q, old, q, new, backbone_passes=1,
+                    queries_are_gallery=_queries_are_gallery(queries_are_gallery, new_query))
 
 
-def rank_merge(old, new, old_query=None, new_query=None) -> Strategy:
+def rank_merge(old, new, old_query=None, new_query=None, queries_are_gallery: bool | None = None) -> Strategy:
     """Distance rank merge: ``φ_o(q)`` against old-stored items, ``φ_n(q)`` against new-stored
     ones, one ranking by distance. Two backbone passes per query.
 
@@ -187,6 +238,9 @@ def rank_merge(old, new, old_query=None, new_query=None) -> Strategy:
         ``φ_o(q)`` of the queries; default ``old`` (leave-one-out: the queries are the gallery items).
     new_query : array (n_q, d_n), optional
         ``φ_n(q)`` of the queries; default ``new``.
+    queries_are_gallery : bool, optional
+        Whether query ``i`` is gallery item ``i`` (leave-one-out in :func:`evaluate_backfill`);
+        default True when no query arrays are given and unset otherwise (see :class:`Strategy`).
 
     Returns
     -------
@@ -194,11 +248,12 @@ def rank_merge(old, new, old_query=None, new_query=None) -> Strategy:
         Named ``"rank_merge"``, two backbone passes per query.
     """
     return Strategy("rank_merge", _same_items(old, old_query), old, _same_items(new, new_query), new,
-                    backbone_passes=2)
+                    backbone_passes=2,
+                    queries_are_gallery=_queries_are_gallery(queries_are_gallery, old_query, new_query))
 
 
 def reverse_transform(old, psi_new, rho_new, psi_query=None, rho_query=None,
-                      name: str = "reverse_transform") -> Strategy:
+                      name: str = "reverse_transform", queries_are_gallery: bool | None = None) -> Strategy:
     """Reverse transformation: ``ψ̂(φ_n(q))`` against old-stored items, ``ρ̂(φ_n(q))`` against
     backfilled items ``ρ̂(φ_n(g))``. One backbone pass (new) plus a small MLP.
 
@@ -221,6 +276,9 @@ def reverse_transform(old, psi_new, rho_new, psi_query=None, rho_query=None,
         ``ρ̂(φ_n(q))`` of the queries; default ``rho_new``.
     name : str, default "reverse_transform"
         Name of the strategy (e.g. to tell ablations apart).
+    queries_are_gallery : bool, optional
+        Whether query ``i`` is gallery item ``i`` (leave-one-out in :func:`evaluate_backfill`);
+        default True when no query arrays are given and unset otherwise (see :class:`Strategy`).
 
     Returns
     -------
@@ -228,10 +286,12 @@ def reverse_transform(old, psi_new, rho_new, psi_query=None, rho_query=None,
         One backbone pass per query.
     """
     return Strategy(name, _same_items(psi_new, psi_query), old, _same_items(rho_new, rho_query), rho_new,
-                    backbone_passes=1)
+                    backbone_passes=1,
+                    queries_are_gallery=_queries_are_gallery(queries_are_gallery, psi_query, rho_query))
 
 
-def forward_transform(h_old, new, new_query=None, name: str = "forward_transform") -> Strategy:
+def forward_transform(h_old, new, new_query=None, name: str = "forward_transform",
+                      queries_are_gallery: bool | None = None) -> Strategy:
     """FCT-style: stored old vectors mapped by ``ĥ`` into the new space, searched with ``φ_n(q)``.
 
     Parameters
@@ -245,6 +305,9 @@ def forward_transform(h_old, new, new_query=None, name: str = "forward_transform
         ``φ_n(q)`` of the queries; default ``new`` (leave-one-out: the queries are the gallery items).
     name : str, default "forward_transform"
         Name of the strategy.
+    queries_are_gallery : bool, optional
+        Whether query ``i`` is gallery item ``i`` (leave-one-out in :func:`evaluate_backfill`);
+        default True when no query arrays are given and unset otherwise (see :class:`Strategy`).
 
     Returns
     -------
@@ -252,7 +315,8 @@ def forward_transform(h_old, new, new_query=None, name: str = "forward_transform
         One backbone pass (new) per query.
     """
     q = _same_items(new, new_query)
-    return Strategy(name, q, h_old, q, new, backbone_passes=1)
+    return Strategy(name, q, h_old, q, new, backbone_passes=1,
+                    queries_are_gallery=_queries_are_gallery(queries_are_gallery, new_query))
 
 
 def backfill_order(n: int, seed: int = 0, policy: str = "random", uncertainty=None) -> np.ndarray:
@@ -333,19 +397,7 @@ def backfilled_mask(order, ratio: float) -> np.ndarray:
     >>> backfilled_mask([2, 0, 1, 3], 0.5)
     array([ True, False,  True, False])
     """
-    return _mask(_check_order(order), check_ratio(ratio, "ratio"))
-
-
-def _check_order(order, n: int | None = None) -> np.ndarray:
-    order = np.asarray(order)
-    if order.ndim != 1:
-        raise ValueError(f"order must be a 1-D permutation of the gallery items, got shape {order.shape}")
-    n = len(order) if n is None else n
-    # A repeated or missing index would silently backfill fewer than round(r·N) items.
-    if order.shape != (n,) or (n and not np.issubdtype(order.dtype, np.integer)) \
-            or not np.array_equal(np.sort(order), np.arange(n)):
-        raise ValueError(f"order must be a permutation of range({n}), e.g. from backfill_order")
-    return order
+    return _mask(check_order(order), check_ratio(ratio, "ratio"))
 
 
 def _mask(order: np.ndarray, r: float) -> np.ndarray:
@@ -430,7 +482,8 @@ class BackfillCurve:
         Parameters
         ----------
         ratio : float in [0, 1]
-            One of the evaluated ``ratios`` (matched within ``1e-9``).
+            One of the evaluated ``ratios``, matched within ``1e-6`` (so a curve evaluated on a
+            float32 grid, where 0.3 is stored as 0.30000001, answers ``map_at(0.3)``).
 
         Returns
         -------
@@ -444,20 +497,49 @@ class BackfillCurve:
         ValueError
             If ``ratio`` is outside [0, 1] or was not evaluated.
         """
-        i = int(np.argmin(np.abs(self.ratios - check_ratio(ratio))))
-        if abs(self.ratios[i] - ratio) > 1e-9:
+        r = check_ratio(ratio)
+        i = int(np.argmin(np.abs(np.asarray(self.ratios, dtype=np.float64) - r)))
+        if abs(float(self.ratios[i]) - r) > 1e-6:
             raise ValueError(f"ratio {ratio} was not evaluated; evaluated: {self.ratios.tolist()}")
         return float(self.map[i])
 
 
+def _leave_one_out(strategy: Strategy, exclude_self) -> bool:
+    same = strategy.queries_are_gallery
+    if exclude_self is None:
+        if same is None:
+            raise ValueError(
+                f"strategy {strategy.name!r} was built with separate query arrays, as many as the gallery "
+                "items: say whether query i is gallery item i, with queries_are_gallery=True/False when "
+                "building it, or exclude_self=True/False here"
+            )
+        return same
+    if not isinstance(exclude_self, (bool, np.bool_)):
+        raise TypeError(f"exclude_self must be True, False or None, got {exclude_self!r}")
+    if exclude_self and same is False:
+        raise ValueError(
+            f"exclude_self=True but strategy {strategy.name!r} has separate queries "
+            f"(queries_are_gallery=False; {strategy.n_queries} queries, {strategy.n_gallery} items): "
+            "leave-one-out drops gallery item i for query i, which is only right when they are the same "
+            "item; leave exclude_self unset"
+        )
+    return bool(exclude_self)
+
+
 def evaluate_backfill(strategy: Strategy, query_labels, gallery_labels=None, ratios=DEFAULT_RATIOS,
-                      order=None, order_seed: int = 0, exclude_self: bool = True,
-                      reference_top1=None, chunk_size: int = 1024) -> BackfillCurve:
+                      order=None, order_seed: int = 0, exclude_self: bool | None = None,
+                      reference_top1=None, chunk_size: int = 1024, device=None) -> BackfillCurve:
     """Evaluate a strategy along the backfill: mAP, top-1, top-5 and negative flips per ratio.
 
     At each ratio ``r`` item ``g`` is scored with the new pair of vectors if ``g ∈ B_r`` and
     with the old pair otherwise (for an offline strategy, new only at ``r = 1``); the whole
-    gallery is then ranked by the merged score. Relevance is the same label.
+    gallery is then ranked by the merged score. Relevance is the same label. The numbers are
+    exact; they are computed by :func:`backfill_lib.evaluation.evaluate_states` without
+    sorting every row at every ratio.
+
+    Ties: the ranking is by descending score, ties broken by the smaller gallery index (top-1,
+    top-5, negative flips). Average precision treats a group of tied items as one threshold,
+    as scikit-learn's ``average_precision_score`` does, so it does not depend on the tie-break.
 
     Parameters
     ----------
@@ -466,7 +548,8 @@ def evaluate_backfill(strategy: Strategy, query_labels, gallery_labels=None, rat
     query_labels : int array (n_q,)
         Class label of each query.
     gallery_labels : int array (N,), optional
-        Defaults to ``query_labels`` (leave-one-out: queries are the gallery items).
+        Class label of each gallery item. Defaults to ``query_labels``, which is only allowed
+        when the queries are the gallery items (leave-one-out).
     ratios : sequence of floats in [0, 1], default DEFAULT_RATIOS
         Backfill ratios to evaluate (sorted, repeats dropped); default ``0, 0.1, ..., 1``.
     order : array (N,), optional
@@ -474,13 +557,19 @@ def evaluate_backfill(strategy: Strategy, query_labels, gallery_labels=None, rat
         ``order_seed``.
     order_seed : int, default 0
         Seed of the default order (see :func:`backfill_order`); unused when ``order`` is given.
-    exclude_self : bool, default True
-        Leave-one-out: drop query ``i`` from its own ranking (requires ``n_q == N``).
+    exclude_self : bool, optional
+        Leave-one-out: drop query ``i`` from its own ranking. Default: decided by the strategy
+        (``strategy.queries_are_gallery``): on when it was built from the gallery's own
+        embeddings, off when it was built with separate queries. ``True`` for a strategy with
+        separate queries (``queries_are_gallery=False``) is an error.
     reference_top1 : bool array (n_q,), optional
         Per-query top-1 correctness under old/old; negative flips are counted against it
         (default: this strategy at ``r = 0``).
     chunk_size : int, default 1024
-        Queries scored at once (bounds memory at ``chunk_size × N`` floats).
+        Queries scored at once (memory about ``24 · chunk_size · N`` bytes).
+    device : str, optional
+        Where the engine runs: ``"numpy"``, ``"cpu"`` (torch), ``"cuda"``; default automatic
+        (see :func:`backfill_lib.evaluation.choose_device`).
 
     Returns
     -------
@@ -491,25 +580,38 @@ def evaluate_backfill(strategy: Strategy, query_labels, gallery_labels=None, rat
     Raises
     ------
     TypeError
-        If ``strategy`` is not a :class:`Strategy`, or a ratio or label has the wrong type.
+        If ``strategy`` is not a :class:`Strategy`, or a ratio, label, ``exclude_self`` or
+        ``chunk_size`` has the wrong type.
     ValueError
         If a ratio is outside [0, 1], the labels do not match the numbers of queries and
-        items, ``exclude_self`` is set with ``n_q != N``, fewer than 5 items are searchable,
-        ``order`` is not a permutation, or ``reference_top1`` has the wrong shape.
+        items, ``gallery_labels`` is missing for separate queries, leave-one-out is undecided
+        or asked for separate queries, fewer than 5 items are searchable, ``order`` is not a
+        permutation, ``reference_top1`` has the wrong shape, ``chunk_size < 1`` or ``device`` is
+        not available.
     """
     if not isinstance(strategy, Strategy):
         raise TypeError(f"strategy must be a Strategy, got {type(strategy).__name__}")
     ratios = check_ratios(ratios)
-    qy = as_labels(query_labels, "query_labels", n=strategy.n_queries)
-    gy = qy if gallery_labels is None else as_labels(gallery_labels, "gallery_labels", n=strategy.n_gallery)
+    chunk_size = check_chunk_size(chunk_size)
     n, n_q = strategy.n_gallery, strategy.n_queries
-    if exclude_self and n_q != n:
+    loo = _leave_one_out(strategy, exclude_self)
+    if loo and n_q != n:
         raise ValueError(f"exclude_self=True needs one query per gallery item, got {n_q} queries for {n} items")
-    if n - int(exclude_self) < 5:
-        raise ValueError(f"the gallery needs at least 5 searchable items for top-5, got {n - int(exclude_self)}")
+    qy = as_labels(query_labels, "query_labels", n=n_q)
+    if gallery_labels is None:
+        if not (loo or strategy.queries_are_gallery):
+            raise ValueError(
+                f"gallery_labels is needed: strategy {strategy.name!r} has separate queries, so "
+                "query_labels are not the gallery's labels"
+            )
+        gy = as_labels(qy, "query_labels", n=n)
+    else:
+        gy = as_labels(gallery_labels, "gallery_labels", n=n)
+    if n - int(loo) < 5:
+        raise ValueError(f"the gallery needs at least 5 searchable items for top-5, got {n - int(loo)}")
     if order is None:
         order = backfill_order(n, order_seed)
-    order = _check_order(order, n)
+    order = check_order(order, n)
     if reference_top1 is not None:
         reference_top1 = np.asarray(reference_top1, dtype=bool)
         if reference_top1.shape != (n_q,):
@@ -517,27 +619,11 @@ def evaluate_backfill(strategy: Strategy, query_labels, gallery_labels=None, rat
     # Negative flips are counted against r = 0 by default: evaluate it even when not asked for.
     add_zero = reference_top1 is None and ratios[0] != 0.0
     eval_ratios = np.concatenate([[0.0], ratios]) if add_zero else ratios
-    masks = [np.full(n, r == 1.0) if strategy.offline else _mask(order, r) for r in eval_ratios]
+    n_new = [(n if r == 1.0 else 0) if strategy.offline else int(round(r * n)) for r in eval_ratios]
 
-    ap = np.zeros((len(eval_ratios), n_q))
-    hit1 = np.zeros((len(eval_ratios), n_q), dtype=bool)
-    hit5 = np.zeros((len(eval_ratios), n_q), dtype=bool)
-    for start in range(0, n_q, chunk_size):
-        rows = slice(start, min(start + chunk_size, n_q))
-        s_old = strategy.query_old[rows] @ strategy.gallery_old.T
-        s_new = strategy.query_new[rows] @ strategy.gallery_new.T
-        relevant = same_label(qy[rows], gy)
-        if exclude_self:
-            idx = np.arange(rows.start, rows.stop)
-            relevant[idx - rows.start, idx] = False
-        for i, mask in enumerate(masks):
-            scores = np.where(mask[None, :], s_new, s_old)
-            if exclude_self:
-                scores[idx - rows.start, idx] = -np.inf
-            ap[i, rows] = average_precision(scores, relevant)
-            hits = topk_hits(scores, relevant, ks=(1, 5))
-            hit1[i, rows], hit5[i, rows] = hits[1], hits[5]
-
+    m = evaluate_states(strategy.query_old, strategy.gallery_old, strategy.query_new, strategy.gallery_new,
+                        qy, gy, order, n_new, exclude_self=loo, ks=(1, 5), chunk_size=chunk_size, device=device)
+    ap, hit1, hit5 = m.ap, m.hits[1], m.hits[5]
     ref = hit1[0] if reference_top1 is None else reference_top1
     if add_zero:
         ap, hit1, hit5 = ap[1:], hit1[1:], hit5[1:]
@@ -554,26 +640,32 @@ def evaluate_backfill(strategy: Strategy, query_labels, gallery_labels=None, rat
 
 
 def simulate_backfill(strategies, labels, ratios=DEFAULT_RATIOS, order_seed: int = 0,
-                      reference: Strategy | None = None) -> dict[str, BackfillCurve]:
-    """Evaluate several strategies on one backfill order (leave-one-out over ``labels``).
+                      reference: Strategy | None = None, query_labels=None, device=None) -> dict[str, BackfillCurve]:
+    """Evaluate several strategies on one backfill order.
 
-    Negative flips are counted against ``reference`` (usually :func:`old_only`), evaluated at
-    ``r = 0``; by default the strategy named ``"old"`` if present, else each strategy's own
-    ``r = 0``.
+    Leave-one-out is decided by each strategy (see :func:`evaluate_backfill`): strategies built
+    from the gallery's own embeddings are evaluated leave-one-out over ``labels``. Negative
+    flips are counted against ``reference`` (usually :func:`old_only`), evaluated at ``r = 0``;
+    by default the strategy named ``"old"`` if present, else each strategy's own ``r = 0``.
 
     Parameters
     ----------
     strategies : dict of str to Strategy, or iterable of Strategy
-        Strategies over the same gallery, with unique names (dict keys are ignored; the
-        strategies' own names are used).
+        Strategies over the same gallery and the same queries, with unique names (dict keys
+        are ignored; the strategies' own names are used).
     labels : int array (N,)
-        Class label of each gallery item (the items are also the queries).
+        Class label of each gallery item (also of the queries when they are the gallery items).
     ratios : sequence of floats in [0, 1], default DEFAULT_RATIOS
         Backfill ratios to evaluate.
     order_seed : int, default 0
         Seed of the one random backfill order ``π`` shared by all strategies.
     reference : Strategy, optional
         Strategy whose top-1 at ``r = 0`` defines the negative flips.
+    query_labels : int array (n_q,), optional
+        Class label of each query, needed when the strategies have separate queries; default
+        ``labels``.
+    device : str, optional
+        Where the evaluation engine runs (see :func:`evaluate_backfill`).
 
     Returns
     -------
@@ -583,20 +675,33 @@ def simulate_backfill(strategies, labels, ratios=DEFAULT_RATIOS, order_seed: int
     Raises
     ------
     ValueError
-        If ``strategies`` is empty or repeats a name; also the errors of
+        If ``strategies`` is empty, repeats a name, or mixes strategies whose queries differ
+        (number of queries or ``queries_are_gallery``); also the errors of
         :func:`evaluate_backfill`.
     """
     strategies = list(strategies.values()) if isinstance(strategies, dict) else list(strategies)
     if not strategies:
         raise ValueError("strategies is empty: give at least one Strategy")
+    if not all(isinstance(s, Strategy) for s in strategies):
+        raise TypeError("strategies must hold Strategy objects (e.g. from rank_merge)")
     names = [s.name for s in strategies]
     if len(set(names)) != len(names):
         raise ValueError(f"strategy names must be unique, got {names}")
     if reference is None:
         reference = next((s for s in strategies if s.name == "old"), None)
+    everyone = strategies + ([reference] if reference is not None else [])
+    kinds = {(s.n_gallery, s.n_queries, s.queries_are_gallery) for s in everyone}
+    if len(kinds) > 1:
+        raise ValueError(
+            "the strategies (and the reference) must share the gallery and the queries, got (N, n_q, "
+            f"queries_are_gallery) = {sorted(kinds, key=str)}"
+        )
+    qy = labels if query_labels is None else query_labels
+    gy = None if query_labels is None else labels
     order = backfill_order(strategies[0].n_gallery, order_seed)
     ref_top1 = None
     if reference is not None:
-        ref_top1 = evaluate_backfill(reference, labels, ratios=[0.0], order=order).per_query_top1[0]
-    return {s.name: evaluate_backfill(s, labels, ratios=ratios, order=order, reference_top1=ref_top1)
+        ref_top1 = evaluate_backfill(reference, qy, gy, ratios=[0.0], order=order,
+                                     device=device).per_query_top1[0]
+    return {s.name: evaluate_backfill(s, qy, gy, ratios=ratios, order=order, reference_top1=ref_top1, device=device)
             for s in strategies}

@@ -37,10 +37,11 @@ class TestStrategyConstructors:
 
     def test_compatible_single_space(self, spaces):
         # φ_n(q) against whatever is stored: old vectors before the backfill, new ones after.
-        s = compatible_single_space(spaces["old"][:, :4], spaces["new"][:, :4], name="bct")
+        new4 = unit(spaces["new"][:, :4])
+        s = compatible_single_space(spaces["old"], new4, name="bct")
         assert (s.name, s.backbone_passes, s.offline) == ("bct", 1, False)
-        assert _same(s.query_old, spaces["new"][:, :4]) and _same(s.gallery_old, spaces["old"][:, :4])
-        assert _same(s.query_new, spaces["new"][:, :4]) and _same(s.gallery_new, spaces["new"][:, :4])
+        assert _same(s.query_old, new4) and _same(s.gallery_old, spaces["old"])
+        assert _same(s.query_new, new4) and _same(s.gallery_new, new4)
 
     def test_rank_merge(self, spaces):
         s = rank_merge(spaces["old"], spaces["new"])
@@ -230,8 +231,95 @@ class TestEvaluateBackfill:
             evaluate_backfill(s, y, reference_top1=[True])
         with pytest.raises(ValueError, match="at least 5 searchable items"):
             evaluate_backfill(rank_merge(old[:5], new[:5]), y[:5])
-        with pytest.raises(ValueError, match="exclude_self=True needs one query per gallery item"):
-            evaluate_backfill(rank_merge(old, new, old_query=old[:3], new_query=new[:3]), y[:3], gallery_labels=y)
+        separate = rank_merge(old, new, old_query=old[:3], new_query=new[:3])
+        with pytest.raises(ValueError, match="exclude_self=True but strategy 'rank_merge' has separate queries"):
+            evaluate_backfill(separate, y[:3], gallery_labels=y, exclude_self=True)
+        with pytest.raises(ValueError, match="gallery_labels is needed"):
+            evaluate_backfill(separate, y[:3])
+        with pytest.raises(TypeError, match="exclude_self must be True, False or None"):
+            evaluate_backfill(s, y, exclude_self="yes")
+
+    @pytest.mark.parametrize("bad,error", [(-1, ValueError), (0, ValueError), (2.5, TypeError), (True, TypeError)])
+    def test_chunk_size_is_checked(self, embeddings, bad, error):
+        """Issue 7: chunk_size=-1 gave all-zero mAP, 0 a bare range() error."""
+        old, new, y = embeddings
+        with pytest.raises(error, match="chunk_size must be"):
+            evaluate_backfill(rank_merge(old, new), y, chunk_size=bad)
+
+    def test_chunk_size_one_and_larger_than_queries(self, embeddings):
+        old, new, y = embeddings
+        a = evaluate_backfill(rank_merge(old, new), y, chunk_size=1)
+        b = evaluate_backfill(rank_merge(old, new), y, chunk_size=10_000)
+        np.testing.assert_allclose(a.map, b.map, rtol=0, atol=1e-12)
+        np.testing.assert_array_equal(a.per_query_top1, b.per_query_top1)
+
+
+class TestLeaveOneOut:
+    """Issue 7: a separate query set with N rows used to lose gallery item i for query i."""
+
+    def test_constructors_record_whether_queries_are_the_gallery(self, embeddings):
+        old, new, _ = embeddings
+        assert rank_merge(old, new).queries_are_gallery is True
+        assert old_only(old, old_query=old[:7]).queries_are_gallery is False  # 7 queries, 60 items
+        assert old_only(old, old_query=old[::-1].copy()).queries_are_gallery is None  # 60 for 60: unsaid
+        assert old_only(old, old_query=old, queries_are_gallery=True).queries_are_gallery is True
+        assert reverse_transform(old, old, new, psi_query=old[:2], rho_query=new[:2]).queries_are_gallery is False
+        with pytest.raises(ValueError, match="queries_are_gallery=True but there are 7 queries for 60"):
+            old_only(old, old_query=old[:7], queries_are_gallery=True)
+        with pytest.raises(TypeError, match="queries_are_gallery must be True, False or None"):
+            old_only(old, queries_are_gallery="yes")
+
+    def test_separate_queries_of_gallery_size_keep_every_item(self, embeddings):
+        old, new, y = embeddings
+        # The queries are copies of the gallery items, but declared separate: item i stays in the
+        # ranking of query i, so every query finds itself first.
+        s = rank_merge(old, new, old_query=old.copy(), new_query=new.copy(), queries_are_gallery=False)
+        c = evaluate_backfill(s, y, gallery_labels=y, ratios=[0, 0.5, 1])
+        assert np.all(c.top1 == 1.0)
+        loo = evaluate_backfill(rank_merge(old, new), y, ratios=[0, 0.5, 1])
+        assert np.all(loo.top1 < 1.0)
+
+    def test_undecided_is_refused_until_decided(self, embeddings):
+        old, new, y = embeddings
+        s = old_only(old, old_query=old.copy())
+        with pytest.raises(ValueError, match="queries_are_gallery=True/False"):
+            evaluate_backfill(s, y)
+        decided = evaluate_backfill(old_only(old, old_query=old.copy(), queries_are_gallery=True), y, ratios=[0])
+        np.testing.assert_allclose(evaluate_backfill(s, y, exclude_self=True, ratios=[0]).map, decided.map)
+        np.testing.assert_allclose(decided.map, evaluate_backfill(old_only(old), y, ratios=[0]).map)
+
+    def test_exclude_self_false_on_the_gallery_keeps_self(self, embeddings):
+        old, _, y = embeddings
+        c = evaluate_backfill(old_only(old), y, ratios=[0], exclude_self=False)
+        assert c.top1[0] == 1.0
+
+    def test_simulate_with_separate_queries(self, embeddings):
+        old, new, y = embeddings
+        qo, qn = old[:12], new[:12]
+        curves = simulate_backfill([old_only(old, old_query=qo), rank_merge(old, new, old_query=qo, new_query=qn)],
+                                   y, ratios=[0, 1], query_labels=y[:12])
+        assert curves["rank_merge"].per_query_top1.shape == (2, 12)
+        assert curves["old"].top1[0] == 1.0  # not leave-one-out: each query is in the gallery
+        with pytest.raises(ValueError, match="must share the gallery and the queries"):
+            simulate_backfill([old_only(old), rank_merge(old, new, old_query=qo, new_query=qn)], y)
+
+
+class TestUnitNorm:
+    """Issue 7: rows far from unit norm (e.g. 0.5 * new) were accepted silently."""
+
+    def test_half_norm_is_refused_with_advice(self, embeddings):
+        old, new, _ = embeddings
+        with pytest.raises(ValueError, match=r"gallery_new must have unit-norm rows.*normalize_rows"):
+            rank_merge(old, 0.5 * new)
+        with pytest.raises(ValueError, match="query_old must have unit-norm rows"):
+            old_only(old, old_query=2 * old[:3])
+
+    def test_complex_and_zero_columns_are_refused(self, embeddings):
+        old, new, _ = embeddings
+        with pytest.raises(TypeError, match="real-valued"):
+            rank_merge(old.astype(complex), new)
+        with pytest.raises(ValueError, match="0 columns"):
+            rank_merge(np.zeros((60, 0)), new)
 
 
 class TestCurve:
@@ -244,6 +332,16 @@ class TestCurve:
         assert c.map_at(0.5) == 0.5
         with pytest.raises(ValueError, match=r"ratio 0.3 was not evaluated"):
             c.map_at(0.3)
+
+    def test_map_at_on_a_float32_grid(self, embeddings):
+        """Issue 7: a curve evaluated on np.arange(0, 1.01, .1, dtype="float32") refused map_at(0.3)."""
+        old, new, y = embeddings
+        grid = np.arange(0, 1.01, 0.1, dtype="float32")
+        c = evaluate_backfill(rank_merge(old, new), y, ratios=grid)
+        assert c.map_at(0.3) == c.map[3]
+        assert c.map_at(np.float32(0.7)) == c.map[7]
+        with pytest.raises(ValueError, match="ratio 0.35 was not evaluated"):
+            c.map_at(0.35)
 
 
 class TestSimulate:

@@ -1,0 +1,515 @@
+"""The evaluation engine: exact metrics of every state of a backfill at the cost of about one ranking.
+
+:func:`~backfill_lib.backfill.evaluate_backfill` asks this module for the average precision and
+the top-k hits of each query at several *states* of one backfill: in state ``k`` the first
+``n_backfilled[k]`` items of the backfill order ``π`` are stored new, the others old. The
+answers are exact (no approximation, no sampling); only the way they are computed differs from
+sorting every merged score row at every state.
+
+How it works, for a chunk of queries at a time (memory ``O(chunk_size × N)``):
+
+- Scores are compared as integers: each float32 score is mapped to an ``int32`` key with the
+  same order (``-0.0`` and ``0.0`` are the same score), so equal scores are exactly equal keys
+  on every device.
+- The gallery is cut into *slices*, ``π[m_{k-1}:m_k]``: the items that change storage between
+  two consecutive states. Every slice's old scores and new scores are sorted once (the slice
+  sizes add up to ``N``). How many items score at least ``v`` in state ``k`` is then a sum over
+  the slices, each slice counted with one binary search in its new scores if it is backfilled
+  in state ``k`` and in its old scores otherwise.
+- Only the relevant items are counted this way (each with its old and its new score), so
+  average precision costs ``O(R log N)`` per query and state instead of a sort of the row.
+  Precision at a relevant item needs its rank among the relevant items only (a sort of ``R``).
+- Top-k: a query has a hit in its top ``k`` when its best relevant item has fewer than ``k``
+  items ahead of it. The items ahead are counted like above; ties at that score are resolved by
+  a scan of the row, which happens only when the best relevant item is tied.
+
+Ties, one rule for the whole evaluation
+    The ranking is by descending score, ties broken by the smaller gallery index (id), as in
+    :func:`backfill_lib.metrics.topk_hits` and :meth:`backfill_lib.retrieval.MixedGallery.search`.
+    Top-k hits follow this ranking. Average precision does not depend on how ties are broken:
+    a group of tied items is one threshold, as in scikit-learn's ``average_precision_score``
+    (the precision at a relevant item with score ``s`` is the share of relevant items among all
+    items scoring ``≥ s``), as :func:`backfill_lib.metrics.average_precision` computes it.
+
+Devices
+    The counting runs on numpy, or on torch (a GPU when one is present): ``device=None`` picks
+    CUDA if torch sees a GPU and numpy otherwise, without importing torch on a machine with no
+    NVIDIA driver. Both paths count the same integer keys, so they give the same numbers as
+    long as the two matrix products give the same float32 scores (they may differ in the last
+    bit, which can reorder two items whose scores are that close).
+
+The module imports numpy only; torch is imported when a torch device is used.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+
+from .validation import as_embeddings, as_labels, check_k
+
+#: Key of the lowest possible score: padding that never counts as "at least" a real score.
+_PAD = np.iinfo(np.int32).min
+_SIGN_OFF = np.int32(0x7FFFFFFF)
+
+
+def _torch():
+    import torch
+    return torch
+
+
+def _keys_inplace(scores, self_cols=None):
+    """Turn a float32 score matrix (numpy or torch) into int32 keys of the same order, in place.
+
+    ``scores[i, self_cols[i]]`` (leave-one-out) gets ``-inf``: it ranks after every real score.
+    """
+    scores += 0.0  # -0.0 becomes 0.0: equal scores must get equal keys
+    if self_cols is not None:
+        rows = (np.arange(len(self_cols)) if isinstance(scores, np.ndarray)
+                else _torch().arange(len(self_cols), device=scores.device))
+        scores[rows, self_cols] = -np.inf
+    bits = scores.view(np.int32) if isinstance(scores, np.ndarray) else scores.view(_torch().int32)
+    # Negative floats compare in reverse of their bit patterns: flip their magnitude bits.
+    bits ^= (bits >> 31) & int(_SIGN_OFF)
+    return bits
+
+
+def _row_offsets(n_rows: int) -> np.ndarray:
+    # Keys shifted to [0, 2^32) plus 2^32 per row: a chunk of sorted rows is one sorted 1-D array,
+    # so one np.searchsorted answers every row (numpy has no row-wise searchsorted).
+    return ((np.arange(n_rows, dtype=np.int64) << 32) + (1 << 31))[:, None]
+
+
+def _flat(keys: np.ndarray) -> np.ndarray:
+    flat = keys.astype(np.int64)
+    flat += _row_offsets(len(flat))
+    return flat.ravel()
+
+
+def _count_ge_within_rows(keys: np.ndarray) -> np.ndarray:
+    """``out[i, a]``: how many keys of row ``i`` are ``≥ keys[i, a]`` (ties count: one threshold)."""
+    n_rows, width = keys.shape
+    order = np.argsort(keys, axis=1)
+    srt = np.take_along_axis(keys, order, axis=1)
+    # In ascending order, the keys >= srt[p] start at the first position of srt[p]'s run of equals.
+    run_start = np.zeros(keys.shape, dtype=np.int64)
+    run_start[:, 1:] = np.where(srt[:, 1:] != srt[:, :-1], np.arange(1, width), 0)
+    np.maximum.accumulate(run_start, axis=1, out=run_start)
+    out = np.empty(keys.shape, dtype=np.int64)
+    np.put_along_axis(out, order, width - run_start, axis=1)
+    return out
+
+
+class _NumpyOps:
+    """The heavy operations of the engine on numpy arrays."""
+
+    name = "numpy"
+
+    def __init__(self, *arrays):
+        self.arrays = arrays
+
+    def keys(self, query: int, rows: slice, gallery: int, self_cols):
+        scores = self.arrays[query][rows] @ self.arrays[gallery].T
+        if self_cols is not None:
+            scores[np.arange(len(self_cols)), self_cols] = -np.inf
+        # As _keys_inplace, a block of rows at a time with one scratch buffer: the temporaries
+        # of the whole matrix would cost more than the arithmetic.
+        step = max(1, 2 ** 18 // scores.shape[1])
+        scratch = np.empty((step, scores.shape[1]), dtype=np.int32)
+        for lo in range(0, len(scores), step):
+            block = scores[lo:lo + step]
+            block += 0.0
+            bits, tmp = block.view(np.int32), scratch[:len(block)]
+            np.right_shift(bits, 31, out=tmp)
+            np.bitwise_and(tmp, _SIGN_OFF, out=tmp)
+            np.bitwise_xor(bits, tmp, out=bits)
+        return scores.view(np.int32)
+
+    def gather(self, keys, cols):
+        return np.take_along_axis(keys, cols, axis=1)
+
+    def sort_block(self, keys, start: int, stop: int):
+        srt = np.sort(keys[:, start:stop], axis=1)
+        return _flat(srt), stop - start
+
+    def needles(self, needles):
+        return _flat(needles), needles.shape
+
+    def count_ge(self, block, needles, select=None):
+        (flat, width), (flat_needles, shape) = block, needles
+        if select is None:
+            idx = np.searchsorted(flat, flat_needles).reshape(shape)
+            return (np.arange(1, shape[0] + 1, dtype=np.int64) * width)[:, None] - idx
+        at = np.flatnonzero(select)
+        out = np.zeros(shape[0] * shape[1], dtype=np.int64)
+        out[at] = (at // shape[1] + 1) * width - np.searchsorted(flat, flat_needles[at])
+        return out.reshape(shape)
+
+    def tied_before(self, keys_old, keys_new, rows, new_mask, key, ids, position_ids):
+        merged = np.where(new_mask[None, :], keys_new[rows], keys_old[rows])
+        before = position_ids[None, :] < ids[:, None]
+        return ((merged == key[:, None]) & before).sum(axis=1)
+
+
+class _TorchOps:
+    """The same operations on torch tensors of one device."""
+
+    def __init__(self, device, *arrays):
+        torch = _torch()
+        self.torch, self.device, self.name = torch, torch.device(device), str(device)
+        self.arrays = [torch.from_numpy(a).to(self.device) for a in arrays]
+
+    def _t(self, x):
+        return self.torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
+
+    def keys(self, query: int, rows: slice, gallery: int, self_cols):
+        cols = None if self_cols is None else self._t(self_cols)
+        return _keys_inplace(self.arrays[query][rows] @ self.arrays[gallery].T, cols)
+
+    def gather(self, keys, cols):
+        return self.torch.gather(keys, 1, self._t(cols)).cpu().numpy()
+
+    def sort_block(self, keys, start: int, stop: int):
+        return self.torch.sort(keys[:, start:stop], dim=1).values.contiguous()
+
+    def needles(self, needles):
+        return self._t(needles.astype(np.int32))
+
+    def count_ge(self, block, needles, select=None):
+        # Dense rows suit torch.searchsorted: count every needle, selected or not.
+        return block.shape[1] - self.torch.searchsorted(block, needles).cpu().numpy()
+
+    def tied_before(self, keys_old, keys_new, rows, new_mask, key, ids, position_ids):
+        r = self._t(rows)
+        merged = self.torch.where(self._t(new_mask)[None, :], keys_new[r], keys_old[r])
+        before = self._t(position_ids)[None, :] < self._t(ids)[:, None]
+        return ((merged == self._t(key)[:, None]) & before).sum(dim=1).cpu().numpy()
+
+
+def _gpu_available() -> bool:
+    # Importing torch costs seconds and hundreds of MB: skip it when no NVIDIA driver is there.
+    if "torch" not in sys.modules and not os.path.exists("/dev/nvidiactl"):
+        return False
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def choose_device(device=None) -> str:
+    """The device the evaluation engine runs on.
+
+    Parameters
+    ----------
+    device : {None, "numpy", "cpu", "cuda", "cuda:<i>"} or torch.device, optional
+        ``None`` picks ``"cuda"`` when torch is installed and sees a GPU, ``"numpy"`` otherwise
+        (torch is not imported for this on a machine without an NVIDIA driver). ``"cpu"`` is
+        torch on the CPU (mainly to test the torch path).
+
+    Returns
+    -------
+    str
+        ``"numpy"`` or a torch device name.
+
+    Raises
+    ------
+    ValueError
+        If ``device`` is not one of the above, torch is not installed for a torch device, or
+        CUDA is asked for but no GPU is visible.
+
+    Examples
+    --------
+    >>> choose_device("numpy")
+    'numpy'
+    """
+    if device is None:
+        return "cuda" if _gpu_available() else "numpy"
+    name = str(device)
+    if name == "numpy":
+        return name
+    if name != "cpu" and not (name == "cuda" or name.startswith("cuda:")):
+        raise ValueError(f"device must be None, 'numpy', 'cpu' or 'cuda' (or 'cuda:<i>'), got {device!r}")
+    try:
+        import torch
+    except ImportError:
+        raise ValueError(f"device={device!r} needs torch, which is not installed: use device='numpy'") from None
+    if name != "cpu" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but torch sees no GPU: use device=None (automatic) or 'numpy'")
+    return name
+
+
+def check_order(order, n: int | None = None) -> np.ndarray:
+    """Check that ``order`` is a permutation of ``range(n)``.
+
+    Parameters
+    ----------
+    order : array (n,) of int
+        A backfill order ``π``.
+    n : int, optional
+        Gallery size; default ``len(order)``.
+
+    Returns
+    -------
+    ndarray (n,) of int
+        ``order`` as an array.
+
+    Raises
+    ------
+    ValueError
+        If ``order`` is not 1-D, not integers, or not a permutation of ``range(n)``.
+    """
+    order = np.asarray(order)
+    if order.ndim != 1:
+        raise ValueError(f"order must be a 1-D permutation of the gallery items, got shape {order.shape}")
+    n = len(order) if n is None else n
+    # A repeated or missing index would silently backfill fewer than round(r·N) items.
+    if order.shape != (n,) or (n and not np.issubdtype(order.dtype, np.integer)) \
+            or not np.array_equal(np.sort(order), np.arange(n)):
+        raise ValueError(f"order must be a permutation of range({n}), e.g. from backfill_order")
+    return order
+
+
+def check_chunk_size(chunk_size) -> int:
+    """Check the number of queries scored at once.
+
+    Parameters
+    ----------
+    chunk_size : int
+        A positive integer (``bool`` is refused).
+
+    Returns
+    -------
+    int
+        ``chunk_size`` as a Python int.
+
+    Raises
+    ------
+    TypeError
+        If ``chunk_size`` is not an integer.
+    ValueError
+        If ``chunk_size < 1``.
+    """
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)):
+        raise TypeError(f"chunk_size must be a positive integer (queries scored at once), got {chunk_size!r}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be at least 1 (queries scored at once), got {chunk_size}; e.g. 1024")
+    return int(chunk_size)
+
+
+@dataclass
+class StateMetrics:
+    """Per-query metrics at each state of a backfill, as returned by :func:`evaluate_states`.
+
+    Each parameter is kept as an attribute of the same name.
+
+    Parameters
+    ----------
+    ap : float array (n_states, n_q)
+        Average precision of each query in each state; ``nan`` for a query with no relevant item.
+    hits : dict of int to bool array (n_states, n_q)
+        ``hits[k][s, i]``: query ``i`` has a relevant item in its top ``k`` in state ``s``.
+    device : str
+        Where the engine ran (see :func:`choose_device`).
+    """
+
+    ap: np.ndarray
+    hits: dict
+    device: str
+
+
+def evaluate_states(query_old, gallery_old, query_new, gallery_new, query_labels, gallery_labels, order,
+                    n_backfilled, exclude_self: bool = False, ks=(1, 5), chunk_size: int = 1024,
+                    device=None) -> StateMetrics:
+    """Average precision and top-k hits of every query at several states of one backfill.
+
+    In state ``s`` gallery item ``g`` is scored ``query_new[q] · gallery_new[g]`` if ``g`` is
+    among the first ``n_backfilled[s]`` items of ``order`` and ``query_old[q] · gallery_old[g]``
+    otherwise; items are relevant when they share the query's label. The result is exactly what
+    sorting each merged row would give, with the tie rule of the module docstring: top-k by
+    descending score, ties to the smaller gallery index; average precision with a tied group as
+    one threshold (scikit-learn's ``average_precision_score``).
+
+    Parameters
+    ----------
+    query_old : array (n_q, d1)
+        Query vectors compared with items stored old.
+    gallery_old : array (N, d1)
+        The old stored vector of each gallery item.
+    query_new : array (n_q, d2)
+        Query vectors compared with items stored new.
+    gallery_new : array (N, d2)
+        The new stored vector of each gallery item.
+    query_labels : int array (n_q,)
+        Class label of each query.
+    gallery_labels : int array (N,)
+        Class label of each gallery item.
+    order : int array (N,)
+        Backfill order ``π``, a permutation of ``range(N)``.
+    n_backfilled : sequence of int
+        Items stored new in each state, non-decreasing, each in ``[0, N]``.
+    exclude_self : bool, default False
+        Leave-one-out: query ``i`` is gallery item ``i`` and is left out of its own ranking
+        (neither ranked nor relevant); needs ``n_q == N``.
+    ks : sequence of int, default (1, 5)
+        Cut-offs of the top-k hits, each in ``[1, N - exclude_self]``.
+    chunk_size : int, default 1024
+        Queries scored at once; memory is about ``24 · chunk_size · N`` bytes.
+    device : str or torch.device, optional
+        See :func:`choose_device`; default automatic.
+
+    Returns
+    -------
+    StateMetrics
+        ``ap`` and ``hits`` of shape ``(len(n_backfilled), n_q)``.
+
+    Raises
+    ------
+    TypeError
+        If an input has the wrong type (embeddings, labels, ``ks``, ``chunk_size``).
+    ValueError
+        If shapes disagree, ``order`` is not a permutation, ``n_backfilled`` is not
+        non-decreasing in ``[0, N]``, ``exclude_self`` is set with ``n_q != N``, a ``k`` is out
+        of range, or ``device`` is not available.
+
+    Examples
+    --------
+    >>> x = [[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]]
+    >>> m = evaluate_states(x, x, x, x, [0, 1, 1], [0, 1, 1], [0, 1, 2], [0], exclude_self=True,
+    ...                     ks=(1,), device="numpy")
+    >>> m.ap.round(3).tolist(), m.hits[1].tolist()
+    ([[nan, 1.0, 1.0]], [[False, True, True]])
+    """
+    gallery_old = as_embeddings(gallery_old, "gallery_old")
+    gallery_new = as_embeddings(gallery_new, "gallery_new")
+    query_old = as_embeddings(query_old, "query_old", dim=gallery_old.shape[1])
+    query_new = as_embeddings(query_new, "query_new", dim=gallery_new.shape[1])
+    n, n_q = len(gallery_old), len(query_old)
+    if len(gallery_new) != n:
+        raise ValueError(f"gallery_old has {n} items but gallery_new has {len(gallery_new)}")
+    if len(query_new) != n_q:
+        raise ValueError(f"query_old has {n_q} rows but query_new has {len(query_new)}")
+    qy = as_labels(query_labels, "query_labels", n=n_q)
+    gy = as_labels(gallery_labels, "gallery_labels", n=n)
+    order = check_order(order, n)
+    m = np.asarray(n_backfilled)
+    if m.ndim != 1 or len(m) == 0 or (m.size and not np.issubdtype(m.dtype, np.integer)):
+        raise ValueError(f"n_backfilled must be a non-empty 1-D sequence of integers, got {n_backfilled!r}")
+    if (m < 0).any() or (m > n).any() or (np.diff(m) < 0).any():
+        raise ValueError(f"n_backfilled must be non-decreasing integers in [0, {n}], got {m.tolist()}")
+    exclude_self = bool(exclude_self)
+    if exclude_self and n_q != n:
+        raise ValueError(f"exclude_self=True needs one query per gallery item, got {n_q} queries for {n} items")
+    if isinstance(ks, (int, np.integer)) or len(ks) == 0:
+        raise TypeError(f"ks must be a non-empty sequence of positive integers, e.g. (1, 5), got {ks!r}")
+    ks = tuple(check_k(k, n - exclude_self, f"ks[{i}]") for i, k in enumerate(ks))
+    chunk_size = check_chunk_size(chunk_size)
+    device = choose_device(device)
+    n_states = len(m)
+    # Slice j holds the items that become new in state j, order[bounds[j]:bounds[j+1]] (slice 0:
+    # new from the first state on; the last slice: never new). State s stores slices 0..s new.
+    # The gallery is laid out slice after slice (ascending index inside a slice), so that each
+    # slice is a block of columns of the score matrix.
+    bounds = np.concatenate([[0], m, [n]])
+    layout = np.concatenate([np.sort(order[bounds[j]:bounds[j + 1]]) for j in range(n_states + 1)])
+    position = np.empty(n, dtype=np.int64)
+    position[layout] = np.arange(n)
+    slice_at = np.repeat(np.arange(n_states + 1), np.diff(bounds))  # slice of each column
+    new_masks = [slice_at <= s for s in range(n_states)]
+    arrays = (query_old, gallery_old[layout], query_new, gallery_new[layout])
+    ops = _NumpyOps(*arrays) if device == "numpy" else _TorchOps(device, *arrays)
+
+    # Gallery items of each class (ascending index, padded): the relevant items of a query.
+    classes, g_class = np.unique(gy, return_inverse=True)
+    q_class = np.searchsorted(classes, qy)
+    known = (q_class < len(classes)) & (classes[np.minimum(q_class, len(classes) - 1)] == qy)
+    class_of = np.where(known, q_class, len(classes))  # a query label absent from the gallery: no item
+    per_class = np.bincount(g_class, minlength=len(classes) + 1)
+    members = np.zeros((len(classes) + 1, max(int(per_class.max()), 1)), dtype=np.int64)
+    member_valid = np.zeros(members.shape, dtype=bool)
+    by_class = np.argsort(g_class, kind="stable")
+    slot = np.arange(n) - np.repeat(np.cumsum(per_class) - per_class, per_class)
+    members[g_class[by_class], slot], member_valid[g_class[by_class], slot] = by_class, True
+
+    ap = np.full((n_states, n_q), np.nan)
+    hits = {k: np.zeros((n_states, n_q), dtype=bool) for k in ks}
+    k_max = max(ks)
+    for start in range(0, n_q, chunk_size):
+        rows = slice(start, min(start + chunk_size, n_q))
+        c = rows.stop - rows.start
+        arange_c = np.arange(c)
+        self_cols = position[rows.start:rows.stop] if exclude_self else None
+
+        # The relevant items of each row, in ascending gallery index, padded on the right.
+        ids, valid = members[class_of[rows]], member_valid[class_of[rows]]
+        if exclude_self:
+            self_at = valid & (ids == np.arange(rows.start, rows.stop)[:, None])
+            valid &= ~self_at
+        n_rel = valid.sum(axis=1)
+        has_rel = n_rel > 0
+        if not has_rel.any():
+            continue  # no query of the chunk has a relevant item: AP nan, no hit
+        width = ids.shape[1]
+        cols = position[ids]
+        item_slice = slice_at[cols]
+
+        keys_old = ops.keys(0, rows, 1, self_cols)
+        keys_new = ops.keys(2, rows, 3, self_cols)
+        key_old = np.where(valid, ops.gather(keys_old, cols), _PAD).astype(np.int32)
+        key_new = np.where(valid, ops.gather(keys_new, cols), _PAD).astype(np.int32)
+        # Every relevant item's old and new key, sorted in its row: sorted needles search faster.
+        needles = np.concatenate([key_old, key_new], axis=1)
+        needle_order = np.argsort(needles, axis=1, kind="stable")
+        prepared = ops.needles(np.take_along_axis(needles, needle_order, axis=1))
+        unsort = np.argsort(needle_order, axis=1)
+        is_new_value = needle_order >= width
+        needle_slice = np.take_along_axis(np.concatenate([item_slice, item_slice], axis=1), needle_order, axis=1)
+        needle_valid = np.take_along_axis(np.concatenate([valid, valid], axis=1), needle_order, axis=1)
+
+        # An item's old key is used in the states before its slice turns new, its new key from
+        # then on; so a slice's old keys are searched for the old keys of all items and the new
+        # keys of items that turn new earlier, its new keys for the new keys of all items and
+        # the old keys of items that turn new later. (Counts never used are left at 0.)
+        blocks = {}
+        ge_old = np.zeros((n_states + 1, c, 2 * width), dtype=np.int32)
+        for j in range(1, n_states + 1):
+            if bounds[j + 1] > bounds[j]:
+                blocks[j, 0] = ops.sort_block(keys_old, bounds[j], bounds[j + 1])
+                select = needle_valid & (~is_new_value | (needle_slice < j))
+                ge_old[j] = ops.count_ge(blocks[j, 0], prepared, select)
+        # ge: items scoring >= each needle in state s, slices <= s new and slices > s old.
+        ge = ge_old.sum(axis=0, dtype=np.int32)
+
+        for s in range(n_states):
+            if bounds[s + 1] > bounds[s]:
+                blocks[s, 1] = ops.sort_block(keys_new, bounds[s], bounds[s + 1])
+                select = needle_valid & (is_new_value | (needle_slice > s))
+                ge += ops.count_ge(blocks[s, 1], prepared, select).astype(np.int32)
+            ge -= ge_old[s]
+            ge_both = np.take_along_axis(ge, unsort, axis=1)
+            is_new = item_slice <= s
+            key = np.where(is_new, key_new, key_old)
+            ge_all = np.where(is_new, ge_both[:, width:], ge_both[:, :width])
+            precision = np.where(valid, _count_ge_within_rows(key) / np.maximum(ge_all, 1), 0.0)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                ap[s, rows] = np.where(has_rel, precision.sum(axis=1) / n_rel, np.nan)
+
+            # The best relevant item (ties: the smaller index, first in its row) and the items ahead.
+            best = np.argmax(key, axis=1)
+            best_key = key[arange_c, best]
+            above = ops.needles(best_key.astype(np.int64)[:, None] + 1)
+            ahead = np.zeros(c, dtype=np.int64)  # items scoring strictly more
+            for (j, space), block in blocks.items():
+                if space == int(j <= s):
+                    ahead += ops.count_ge(block, above)[:, 0]
+            tied = ge_all[arange_c, best] - ahead > 1
+            resolve = np.flatnonzero(has_rel & tied & (ahead < k_max))
+            if len(resolve):
+                ahead[resolve] += ops.tied_before(keys_old, keys_new, resolve, new_masks[s], best_key[resolve],
+                                                  ids[resolve, best[resolve]], layout)
+            for k in ks:
+                hits[k][s, rows] = has_rel & (ahead < k)
+    return StateMetrics(ap=ap, hits=hits, device=ops.name)
