@@ -1,8 +1,15 @@
 """Retrieval and backfilling metrics (METHOD §4).
 
 All functions take a *score* matrix (higher = more similar, e.g. inner products of unit
-vectors) or precomputed per-query results. Ranking is by descending score; ties are broken by
-gallery index (a stable sort), which matters only for exactly equal scores.
+vectors) or precomputed per-query results.
+
+Ties, one rule for the whole library's evaluation: the ranking is by descending score, ties
+broken by the smaller gallery index (a stable sort); :func:`topk_hits` follows it, and so do
+:func:`backfill_lib.backfill.evaluate_backfill` and
+:meth:`backfill_lib.retrieval.MixedGallery.search`. :func:`average_precision` does not depend on
+the tie-break: a group of tied items counts as one threshold, as in scikit-learn's
+``average_precision_score`` (the precision at a relevant item with score ``s`` is the share of
+relevant items among all items scoring ``≥ s``). Ties matter only for exactly equal scores.
 """
 
 from __future__ import annotations
@@ -30,14 +37,12 @@ def _check_scores(scores, relevant) -> tuple[np.ndarray, np.ndarray]:
     return scores, relevant
 
 
-def _ranked_relevance(scores: np.ndarray, relevant: np.ndarray) -> np.ndarray:
-    """Relevance (bool) of each gallery item in ranked order, one row per query."""
-    order = np.argsort(-scores, axis=1, kind="stable")
-    return np.take_along_axis(relevant, order, axis=1)
-
-
 def average_precision(scores, relevant) -> np.ndarray:
     """Average precision of each query over the full ranking.
+
+    A group of items with equal scores counts as one threshold, as in scikit-learn's
+    ``average_precision_score``: each relevant item contributes the share of relevant items
+    among the items scoring at least as high as it, whatever the order inside the group.
 
     Parameters
     ----------
@@ -64,12 +69,21 @@ def average_precision(scores, relevant) -> np.ndarray:
     --------
     >>> average_precision([[0.9, 0.8, 0.1]], [[True, False, True]]).round(3)
     array([0.833])
+    >>> average_precision([[0.5, 0.5]], [[True, False]])  # a tie is one threshold: 1/2
+    array([0.5])
     """
     scores, relevant = _check_scores(scores, relevant)
-    ranked = _ranked_relevance(scores, relevant)
-    hits = np.cumsum(ranked, axis=1)
-    ranks = np.arange(1, scores.shape[1] + 1)
-    precision_at_hit = np.where(ranked, hits / ranks, 0.0)
+    order = np.argsort(-scores, axis=1, kind="stable")
+    ranked_scores = np.take_along_axis(scores, order, axis=1)
+    ranked = np.take_along_axis(relevant, order, axis=1)
+    n_g = scores.shape[1]
+    # Each position counts up to the end of its group of equal scores (one threshold per group).
+    last_of_group = np.ones(ranked.shape, dtype=bool)
+    last_of_group[:, :-1] = ranked_scores[:, 1:] != ranked_scores[:, :-1]
+    group_end = np.where(last_of_group, np.arange(n_g), n_g)
+    group_end = np.minimum.accumulate(group_end[:, ::-1], axis=1)[:, ::-1]
+    hits = np.take_along_axis(np.cumsum(ranked, axis=1), group_end, axis=1)
+    precision_at_hit = np.where(ranked, hits / (group_end + 1), 0.0)
     n_rel = ranked.sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(n_rel > 0, precision_at_hit.sum(axis=1) / n_rel, np.nan)
@@ -86,7 +100,8 @@ def topk_hits(scores, relevant, ks=(1, 5)) -> dict[int, np.ndarray]:
     relevant : bool array of shape (n_queries, n_gallery)
         Whether each gallery item is relevant to each query.
     ks : sequence of int, default (1, 5)
-        Cut-offs; the largest must not exceed ``n_gallery``.
+        Cut-offs, each a positive integer no larger than ``n_gallery``. The ranking is by
+        descending score, ties broken by the smaller gallery index.
 
     Returns
     -------
@@ -97,10 +112,10 @@ def topk_hits(scores, relevant, ks=(1, 5)) -> dict[int, np.ndarray]:
     Raises
     ------
     TypeError
-        If ``scores`` is not numeric.
+        If ``scores`` is not numeric or ``ks`` is not a sequence of integers.
     ValueError
         If ``scores`` is not a non-empty 2-D matrix, holds NaN or ``+inf``, ``relevant`` has
-        another shape, or ``max(ks)`` exceeds ``n_gallery``.
+        another shape, ``ks`` is empty, or a ``k`` is below 1 or exceeds ``n_gallery``.
 
     Examples
     --------
@@ -108,9 +123,19 @@ def topk_hits(scores, relevant, ks=(1, 5)) -> dict[int, np.ndarray]:
     {1: array([False]), 2: array([ True])}
     """
     scores, relevant = _check_scores(scores, relevant)
+    if isinstance(ks, (int, np.integer)) or not hasattr(ks, "__len__"):
+        raise TypeError(f"ks must be a sequence of positive integers, e.g. (1, 5), got {ks!r}")
+    if len(ks) == 0:
+        raise ValueError("ks is empty: give at least one cut-off, e.g. (1, 5)")
+    for i, k in enumerate(ks):
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+            raise TypeError(f"ks[{i}] must be a positive integer, got {k!r}")
+        if k < 1:
+            raise ValueError(f"ks[{i}] = {k}: a cut-off must be at least 1 (top-1 is the first result)")
+        if k > scores.shape[1]:
+            raise ValueError(f"ks asks for top-{k} but the gallery has {scores.shape[1]} items")
+    ks = tuple(int(k) for k in ks)
     kmax = max(ks)
-    if kmax > scores.shape[1]:
-        raise ValueError(f"ks asks for top-{kmax} but the gallery has {scores.shape[1]} items")
     top = np.argsort(-scores, axis=1, kind="stable")[:, :kmax]
     rel_top = np.take_along_axis(relevant, top, axis=1)
     return {k: rel_top[:, :k].any(axis=1) for k in ks}

@@ -35,9 +35,26 @@ class TestAveragePrecision:
         ap = average_precision([[-np.inf, 0.2, 0.1]], [[False, False, True]])
         assert ap[0] == pytest.approx(0.5)
 
-    def test_ties_broken_by_gallery_index(self):
+    def test_a_tie_is_one_threshold_like_sklearn(self):
+        # Whatever the order inside the tied group, the precision there is 1/2.
         assert average_precision([[1.0, 1.0]], [[False, True]])[0] == 0.5
-        assert average_precision([[1.0, 1.0]], [[True, False]])[0] == 1.0
+        assert average_precision([[1.0, 1.0]], [[True, False]])[0] == 0.5
+        # Ranking 0.9 (rel), then a group {0.5 rel, 0.5 irrel, 0.5 rel}: (1 + 3/4 + 3/4) / 3.
+        ap = average_precision([[0.5, 0.9, 0.5, 0.5]], [[True, True, False, True]])[0]
+        assert ap == pytest.approx((1 + 0.75 + 0.75) / 3)
+        assert ap == pytest.approx(average_precision_score([1, 1, 0, 1], [0.5, 0.9, 0.5, 0.5]))
+
+    @given(n_g=st.integers(2, 40), levels=st.integers(1, 4), seed=st.integers(0, 2**32 - 1))
+    def test_matches_sklearn_with_ties(self, n_g, levels, seed):
+        rng = np.random.default_rng(seed)
+        scores = rng.integers(0, levels, size=n_g) / 4.0  # a few levels: many ties
+        rel = rng.random(n_g) < 0.4
+        rel[rng.integers(n_g)] = True
+        assert average_precision(scores[None, :], rel[None, :])[0] == pytest.approx(
+            average_precision_score(rel, scores), abs=1e-12)
+
+    def test_minus_zero_ties_with_zero(self):
+        assert average_precision([[0.0, -0.0]], [[False, True]])[0] == 0.5
 
     def test_float64_scores_are_not_rounded_to_ties(self):
         # In float32 these two scores are equal and the tie would put item 0 first.
@@ -90,6 +107,30 @@ class TestTopk:
     def test_k_larger_than_gallery(self):
         with pytest.raises(ValueError, match="ks asks for top-5 but the gallery has 3 items"):
             topk_hits(np.zeros((1, 3)), np.zeros((1, 3), bool), ks=(1, 5))
+
+    def test_ties_broken_by_smaller_gallery_index(self):
+        hits = topk_hits([[1.0, 1.0, 1.0]], [[False, True, True]], ks=(1, 2))
+        assert not hits[1][0] and hits[2][0]
+        hits = topk_hits([[1.0, 1.0, 1.0]], [[True, False, False]], ks=(1,))
+        assert hits[1][0]
+
+    @pytest.mark.parametrize("ks,error,match", [
+        ((-1,), ValueError, r"ks\[0\] = -1: a cut-off must be at least 1"),
+        ((0,), ValueError, r"ks\[0\] = 0"),
+        ((1, 0), ValueError, r"ks\[1\] = 0"),
+        ((), ValueError, "ks is empty"),
+        (3, TypeError, "ks must be a sequence"),
+        ((1.5,), TypeError, r"ks\[0\] must be a positive integer"),
+        ((True,), TypeError, r"ks\[0\] must be a positive integer"),
+    ])
+    def test_bad_ks(self, ks, error, match):
+        """Issue 7: ks=(-1,) answered top-(n-1), ks=(0,) answered False."""
+        with pytest.raises(error, match=match):
+            topk_hits(np.zeros((1, 3)), np.zeros((1, 3), bool), ks=ks)
+
+    def test_numpy_integer_ks(self):
+        hits = topk_hits([[0.2, 0.9]], [[True, False]], ks=(np.int64(2),))
+        assert list(hits) == [2] and hits[2][0]
 
 
 class TestAuc:
