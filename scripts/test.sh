@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Run every test: install what is missing, unit tests, nbval over book/, the strict build, then
+# Run every test: install what is missing, unit tests, the Colab path (every chapter from the built
+# wheel in a fresh venv), nbval over book/, the strict build, then
 # the built website in headless Chromium (tests/browser; screenshots in _build/screenshots).
 set -euo pipefail
 cd "$(dirname "$0")/.."
