@@ -1,16 +1,28 @@
-"""Figures with one colour per model and strategy, the same in every chapter."""
+"""Figures of the book, with one palette the library owns (one colour per model, per strategy and
+per score space, the same in every chapter), seaborn where it is the better tool (score
+distributions, the cross-model matrix), and the strategy diagram every chapter shows.
+
+This is the presentation layer: it draws arrays and results that other modules compute
+(:mod:`~backfill_lib.backfill` for curves, :mod:`~backfill_lib.experiment` for the results JSON).
+"""
 
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.lines import Line2D
+from matplotlib.patches import FancyArrowPatch, FancyBboxPatch, Patch
+from matplotlib.ticker import PercentFormatter
 
-#: One colour per model and strategy (colour-blind-friendly where it matters).
+#: One colour per meaning, book-wide: models, strategies and score spaces never share a colour.
 COLORS: dict[str, str] = {
-    "old": "#7f7f7f",               # the old model, old/old retrieval
-    "new": "#000000",               # the new model, new/new retrieval
+    # models
+    "old": "#7f7f7f",               # the old model φ_o, old/old retrieval
+    "new": "#000000",               # the new model φ_n, new/new retrieval
+    # strategies
     "offline": "#4d4d4d",
     "new_on_old": "#d62728",        # incompatible: new query, old gallery
     "rank_merge": "#1f77b4",
@@ -22,6 +34,10 @@ COLORS: dict[str, str] = {
     "mct_old_neg": "#98df8a",
     "mct_new_neg": "#17becf",
     "mct_no_rho": "#e377c2",
+    # score spaces: what a query is compared with (never a model's colour, see SPACES)
+    "old_stored": "#c49a00",        # φ_o(q)·φ_o(g): old query against an old-stored item
+    "new_stored": "#00429d",        # new-side query against a new-stored item
+    "cross": "#c51b7d",             # transformed or new query against an old-stored item
 }
 
 #: Human-readable names for legends.
@@ -39,19 +55,26 @@ LABELS: dict[str, str] = {
     "mct_old_neg": "MCT, old-space negatives only",
     "mct_new_neg": "MCT, new-space negatives only",
     "mct_no_rho": "MCT without learnable ρ",
+    "old_stored": "old space: φ_o(q)·φ_o(g)",
+    "new_stored": "new space: query · new-stored item",
+    "cross": "cross: new-side query · old-stored item",
 }
+
+#: The score spaces of :func:`plot_score_distributions`, in legend order.
+SPACES: tuple[str, ...] = ("old_stored", "cross", "new_stored")
 
 METRIC_LABELS = {"map": "mAP", "top1": "top-1 accuracy (CMC)", "top5": "top-5 accuracy (CMC)",
                  "negative_flips": "negative-flip rate"}
 
 
 def color(name: str) -> str:
-    """The colour of a model or strategy (grey for unknown names).
+    """The colour of a model, strategy or score space (grey for unknown names).
 
     Parameters
     ----------
     name : str
-        A key of ``COLORS``: ``"old"``, ``"new"`` or a strategy name such as ``"rank_merge"``.
+        A key of ``COLORS``: ``"old"``, ``"new"``, a strategy name such as ``"rank_merge"``, or a
+        score space (``"old_stored"``, ``"new_stored"``, ``"cross"``).
 
     Returns
     -------
@@ -62,12 +85,13 @@ def color(name: str) -> str:
 
 
 def label(name: str) -> str:
-    """The legend name of a model or strategy (the name itself when it has none).
+    """The legend name of a model, strategy or score space (the name itself when it has none).
 
     Parameters
     ----------
     name : str
-        A key of ``LABELS``: ``"old"``, ``"new"`` or a strategy name such as ``"rank_merge"``.
+        A key of ``LABELS``: ``"old"``, ``"new"``, a strategy name such as ``"rank_merge"``, or a
+        score space.
 
     Returns
     -------
@@ -77,21 +101,96 @@ def label(name: str) -> str:
     return LABELS.get(name, name)
 
 
+def _check_names(names, what: str = "names") -> list[str]:
+    if isinstance(names, str):
+        raise TypeError(f"{what} must be a list of names, not the string {names!r}: write [{names!r}]")
+    names = list(names)
+    unknown = [n for n in names if n not in COLORS]
+    if unknown:
+        raise ValueError(f"{what} has no colour for {unknown}; choose from: {', '.join(COLORS)}")
+    return names
+
+
+def palette(names=None, by_label: bool = False) -> dict[str, str]:
+    """A seaborn palette (``palette=`` argument) for the given models, strategies or spaces.
+
+    Parameters
+    ----------
+    names : sequence of str, optional
+        Keys of ``COLORS``, in the order wanted for ``hue_order``; default every key.
+    by_label : bool, default False
+        Key the palette by legend name (:func:`label`) instead of by name, for a data frame whose
+        hue column holds legend names.
+
+    Returns
+    -------
+    dict of str to str
+        Name (or label) -> hex colour, in the order of ``names``; ``list(palette(names))`` is a
+        matching ``hue_order``.
+
+    Raises
+    ------
+    ValueError
+        If a name has no colour.
+    TypeError
+        If ``names`` is a single string.
+
+    Examples
+    --------
+    >>> palette(["old", "rank_merge"])
+    {'old': '#7f7f7f', 'rank_merge': '#1f77b4'}
+    """
+    names = list(COLORS) if names is None else _check_names(names)
+    return {(label(n) if by_label else n): COLORS[n] for n in names}
+
+
+def set_book_style() -> None:
+    """Set the book's figure style (seaborn's white grid, readable fonts, tight legends).
+
+    Call it once at the top of a chapter; colours still come from :data:`COLORS`, never from the
+    style's colour cycle.
+
+    Examples
+    --------
+    >>> set_book_style()
+    """
+    import seaborn as sns
+
+    sns.set_theme(context="notebook", style="whitegrid", font_scale=0.9,
+                  rc={"figure.dpi": 100, "axes.titlesize": 11, "legend.fontsize": 8, "legend.framealpha": 0.9,
+                      "axes.spines.top": False, "axes.spines.right": False, "grid.alpha": 0.4})
+
+
 def _curves_of(entry, metric: str) -> tuple[np.ndarray, np.ndarray]:
     """(ratios, values per seed) from a BackfillCurve, a list of them, or a results-JSON entry."""
     if isinstance(entry, dict):
-        return np.asarray(entry["ratios"]), np.asarray(entry[f"curve_{metric}"])
+        key = f"curve_{metric}"
+        if "ratios" not in entry or key not in entry:
+            raise ValueError(f"a results entry needs 'ratios' and {key!r}; this one has {sorted(entry)}")
+        return np.asarray(entry["ratios"], dtype=float), np.atleast_2d(np.asarray(entry[key], dtype=float))
     curves = entry if isinstance(entry, (list, tuple)) else [entry]
     return np.asarray(curves[0].ratios), np.stack([getattr(c, metric) for c in curves])
 
 
+def _legend_once(ax, **kwargs):
+    """A legend with each label once (the first artist drawn under it)."""
+    handles, labels = ax.get_legend_handles_labels()
+    seen: dict[str, object] = {}
+    for h, lab in zip(handles, labels):
+        if not lab.startswith("_"):
+            seen.setdefault(lab, h)
+    return ax.legend(list(seen.values()), list(seen), **kwargs)
+
+
 def plot_backfill_curves(curves: dict, metric: str = "map", old_old: float | None = None,
                          new_new: float | None = None, ax=None, title: str | None = None,
-                         source: str = "our measurement"):
+                         source: str = "our measurement", percent: bool | None = None,
+                         upto: float | None = None, show_seeds: bool = False, legend_loc: str = "best"):
     """Plot backfill curves ``m(r)``, one line per strategy, mean ± std band over seeds.
 
     Colours and legend names come from :func:`color` and :func:`label`; the ``offline`` curve
-    is drawn as a step.
+    is drawn as a step. The legend lists each entry once: the ``old_old`` reference line is
+    left out of it when the ``"old"`` strategy is plotted too (they are the same level).
 
     Parameters
     ----------
@@ -99,17 +198,27 @@ def plot_backfill_curves(curves: dict, metric: str = "map", old_old: float | Non
         Strategy name -> a :class:`~backfill_lib.backfill.BackfillCurve`, a list of them (one per
         seed), or a strategy entry of :func:`~backfill_lib.experiment.run_experiment`'s results
         (``result["strategies"][name]``; entries with status ``"n/a"`` are skipped). With
-        several seeds the band is ± one standard deviation.
+        several seeds the band is ± one standard deviation (ddof = 1).
     metric : {"map", "top1", "top5", "negative_flips"}, default "map"
         Which curve to draw.
     old_old, new_new : float, optional
-        Reference levels drawn as dashed lines.
+        Reference levels drawn as dashed lines (in the units of ``metric``, fractions).
     ax : matplotlib Axes, optional
         Where to draw; default a new 6.4 × 4.0 inch figure.
     title : str, optional
         Default ``"<metric> during the backfill (<source>)"``.
     source : str, default "our measurement"
         Shown in the default title so our numbers are never confused with the paper's.
+    percent : bool, optional
+        Show the y axis in percent (the data stay fractions, the tick labels read ``"3%"``).
+        Default: True for ``"negative_flips"`` (the book states flips in percent), else False.
+    upto : float, optional
+        For a slider frame: draw each curve faint over the whole range, solid up to ratio
+        ``upto``, with a dotted vertical line at ``upto``.
+    show_seeds : bool, default False
+        Also draw every seed's values as × markers (one legend entry, "one seed").
+    legend_loc : str, default "best"
+        Matplotlib legend location.
 
     Returns
     -------
@@ -119,10 +228,14 @@ def plot_backfill_curves(curves: dict, metric: str = "map", old_old: float | Non
     Raises
     ------
     ValueError
-        If ``metric`` is unknown.
+        If ``metric`` is unknown, ``upto`` is outside [0, 1], or a results entry has no curve.
     """
     if metric not in METRIC_LABELS:
         raise ValueError(f"unknown metric {metric!r}; choose one of: {', '.join(METRIC_LABELS)}")
+    if upto is not None and not 0.0 <= upto <= 1.0:
+        raise ValueError(f"upto must be a backfill ratio in [0, 1], got {upto!r}")
+    if percent is None:
+        percent = metric == "negative_flips"
     if ax is None:
         _, ax = plt.subplots(figsize=(6.4, 4.0))
     for name, entry in curves.items():
@@ -130,22 +243,462 @@ def plot_backfill_curves(curves: dict, metric: str = "map", old_old: float | Non
             continue
         r, v = _curves_of(entry, metric)
         mean = v.mean(axis=0)
-        ax.plot(r, mean, marker="o", ms=3, color=color(name), label=label(name),
-                drawstyle="steps-post" if name == "offline" else "default")
+        style = dict(color=color(name), drawstyle="steps-post" if name == "offline" else "default")
+        if upto is None:
+            ax.plot(r, mean, marker="o", ms=3, label=label(name), **style)
+        else:
+            shown = r <= upto + 1e-9
+            ax.plot(r, mean, alpha=0.2, **style)
+            ax.plot(r[shown], mean[shown], marker="o", ms=4, label=label(name), **style)
         if len(v) > 1:
             std = v.std(axis=0, ddof=1)  # the same spread as the "mean ± std" of the results tables
-            ax.fill_between(r, mean - std, mean + std, color=color(name), alpha=0.15, lw=0)
+            ax.fill_between(r, mean - std, mean + std, color=color(name), alpha=0.15, lw=0,
+                            step="post" if name == "offline" else None)
+        if show_seeds:
+            for seed_values in v:
+                ax.plot(r, seed_values, ls="none", marker="x", ms=4, color=color(name), alpha=0.6,
+                        label="one seed (×)")
     if old_old is not None:
-        ax.axhline(old_old, ls="--", lw=1, color=color("old"), label="old/old")
+        ax.axhline(old_old, ls="--", lw=1, color=color("old"), label="_old/old" if "old" in curves else "old/old")
     if new_new is not None:
         ax.axhline(new_new, ls="--", lw=1, color=color("new"), label="new/new")
-    ax.set_xlabel("backfill ratio r (share of gallery re-extracted)")
-    ax.set_ylabel(METRIC_LABELS[metric])
+    if upto is not None:
+        ax.axvline(upto, ls=":", lw=1, color="#555555")
+    ax.set_xlabel("backfill ratio r (% of the gallery re-extracted)")
+    ax.xaxis.set_major_formatter(PercentFormatter(xmax=1.0, decimals=0))
+    ax.set_ylabel(METRIC_LABELS[metric] + (" (% of queries)" if percent else ""))
+    if percent:
+        ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
     ax.set_xlim(0, 1)
     ax.set_title(title or f"{METRIC_LABELS[metric]} during the backfill ({source})")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    _legend_once(ax, fontsize=8, loc=legend_loc)
     return ax
+
+
+def plot_score_distributions(scores: dict, ax=None, title: str | None = None, kind: str = "hist",
+                             bins=None, log: bool = False, source: str = "our measurement"):
+    """Histograms (or KDEs) of query–item scores, a hue per score space, relevant vs irrelevant.
+
+    Relevant pairs are drawn as outlines, irrelevant pairs filled, in the colour of their space
+    (:data:`SPACES`). A merged ranking is sound when every relevant curve lies right of every
+    irrelevant one, whichever space it comes from; rank merge sags because the old-space
+    irrelevant scores overlap the new-space relevant ones.
+
+    Parameters
+    ----------
+    scores : dict
+        Space -> ``(relevant_scores, irrelevant_scores)``, two 1-D arrays of inner products
+        ``s(a, b) = a·b``. Spaces are keys of :data:`SPACES`: ``"old_stored"`` (φ_o(q)·φ_o(g)),
+        ``"cross"`` (a new-side query, e.g. ψ̂(φ_n(q)), against an old-stored item) and
+        ``"new_stored"`` (a new-side query against a new-stored item), e.g. from
+        :func:`pair_scores`.
+    ax : matplotlib Axes, optional
+        Where to draw; default a new 6.4 × 3.6 inch figure.
+    title : str, optional
+        Default ``"Score distributions per space (<source>)"``.
+    kind : {"hist", "kde"}, default "hist"
+        Seaborn ``histplot`` (density histograms) or ``kdeplot``.
+    bins : int or sequence, optional
+        Histogram bins; default 80 bins over [-1, 1] (scores of unit vectors).
+    log : bool, default False
+        Logarithmic density axis (shows the thin tails where rankings go wrong).
+    source : str, default "our measurement"
+        Shown in the default title.
+
+    Returns
+    -------
+    matplotlib Axes
+        The axes drawn on.
+
+    Raises
+    ------
+    ValueError
+        If a space is unknown, ``kind`` is unknown, ``scores`` is empty, or a score set is empty.
+    """
+    import seaborn as sns
+
+    if kind not in ("hist", "kde"):
+        raise ValueError(f"kind must be 'hist' or 'kde', got {kind!r}")
+    if not scores:
+        raise ValueError("scores is empty: give {space: (relevant, irrelevant)} for at least one space")
+    unknown = [s for s in scores if s not in SPACES]
+    if unknown:
+        raise ValueError(f"unknown score space {unknown}; choose from: {', '.join(SPACES)}")
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6.4, 3.6))
+    bins = np.linspace(-1, 1, 81) if bins is None else bins
+    handles = []
+    for space in (s for s in SPACES if s in scores):
+        pair = scores[space]
+        if len(pair) != 2:
+            raise ValueError(f"scores[{space!r}] must be (relevant_scores, irrelevant_scores)")
+        for relevant, values in zip((True, False), pair):
+            values = np.asarray(values, dtype=float).ravel()
+            if values.size == 0:
+                raise ValueError(f"scores[{space!r}] has no {'relevant' if relevant else 'irrelevant'} scores")
+            c = color(space)
+            if kind == "hist":
+                sns.histplot(x=values, bins=bins, stat="density", ax=ax, color=c, element="step",
+                             fill=not relevant, alpha=0.25, lw=2 if relevant else 0.8)
+            else:
+                sns.kdeplot(x=values, ax=ax, color=c, fill=not relevant, alpha=0.25, lw=2 if relevant else 1,
+                            cut=0, warn_singular=False)
+            handles.append(Line2D([], [], color=c, lw=2) if relevant
+                           else Patch(facecolor=c, alpha=0.35, edgecolor=c))
+    names = [f"{label(s)}: {'relevant' if rel else 'irrelevant'}" for s in SPACES if s in scores
+             for rel in (True, False)]
+    if log:
+        ax.set_yscale("log")
+    ax.set_xlim(-1, 1)
+    ax.set_xlabel("score s(query, stored item) = inner product of unit vectors")
+    ax.set_ylabel("density (per unit score)" + (", log scale" if log else ""))
+    ax.set_title(title or f"Score distributions per space ({source})")
+    ax.legend(handles, names, fontsize=7, loc="upper left")
+    return ax
+
+
+def pair_scores(strategy, labels, n_queries: int = 600, seed: int = 0) -> dict:
+    """The scores of relevant and irrelevant (query, stored item) pairs of a strategy, per space.
+
+    Each sampled query is scored against every other item twice: as stored old
+    (``strategy.query_old · strategy.gallery_old``) and as stored new
+    (``strategy.query_new · strategy.gallery_new``), whatever the backfill ratio; the input of
+    :func:`plot_score_distributions`. The old-stored scores are ``"old_stored"`` when the query
+    side is the old model itself (``old``, ``offline``, ``rank_merge``) and ``"cross"`` otherwise.
+
+    Parameters
+    ----------
+    strategy : backfill_lib.backfill.Strategy
+        A strategy whose queries are the gallery items (leave-one-out).
+    labels : array of int, shape (N,)
+        Class labels of the gallery items; relevance is the same label.
+    n_queries : int, default 600
+        How many queries to sample (all of them if the gallery is smaller).
+    seed : int, default 0
+        Seed of the query sample.
+
+    Returns
+    -------
+    dict
+        ``{space: (relevant_scores, irrelevant_scores)}`` with spaces ``"old_stored"`` or
+        ``"cross"``, and ``"new_stored"``.
+
+    Raises
+    ------
+    ValueError
+        If ``labels`` does not match the gallery, or ``n_queries`` is not positive.
+    """
+    labels = np.asarray(labels)
+    n = len(strategy.gallery_old)
+    if labels.shape != (n,):
+        raise ValueError(f"labels has shape {labels.shape}, but the gallery has {n} items: give one label per item")
+    if len(strategy.query_old) != n:
+        raise ValueError("pair_scores needs the queries to be the gallery items (leave-one-out)")
+    if n_queries < 1:
+        raise ValueError(f"n_queries must be positive, got {n_queries}")
+    rows = np.sort(np.random.default_rng(seed).permutation(n)[:n_queries])
+    relevant = labels[rows][:, None] == labels[None, :]
+    not_self = rows[:, None] != np.arange(n)[None, :]
+    pos, neg = relevant & not_self, ~relevant
+    old_side = np.asarray(strategy.query_old)[rows] @ np.asarray(strategy.gallery_old).T
+    new_side = np.asarray(strategy.query_new)[rows] @ np.asarray(strategy.gallery_new).T
+    old_space = "old_stored" if strategy.name in ("old", "offline", "rank_merge") else "cross"
+    return {old_space: (old_side[pos], old_side[neg]), "new_stored": (new_side[pos], new_side[neg])}
+
+
+def plot_cross_model_matrix(matrix, query_models, gallery_models=None, ax=None, title: str | None = None,
+                            metric: str = "mAP", fmt: str = ".3f", source: str = "our measurement",
+                            tick_labels: dict | None = None):
+    """Seaborn heatmap of a cross-model retrieval matrix: query model (rows) × gallery model (columns).
+
+    Cell ``(i, j)`` is the retrieval quality when queries are embedded by ``query_models[i]`` and
+    the gallery by ``gallery_models[j]``; the diagonal is each model on its own. A NaN cell (the
+    embeddings cannot be compared, e.g. different sizes) is left blank and annotated ``"n/a"``.
+
+    Parameters
+    ----------
+    matrix : array-like, shape (n_query_models, n_gallery_models)
+        The values, in [0, 1] (NaN for pairs that cannot be compared).
+    query_models : sequence of str
+        Row names (keys of :data:`COLORS` colour the tick labels).
+    gallery_models : sequence of str, optional
+        Column names; default ``query_models``.
+    ax : matplotlib Axes, optional
+        Where to draw; default a new figure sized to the matrix.
+    title : str, optional
+        Default ``"Cross-model <metric> (<source>)"``.
+    metric : str, default "mAP"
+        Name of the value, for the colour bar and the title.
+    fmt : str, default ".3f"
+        Format of the annotations.
+    source : str, default "our measurement"
+        Shown in the default title.
+    tick_labels : dict of str to str, optional
+        Display names of the models, e.g. ``{"new": "new φ_n"}``; default the names themselves.
+
+    Returns
+    -------
+    matplotlib Axes
+        The axes drawn on.
+
+    Raises
+    ------
+    ValueError
+        If the matrix is not 2-D or its shape does not match the model names.
+    """
+    import seaborn as sns
+
+    m = np.asarray(matrix, dtype=float)
+    query_models = list(query_models)
+    gallery_models = query_models if gallery_models is None else list(gallery_models)
+    if m.ndim != 2 or m.shape != (len(query_models), len(gallery_models)):
+        raise ValueError(f"matrix has shape {m.shape}, but there are {len(query_models)} query models and "
+                         f"{len(gallery_models)} gallery models: give one row per query model, one column per "
+                         "gallery model")
+    names = tick_labels or {}
+    if ax is None:
+        _, ax = plt.subplots(figsize=(1.3 * len(gallery_models) + 2.2, 0.8 * len(query_models) + 1.4))
+    annot = np.array([["n/a" if np.isnan(v) else format(v, fmt) for v in row] for row in m])
+    sns.heatmap(m, ax=ax, annot=annot, fmt="", cmap="viridis", vmin=0.0, vmax=1.0, square=False,
+                linewidths=0.5, linecolor="white", cbar_kws={"label": metric}, mask=np.isnan(m),
+                xticklabels=[names.get(g, g) for g in gallery_models],
+                yticklabels=[names.get(q, q) for q in query_models])
+    for tick, name in zip(ax.get_xticklabels(), gallery_models):
+        tick.set_color(color(name) if name in COLORS else "black")
+    for tick, name in zip(ax.get_yticklabels(), query_models):
+        tick.set_color(color(name) if name in COLORS else "black")
+        tick.set_rotation(0)
+    for (i, j), v in np.ndenumerate(m):  # seaborn skips masked cells; say why they are empty
+        if np.isnan(v):
+            ax.text(j + 0.5, i + 0.5, "n/a", ha="center", va="center", fontsize=9, color="#555555")
+    ax.set_xlabel("gallery embedded by")
+    ax.set_ylabel("query embedded by")
+    ax.set_title(title or f"Cross-model {metric} ({source})")
+    return ax
+
+
+# --- The strategy diagram -------------------------------------------------------------------------
+# Symbols are matplotlib mathtext, so φ_o renders as a subscript: PHI_O, PHI_N, PSI, RHO, H below.
+
+PHI_O, PHI_N = r"$\phi_o$", r"$\phi_n$"
+_PSI_Q, _RHO_Q = r"$\hat\psi(\phi_n(q))$", r"$\hat\rho(\phi_n(q))$"
+_OLD_Q, _NEW_Q = r"$\phi_o(q)$", r"$\phi_n(q)$"
+
+
+@dataclass(frozen=True)
+class _Lane:
+    """One comparison: the query vector a strategy computes and the stored vectors it meets."""
+    backbone: str               # PHI_O or PHI_N
+    head: str | None            # r"$\hat\psi$", r"$\hat\rho$" or None
+    query_vector: str           # e.g. _PSI_Q
+    note: str = ""              # under the arrow, e.g. "until r = 1"
+    incompatible: bool = False  # drawn red and dashed
+
+
+@dataclass(frozen=True)
+class _Diagram:
+    stored_old: str                 # what a not-yet-backfilled item stores
+    stored_new: str | None          # what a backfilled item stores (None: nothing is backfilled)
+    old_lane: _Lane | None          # the comparison with not-yet-backfilled items
+    new_lane: _Lane | None          # the comparison with backfilled items
+    passes: str                     # backbone passes per query, in words
+    ranking: str                    # how the two parts become one ranking
+    trained: str = ""               # what training made it work
+
+
+_BACKBONE_MODEL = {PHI_O: "old", PHI_N: "new"}
+_PSI, _RHO = r"$\hat\psi$", r"$\hat\rho$"
+_STORED_OLD, _STORED_NEW = r"$\phi_o(g)$", r"$\phi_n(g)$"
+_ONE_NEW = r"1 backbone pass ($\phi_n$)"
+
+_MCT = dict(stored_old=_STORED_OLD, stored_new=r"$\hat\rho(\phi_n(g))$", old_lane=_Lane(PHI_N, _PSI, _PSI_Q),
+            new_lane=_Lane(PHI_N, _RHO, _RHO_Q), passes=_ONE_NEW + r" + heads $\psi$, $\rho$",
+            ranking="one ranking by score (spaces made comparable)")
+
+#: What every strategy stores and computes, drawn by :func:`plot_strategy_diagram`.
+DIAGRAMS: dict[str, _Diagram] = {
+    "old": _Diagram(_STORED_OLD, None, _Lane(PHI_O, None, _OLD_Q), None,
+                    r"1 backbone pass ($\phi_o$)", "no upgrade: the new model is never used"),
+    "offline": _Diagram(_STORED_OLD, _STORED_NEW, _Lane(PHI_O, None, _OLD_Q, note="while r < 1"),
+                        _Lane(PHI_N, None, _NEW_Q, note="from r = 1 on"),
+                        r"1 backbone pass ($\phi_o$, then $\phi_n$)", "switch at r = 1; new vectors unused before"),
+    "new_on_old": _Diagram(_STORED_OLD, _STORED_NEW, _Lane(PHI_N, None, _NEW_Q, note="incompatible", incompatible=True),
+                           _Lane(PHI_N, None, _NEW_Q), _ONE_NEW, "one ranking by score (old part: noise)"),
+    "bct": _Diagram(_STORED_OLD, _STORED_NEW, _Lane(PHI_N, None, _NEW_Q, note="compatible by training"),
+                    _Lane(PHI_N, None, _NEW_Q), _ONE_NEW, "one ranking by score",
+                    trained=r"$\phi_n$ trained with BCT's influence loss"),
+    "ra_bct": _Diagram(_STORED_OLD, _STORED_NEW, _Lane(PHI_N, None, _NEW_Q, note="compatible by training"),
+                       _Lane(PHI_N, None, _NEW_Q), _ONE_NEW, "one ranking by score",
+                       trained=r"$\phi_n$ trained with InfoNCE towards $\phi_o$"),
+    "rank_merge": _Diagram(_STORED_OLD, _STORED_NEW, _Lane(PHI_O, None, _OLD_Q), _Lane(PHI_N, None, _NEW_Q),
+                           r"2 backbone passes ($\phi_o$ and $\phi_n$)", "merge the two ranked lists by score"),
+    "reverse_transform": _Diagram(_STORED_OLD, _STORED_NEW, _Lane(PHI_N, _PSI, _PSI_Q), _Lane(PHI_N, None, _NEW_Q),
+                                  _ONE_NEW + r" + head $\psi$", "one ranking by score",
+                                  trained=r"$\psi$: new $\to$ old, trained with $L_{rt}$"),
+    "forward_transform": _Diagram(r"$\hat h(\phi_o(g))$", _STORED_NEW, _Lane(PHI_N, None, _NEW_Q),
+                                  _Lane(PHI_N, None, _NEW_Q), _ONE_NEW, "one ranking by score",
+                                  trained=r"$h$: old $\to$ new, applied once to the stored $\phi_o(g)$"),
+    "mct": _Diagram(trained=r"$\psi$, $\rho$ trained with $L_{mc}$, negatives from both spaces", **_MCT),
+    "mct_old_neg": _Diagram(trained=r"ablation: $L_{mc}$ with old-stored negatives only", **_MCT),
+    "mct_new_neg": _Diagram(trained=r"ablation: $L_{mc}$ with new-stored negatives only", **_MCT),
+    "mct_no_rho": _Diagram(_STORED_OLD, _STORED_NEW, _Lane(PHI_N, _PSI, _PSI_Q), _Lane(PHI_N, None, _NEW_Q),
+                           _ONE_NEW + r" + head $\psi$", "one ranking by score (spaces made comparable)",
+                           trained=r"ablation: $\psi$ trained with $L_{mc}$, $\rho$ = identity"),
+}
+
+# Layout of a diagram, in axes coordinates (x, y in [0, 1]).
+_Y_OLD, _Y_NEW, _Y_MID = 0.62, 0.30, 0.46
+_X_QUERY, _X_BACKBONE, _X_HEAD, _X_ARROW_END, _X_STORE = 0.06, 0.215, 0.37, 0.625, 0.81
+_W_STORE, _H_STORE = 0.37, 0.2
+_FONT = 11
+
+
+def _box(ax, x, y, text, w, h, face, edge=None, text_color="black", lw=1.2, ls="-", size=_FONT):
+    ax.add_patch(FancyBboxPatch((x - w / 2, y - h / 2), w, h, boxstyle="round,pad=0.01,rounding_size=0.02",
+                                facecolor=face, edgecolor=edge or face, lw=lw, ls=ls, transform=ax.transAxes))
+    ax.text(x, y, text, ha="center", va="center", fontsize=size, color=text_color, transform=ax.transAxes)
+
+
+def _arrow(ax, start, end, c="#333333", ls="-", lw=1.3):
+    ax.add_patch(FancyArrowPatch(start, end, arrowstyle="-|>", mutation_scale=12, color=c, lw=lw, ls=ls,
+                                 transform=ax.transAxes, shrinkA=0, shrinkB=0))
+
+
+def plot_strategy_diagram(strategy: str, ax=None):
+    """Draw what a strategy stores and computes: the book's picture of each method.
+
+    On the right, the gallery: what a not-yet-backfilled item (``g ∉ B_r``, dashed frame) and a
+    backfilled item (``g ∈ B_r``, solid frame) store. On the left, the query: which backbone(s)
+    it runs (φ_o in the old model's grey, φ_n in the new model's black) and which heads (ψ̂, ρ̂,
+    framed in the strategy's colour). Each arrow is one comparison, labelled with the query
+    vector and scored by ``s = a·b`` against the stored vector it points at. The header gives the
+    backbone passes per query and what training the strategy needs; the footer how the two
+    parts become one ranking. Sized 6 × 3 inches, readable at phone width.
+
+    Parameters
+    ----------
+    strategy : str
+        A strategy name, a key of :data:`DIAGRAMS` (every strategy of
+        :data:`~backfill_lib.strategies.STRATEGY_REGISTRY`): ``"old"``, ``"offline"``,
+        ``"new_on_old"``, ``"bct"``, ``"ra_bct"``, ``"rank_merge"``, ``"reverse_transform"``,
+        ``"forward_transform"``, ``"mct"`` and the ablations ``"mct_old_neg"``, ``"mct_new_neg"``,
+        ``"mct_no_rho"``.
+    ax : matplotlib Axes, optional
+        Where to draw; default a new 6 × 3 inch figure.
+
+    Returns
+    -------
+    matplotlib Axes
+        The axes drawn on (axis lines off); the title is the strategy's legend name.
+
+    Raises
+    ------
+    ValueError
+        If ``strategy`` has no diagram; the message lists the choices.
+
+    Examples
+    --------
+    >>> ax = plot_strategy_diagram("rank_merge")
+    >>> ax.get_title()
+    'distance rank merge'
+    """
+    if strategy not in DIAGRAMS:
+        raise ValueError(f"no diagram for strategy {strategy!r}; choose from: {', '.join(DIAGRAMS)}")
+    d = DIAGRAMS[strategy]
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6.0, 3.0))
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.axis("off")
+    c = color(strategy)
+
+    # The query image and the backbone(s) it runs: one box in the middle, or one per lane.
+    lanes = {y: lane for y, lane in ((_Y_OLD, d.old_lane), (_Y_NEW, d.new_lane)) if lane is not None}
+    backbones = {lane.backbone for lane in lanes.values()}
+    backbone_y = ({backbones.pop(): _Y_MID} if len(backbones) == 1
+                  else {lane.backbone: y for y, lane in lanes.items()})
+    _box(ax, _X_QUERY, _Y_MID, "query\nimage\n$q$", 0.1, 0.26, "white", edge="#333333", size=_FONT - 2)
+    for name, y in backbone_y.items():
+        _box(ax, _X_BACKBONE, y, name, 0.08, 0.12, color(_BACKBONE_MODEL[name]), text_color="white",
+             size=_FONT + 2)
+        _arrow(ax, (_X_QUERY + 0.055, _Y_MID), (_X_BACKBONE - 0.045, y))
+
+    # The gallery: what each part stores.
+    _box(ax, _X_STORE, _Y_OLD, f"not backfilled ($g \\notin B_r$)\nstores {d.stored_old}", _W_STORE, _H_STORE,
+         "white", edge=color("old_stored"), lw=2.2, ls="--", size=_FONT - 1)
+    if d.stored_new is None:
+        _box(ax, _X_STORE, _Y_NEW, "nothing is backfilled", _W_STORE, _H_STORE, "#f2f2f2", edge="#bbbbbb",
+             text_color="#666666", ls=":", size=_FONT - 1)
+    else:
+        _box(ax, _X_STORE, _Y_NEW, f"backfilled ($g \\in B_r$)\nstores {d.stored_new}", _W_STORE, _H_STORE,
+             "white", edge=color("new_stored"), lw=2.2, size=_FONT - 1)
+
+    # One arrow per comparison, from the query vector to the stored vectors it is scored against.
+    for y, lane in lanes.items():
+        x, y0 = _X_BACKBONE + 0.045, backbone_y[lane.backbone]
+        if lane.head is not None:
+            _arrow(ax, (x, y0), (_X_HEAD - 0.03, y))
+            _box(ax, _X_HEAD, y, lane.head, 0.05, 0.11, "white", edge=c, lw=2, size=_FONT + 1)
+            x, y0 = _X_HEAD + 0.03, y
+        arrow_c = color("new_on_old") if lane.incompatible else c
+        _arrow(ax, (x, y0), (_X_ARROW_END, y), c=arrow_c, ls="--" if lane.incompatible else "-", lw=2)
+        xm = (max(x, _X_HEAD) + _X_ARROW_END) / 2
+        ax.text(xm, y + 0.04, lane.query_vector, ha="center", va="bottom", fontsize=_FONT,
+                transform=ax.transAxes)
+        if lane.note:
+            ax.text(xm, y - 0.045, lane.note, ha="center", va="top", fontsize=_FONT - 2, style="italic",
+                    color=arrow_c, transform=ax.transAxes)
+
+    header = d.passes + " per query" + (f"\n{d.trained}" if d.trained else "")
+    ax.text(0.5, 0.97, header, ha="center", va="top", fontsize=_FONT - 1.5, color="#222222", transform=ax.transAxes)
+    ax.text(0.5, 0.03, f"arrow: score s = query vector · stored vector\n{d.ranking}", ha="center", va="bottom",
+            fontsize=_FONT - 2, color="#444444", transform=ax.transAxes)
+    ax.set_title(label(strategy), fontsize=_FONT + 1, color="black", pad=2)
+    return ax
+
+
+def plot_strategy_diagrams(names, ncols: int = 2):
+    """Strategy diagrams side by side, one :func:`plot_strategy_diagram` per name.
+
+    Parameters
+    ----------
+    names : sequence of str
+        Strategy names (keys of :data:`DIAGRAMS`), in reading order.
+    ncols : int, default 2
+        Diagrams per row; 1 stacks them (best on a phone).
+
+    Returns
+    -------
+    matplotlib Figure
+        The grid, 6 × 3 inches per diagram.
+
+    Raises
+    ------
+    ValueError
+        If ``names`` is empty, a name has no diagram, or ``ncols`` is not positive.
+    TypeError
+        If ``names`` is a single string.
+    """
+    if isinstance(names, str):
+        raise TypeError(f"names must be a list of strategy names, not the string {names!r}: write [{names!r}]")
+    names = list(names)
+    if not names:
+        raise ValueError("names is empty: give at least one strategy name")
+    unknown = [n for n in names if n not in DIAGRAMS]
+    if unknown:
+        raise ValueError(f"no diagram for {unknown}; choose from: {', '.join(DIAGRAMS)}")
+    if ncols < 1:
+        raise ValueError(f"ncols must be a positive number of columns, got {ncols}")
+    ncols = min(ncols, len(names))
+    nrows = -(-len(names) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(6.0 * ncols, 3.2 * nrows), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        plot_strategy_diagram(name, ax=ax)
+    for ax in axes.flat[len(names):]:
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
 
 
 def figure_to_png(fig, dpi: int = 80) -> bytes:
