@@ -606,9 +606,10 @@ class OnlineBackfillIndex:
             return self._merged_search([(self._parts[n], queries[n]) for n in PARTS if len(self._parts[n].ids)], k)
 
     def _merged_search(self, parts, k: int):
-        # Fetch k per part; while a part's last fetched score ties the k-th merged score, items it
-        # did not return could still enter the top k by the id rule: fetch twice as many.
-        fetched = [part.search(q, min(k, len(part.ids))) for part, q in parts]
+        # While a part's last fetched score ties the k-th merged score, items it did not return
+        # could still enter the top k by the id rule: fetch twice as many. One more than k at
+        # first, so that a part holding the whole top k does not tie with itself.
+        fetched = [part.search(q, min(k + 1, len(part.ids))) for part, q in parts]
         while True:
             scores, ids = _merge_by_score_then_id(fetched, k)
             kth = scores[:, -1]

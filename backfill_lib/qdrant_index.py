@@ -377,7 +377,7 @@ class QdrantBackfillIndex:
     def _merged_search(self, parts, k: int):
         # As in OnlineBackfillIndex: while a part's last returned score ties the k-th merged score
         # and the part may hold more points, fetch twice as many (exact top-k under the id rule).
-        fetched = [self._query(part, q, k) for part, q in parts]
+        fetched = [self._query(part, q, k + 1) for part, q in parts]  # k + 1: see OnlineBackfillIndex
         while True:
             scores, ids = _merge_by_score_then_id(fetched, k)
             # A point moved by another process between the two queries would appear twice.
