@@ -131,3 +131,197 @@ def load_result(name: str) -> dict | list | str:
             return json.loads(text) if name.endswith(".json") else text
     raise FileNotFoundError(f"result file {name!r} not found; searched: "
                             + "; ".join(f"{what} ({folder})" for what, folder in places))
+
+
+# --- Tables, formatted numbers and source listings the chapters share ---------------------------
+
+def _cell(value, floatfmt: str) -> str:
+    if isinstance(value, float) or (hasattr(value, "dtype") and getattr(value, "dtype").kind == "f"):
+        text = format(float(value), floatfmt)
+    else:
+        text = str(value)
+    return text.replace("|", "\\|").replace("\n", " ")  # a bar or newline would break the row
+
+
+def markdown_table(rows, headers, floatfmt: str = ".3f", align=None, as_string: bool = False):
+    """A Markdown table as cell output (the book has no pandas dependency).
+
+    Parameters
+    ----------
+    rows : sequence of sequences
+        One sequence of cells per row, each as long as ``headers``. Floats are formatted with
+        ``floatfmt``; everything else with ``str`` (so pre-formatted strings such as
+        ``"0.62 ± 0.01"`` pass unchanged). ``|`` inside a cell is escaped.
+    headers : sequence of str
+        The column titles.
+    floatfmt : str, default ".3f"
+        Format of float cells.
+    align : sequence of {"left", "right", "center"}, optional
+        Alignment per column; default Markdown's (left).
+    as_string : bool, default False
+        Return the Markdown text instead of an ``IPython.display.Markdown`` object.
+
+    Returns
+    -------
+    IPython.display.Markdown or str
+        By default an ``IPython.display.Markdown`` object, rendered as a table when it is a
+        cell's last expression or passed to ``display``; the Markdown text if ``as_string``.
+
+    Raises
+    ------
+    TypeError
+        If a header is not a string (e.g. ``rows`` and ``headers`` were swapped).
+    ValueError
+        If ``headers`` is empty, a row has the wrong number of cells, or an alignment is unknown.
+
+    Examples
+    --------
+    >>> print(markdown_table([["rank merge", 0.3644]], ["strategy", "relative gain"], as_string=True))
+    | strategy | relative gain |
+    | --- | --- |
+    | rank merge | 0.364 |
+    """
+    headers = list(headers)
+    if not headers:
+        raise ValueError("headers is empty: give one title per column")
+    if not all(isinstance(h, str) for h in headers):
+        raise TypeError("headers must be strings (the column titles); the call is "
+                        "markdown_table(rows, headers): were rows and headers swapped?")
+    rows = [list(row) for row in rows]
+    for i, row in enumerate(rows):
+        if len(row) != len(headers):
+            raise ValueError(f"row {i} has {len(row)} cells but there are {len(headers)} headers")
+    rules = {"left": "---", "right": "---:", "center": ":---:"}
+    align = ["left"] * len(headers) if align is None else list(align)
+    if len(align) != len(headers) or any(a not in rules for a in align):
+        raise ValueError(f"align must give one of {', '.join(rules)} per column ({len(headers)} columns), "
+                         f"got {align!r}")
+    lines = ["| " + " | ".join(_cell(h, floatfmt) for h in headers) + " |",
+             "| " + " | ".join(rules[a] for a in align) + " |"]
+    lines += ["| " + " | ".join(_cell(c, floatfmt) for c in row) + " |" for row in rows]
+    text = "\n".join(lines)
+    if as_string:
+        return text
+    from IPython.display import Markdown
+
+    return Markdown(text)
+
+
+def mean_std(stat: dict, digits: int = 3) -> str:
+    """Format a ``{"mean": m, "std": s}`` entry of the results JSON as ``"m ± s"``.
+
+    Parameters
+    ----------
+    stat : dict
+        A statistic over seeds from :func:`load_result`, e.g.
+        ``result["strategies"]["mct"]["relative_gain"]``.
+    digits : int, default 3
+        Decimals of both numbers.
+
+    Returns
+    -------
+    str
+        E.g. ``"0.364 ± 0.011"``.
+
+    Raises
+    ------
+    ValueError
+        If ``stat`` has no ``"mean"`` and ``"std"`` (e.g. a whole strategy entry was passed).
+
+    Examples
+    --------
+    >>> mean_std({"mean": 0.36444, "std": 0.01106})
+    '0.364 ± 0.011'
+    """
+    if not isinstance(stat, dict) or "mean" not in stat or "std" not in stat:
+        keys = sorted(stat) if isinstance(stat, dict) else type(stat).__name__
+        raise ValueError(f"stat must be a {{'mean', 'std'}} entry of the results, got {keys}")
+    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+
+
+def source_of(obj, docstring: bool = False, input_checks: bool = True) -> str:
+    """The source of a function, method or class, optionally without docstrings and input checks.
+
+    Docstrings are found with :mod:`ast` (every docstring of the object, nested ones included), so
+    quotes inside the code are never mistaken for one. An input check is an ``if`` statement
+    whose body only raises; each one left out is replaced by one comment line, so the listing
+    never hides that checks exist.
+
+    Parameters
+    ----------
+    obj : function, method or class
+        Anything :func:`inspect.getsource` accepts.
+    docstring : bool, default False
+        Keep the docstrings.
+    input_checks : bool, default True
+        Keep the ``if ...: raise ...`` input checks; False replaces each run of them by
+        ``# (input checks left out)``.
+
+    Returns
+    -------
+    str
+        The source, dedented, without trailing blank lines.
+
+    Raises
+    ------
+    TypeError
+        If the source of ``obj`` cannot be found (a built-in, or an object defined in a notebook
+        cell that was not saved).
+    """
+    import ast
+    import inspect
+    import textwrap
+
+    try:
+        src = textwrap.dedent(inspect.getsource(obj))
+    except (OSError, TypeError) as err:
+        raise TypeError(f"cannot find the source of {obj!r}: give a function, method or class defined in "
+                        f"a file") from err
+    lines = src.splitlines()
+    drop: dict[int, str | None] = {}  # 0-based line -> replacement (None: delete)
+    for node in ast.walk(ast.parse(src)):
+        body = getattr(node, "body", None)
+        if not isinstance(body, list):
+            continue
+        if (not docstring and isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and body
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            for i in range(body[0].lineno - 1, body[0].end_lineno):
+                drop[i] = None
+            if body[0].end_lineno < len(lines) and not lines[body[0].end_lineno].strip():
+                drop[body[0].end_lineno] = None  # the blank line that followed the docstring
+        if not input_checks:
+            previous_was_check = False
+            for stmt in body:
+                is_check = (isinstance(stmt, ast.If) and not stmt.orelse
+                            and all(isinstance(s, ast.Raise) for s in stmt.body))
+                if is_check:
+                    for i in range(stmt.lineno - 1, stmt.end_lineno):
+                        drop[i] = None
+                    if not previous_was_check:  # one comment per run of consecutive checks
+                        drop[stmt.lineno - 1] = " " * stmt.col_offset + "# (input checks left out)"
+                previous_was_check = is_check
+    kept = [drop[i] if i in drop else line for i, line in enumerate(lines) if not (i in drop and drop[i] is None)]
+    return "\n".join(kept).rstrip()
+
+
+def show_source(obj, docstring: bool = False, input_checks: bool = True) -> None:
+    """Print the source of a function, method or class, without its docstring by default.
+
+    The chapters show the library's code this way, so the book and the library never diverge.
+
+    Parameters
+    ----------
+    obj : function, method or class
+        What to show, e.g. ``backfill_lib.losses.reverse_loss``.
+    docstring : bool, default False
+        Keep the docstrings.
+    input_checks : bool, default True
+        Keep the ``if ...: raise ...`` input checks (see :func:`source_of`).
+
+    Raises
+    ------
+    TypeError
+        If the source of ``obj`` cannot be found.
+    """
+    print(source_of(obj, docstring=docstring, input_checks=input_checks))
