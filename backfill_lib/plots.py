@@ -701,6 +701,62 @@ def plot_strategy_diagrams(names, ncols: int = 2):
     return fig
 
 
+def show_image(ax, image, stored: str | None = None, correct: bool | None = None, title: str | None = None):
+    """Show one dataset image without ticks, optionally framed as stored-old / stored-new and marked ✓ / ✗.
+
+    The frame of a gallery item says what the gallery stores for it: a dashed frame in
+    ``COLORS["old_stored"]`` for a not-yet-backfilled item, a solid one in ``COLORS["new_stored"]``
+    for a backfilled item (the colours of :func:`plot_strategy_diagram`).
+
+    Parameters
+    ----------
+    ax : matplotlib Axes
+        Where to draw.
+    image : array-like, shape (C, H, W) or (H, W)
+        One image as the datasets give it (a tensor works too): 1 channel is drawn in grey, 3
+        channels as colour, rescaled to [0, 1].
+    stored : {"old_stored", "new_stored"}, optional
+        Frame the image as an item stored old or new; default no frame colour.
+    correct : bool, optional
+        Append ✓ (True) or ✗ (False) to the title.
+    title : str, optional
+        Text above the image, e.g. its class.
+
+    Returns
+    -------
+    matplotlib Axes
+        The axes drawn on.
+
+    Raises
+    ------
+    ValueError
+        If ``image`` does not have 1 or 3 channels, or ``stored`` is unknown.
+    """
+    x = np.asarray(image, dtype=np.float32)
+    if x.ndim == 3 and x.shape[0] == 1:
+        x = x[0]
+    if x.ndim == 3 and x.shape[0] == 3:
+        x = x.transpose(1, 2, 0)
+        x = (x - x.min()) / (x.max() - x.min() + 1e-8)
+    elif x.ndim != 2:
+        raise ValueError(f"image must have shape (1, H, W), (3, H, W) or (H, W), got {np.shape(image)}")
+    if stored not in (None, "old_stored", "new_stored"):
+        raise ValueError(f"stored must be 'old_stored', 'new_stored' or None, got {stored!r}")
+    ax.imshow(x, cmap="gray_r" if x.ndim == 2 else None)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if stored is not None:
+        for spine in ax.spines.values():
+            spine.set_visible(True)
+            spine.set_edgecolor(color(stored))
+            spine.set_linewidth(3)
+            spine.set_linestyle("--" if stored == "old_stored" else "-")
+    text = " ".join(t for t in (title, {True: "✓", False: "✗", None: None}[correct]) if t)
+    if text:
+        ax.set_title(text, fontsize=8)
+    return ax
+
+
 def figure_to_png(fig, dpi: int = 80) -> bytes:
     """Render a matplotlib figure to PNG bytes and close it.
 

@@ -12,7 +12,7 @@ from backfill_lib.backfill import evaluate_backfill, offline_backfill, old_only,
 from backfill_lib.plots import (COLORS, DIAGRAMS, LABELS, PHI_N, PHI_O, SPACES, color, figure_to_png, label,
                                 pair_scores, palette, plot_backfill_curves, plot_cross_model_matrix,
                                 plot_score_distributions, plot_strategy_diagram, plot_strategy_diagrams,
-                                set_book_style)
+                                set_book_style, show_image)
 from backfill_lib.strategies import STRATEGY_REGISTRY
 from backfill_lib.widgets import FRAMES_CLASS, SLIDER_CLASS, backfill_slider, frame_slider, render_frames
 
@@ -257,6 +257,26 @@ class TestStrategyDiagram:
         ax.plot([0, 1])
         png = figure_to_png(fig)
         assert png.startswith(PNG_MAGIC) and not plt.fignum_exists(fig.number)
+
+
+class TestShowImage:
+    def test_grey_and_colour_with_frames(self, rng):
+        fig, (a, b) = plt.subplots(1, 2)
+        show_image(a, rng.uniform(size=(1, 8, 8)), stored="old_stored", correct=True, title="3")
+        assert a.get_images()[0].get_array().shape == (8, 8) and a.get_title() == "3 ✓"
+        spine = a.spines["left"]
+        assert matplotlib_colors.to_hex(spine.get_edgecolor()) == COLORS["old_stored"] and spine.get_linestyle() == "--"
+        show_image(b, rng.normal(size=(3, 4, 5)), stored="new_stored", correct=False)
+        rgb = b.get_images()[0].get_array()
+        assert rgb.shape == (4, 5, 3) and rgb.min() >= 0 and rgb.max() <= 1 and b.get_title() == "✗"
+        assert matplotlib_colors.to_hex(b.spines["top"].get_edgecolor()) == COLORS["new_stored"]
+
+    def test_bad_input(self, rng):
+        _, ax = plt.subplots()
+        with pytest.raises(ValueError, match="image must have shape"):
+            show_image(ax, rng.uniform(size=(2, 8, 8)))
+        with pytest.raises(ValueError, match="stored must be"):
+            show_image(ax, rng.uniform(size=(8, 8)), stored="old")
 
 
 def _links():
