@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from backfill_lib.validation import as_embeddings, as_labels, check_choice, check_k, check_ratio, check_ratios
+from backfill_lib.validation import (UNIT_NORM_TOL, as_embeddings, as_labels, check_choice, check_k, check_ratio,
+                                     check_ratios, normalize_rows)
 
 
 class TestAsEmbeddings:
@@ -106,3 +107,86 @@ def test_check_choice():
     assert check_choice("a", ("a", "b"), "policy") == "a"
     with pytest.raises(ValueError, match="unknown policy 'c'; choose one of: a, b"):
         check_choice("c", ("a", "b"), "policy")
+
+
+class TestUnitNorm:
+    def test_unit_rows_accepted_unchanged(self, rng):
+        x = rng.normal(size=(5, 3))
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        np.testing.assert_array_equal(as_embeddings(x, "x", unit_norm=True), x.astype(np.float32))
+
+    def test_tolerance_is_unit_norm_tol(self):
+        inside, outside = 1 + 0.9 * UNIT_NORM_TOL, 1 + 1.1 * UNIT_NORM_TOL
+        as_embeddings([[inside, 0.0], [0.0, 1 - 0.9 * UNIT_NORM_TOL]], "x", unit_norm=True)
+        with pytest.raises(ValueError, match="x must have unit-norm rows"):
+            as_embeddings([[outside, 0.0]], "x", unit_norm=True)
+
+    def test_half_norm_refused_with_row_norm_and_advice(self):
+        x = np.eye(3)
+        x[2] *= 0.5
+        with pytest.raises(ValueError, match=r"new must have unit-norm rows .* 1 row\(s\) are not, e.g. row 2 has "
+                                             r"norm 0\.5: .*normalize_rows\(new\)"):
+            as_embeddings(x, "new", unit_norm=True)
+        assert as_embeddings(x, "new").shape == (3, 3)  # without unit_norm, any norm passes
+
+    def test_zero_row_is_off_unit_norm(self):
+        with pytest.raises(ValueError, match="row 1 has norm 0"):
+            as_embeddings([[1.0, 0.0], [0.0, 0.0]], "g", unit_norm=True)
+
+    def test_empty_with_allow_empty(self):
+        assert as_embeddings(np.zeros((0, 4)), "x", allow_empty=True, unit_norm=True).shape == (0, 4)
+
+    def test_complex_refused_even_with_zero_imaginary_part(self):
+        with pytest.raises(TypeError, match="queries must be real-valued, got complex dtype complex128"):
+            as_embeddings(np.eye(2, dtype=np.complex128), "queries", unit_norm=True)
+
+    def test_zero_columns_refused(self):
+        with pytest.raises(ValueError, match="gallery has 0 columns"):
+            as_embeddings(np.zeros((3, 0)), "gallery", unit_norm=True)
+        with pytest.raises(ValueError, match="gallery has 0 columns"):
+            as_embeddings(np.zeros((0, 0)), "gallery", allow_empty=True)
+
+    def test_nan_refused_before_the_norm_check(self):
+        with pytest.raises(ValueError, match="x contains NaN or infinite values in 1 row"):
+            as_embeddings([[np.nan, 0.0]], "x", unit_norm=True)
+
+
+class TestNormalizeRows:
+    def test_unit_norm_same_direction(self, rng):
+        x = rng.normal(size=(6, 4)) * rng.uniform(0.01, 100, size=(6, 1))
+        out = normalize_rows(x)
+        assert out.dtype == np.float32 and out.flags.c_contiguous and out.shape == x.shape
+        np.testing.assert_allclose(np.linalg.norm(out.astype(np.float64), axis=1), 1.0, atol=1e-6)
+        np.testing.assert_allclose(out * np.linalg.norm(x, axis=1, keepdims=True), x, rtol=1e-5)
+        as_embeddings(out, "out", unit_norm=True)  # passes the check it is meant to satisfy
+
+    def test_half_norm_becomes_unit_and_is_idempotent(self, rng):
+        x = rng.normal(size=(5, 3))
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        np.testing.assert_allclose(normalize_rows(0.5 * x), x, atol=1e-6)
+        np.testing.assert_allclose(normalize_rows(normalize_rows(x)), normalize_rows(x), atol=1e-7)
+
+    def test_large_and_small_float32_values(self):
+        np.testing.assert_allclose(normalize_rows([[3e38, 3e38]]), [[2 ** -0.5, 2 ** -0.5]], rtol=1e-6)
+        np.testing.assert_allclose(normalize_rows([[3e-38, -4e-38]]), [[0.6, -0.8]], rtol=1e-5)
+
+    def test_torch_tensor(self):
+        out = normalize_rows(torch.tensor([[3.0, 4.0]], dtype=torch.float64))
+        np.testing.assert_allclose(out, [[0.6, 0.8]], rtol=1e-6)
+
+    def test_zero_row_refused_and_counted(self):
+        with pytest.raises(ValueError, match=r"new_vectors has 2 all-zero row\(s\): they cannot be normalised"):
+            normalize_rows([[0.0, 0.0], [1.0, 0.0], [0.0, 0.0]], "new_vectors")
+
+    @pytest.mark.parametrize("bad,exc,message", [
+        (np.eye(2, dtype=np.complex64), TypeError, "x must be real-valued"),
+        (np.zeros((2, 0)), ValueError, "x has 0 columns"),
+        (np.array([[1.0, np.nan]]), ValueError, "x contains NaN or infinite values"),
+        (np.array([[np.inf, 1.0]]), ValueError, "x contains NaN or infinite values"),
+        (np.zeros((0, 3)), ValueError, "x is empty"),
+        (np.ones(3), ValueError, "x must be a 2-D array"),
+        ([["a"]], TypeError, "x must be an array of numbers"),
+    ])
+    def test_bad_input(self, bad, exc, message):
+        with pytest.raises(exc, match=message):
+            normalize_rows(bad)
