@@ -340,9 +340,9 @@ def plot_score_distributions(scores: dict, ax=None, title: str | None = None, ki
             c = color(space)
             if kind == "hist":
                 sns.histplot(x=values, bins=bins, stat="density", ax=ax, color=c, element="step",
-                             fill=not relevant, alpha=0.25, lw=2 if relevant else 0.8)
+                             fill=not relevant, alpha=1.0 if relevant else 0.25, lw=2 if relevant else 0.8)
             else:
-                sns.kdeplot(x=values, ax=ax, color=c, fill=not relevant, alpha=0.25, lw=2 if relevant else 1,
+                sns.kdeplot(x=values, ax=ax, color=c, fill=not relevant, alpha=1.0 if relevant else 0.25, lw=2 if relevant else 1,
                             cut=0, warn_singular=False)
             handles.append(Line2D([], [], color=c, lw=2) if relevant
                            else Patch(facecolor=c, alpha=0.35, edgecolor=c))
@@ -549,8 +549,9 @@ DIAGRAMS: dict[str, _Diagram] = {
 
 # Layout of a diagram, in axes coordinates (x, y in [0, 1]).
 _Y_OLD, _Y_NEW, _Y_MID = 0.62, 0.30, 0.46
-_X_QUERY, _X_BACKBONE, _X_HEAD, _X_ARROW_END, _X_STORE = 0.06, 0.215, 0.37, 0.625, 0.81
-_W_STORE, _H_STORE = 0.37, 0.2
+# The stored boxes end at 0.975, not 1: a box edge on the axes border is clipped.
+_X_QUERY, _X_BACKBONE, _X_HEAD, _X_ARROW_END, _X_STORE = 0.06, 0.215, 0.37, 0.625, 0.80
+_W_STORE, _H_STORE = 0.35, 0.2
 _FONT = 11
 
 
