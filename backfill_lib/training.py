@@ -4,7 +4,10 @@
   RA-BCT and the transformation losses plug in here), seeded, on the GPU when there is one, with
   a tqdm progress bar.
 * :func:`train_or_load` is "load the checkpoint if it exists, otherwise train": the cache key is
-  a hash of the full configuration, and checkpoints are read with ``weights_only=True``.
+  a hash of the full configuration, and checkpoints are read with ``weights_only=True``. An
+  unreadable checkpoint is moved aside (``<name>.corrupt``) with a warning and trained again.
+* :func:`resolve_device` and :func:`check_cache_dir` check a device and a checkpoint folder
+  before any work, so a typo fails at once instead of after training.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import hashlib
 import json
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -81,6 +85,97 @@ class TrainConfig:
 def default_device() -> torch.device:
     """The GPU if there is one, else the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_device(device=None, name: str = "device") -> torch.device:
+    """Check a device argument and turn it into a ``torch.device`` (default :func:`default_device`).
+
+    Parameters
+    ----------
+    device : str or torch.device, optional
+        ``"cpu"``, ``"cuda"``, ``"cuda:<index>"`` or ``"mps"``; None picks :func:`default_device`.
+    name : str, default "device"
+        Argument name used in error messages (e.g. ``"--device"`` for the command line).
+
+    Returns
+    -------
+    torch.device
+        The device, known to be usable on this machine.
+
+    Raises
+    ------
+    ValueError
+        If ``device`` is not a device string, or names a GPU this machine does not have.
+    TypeError
+        If ``device`` is neither a string nor a ``torch.device``.
+
+    Examples
+    --------
+    >>> resolve_device("cpu")
+    device(type='cpu')
+    """
+    if device is None:
+        return default_device()
+    if isinstance(device, str):
+        try:
+            d = torch.device(device)
+        except RuntimeError:
+            raise ValueError(f"{name} {device!r} is not a device: use 'cpu', 'cuda' or 'cuda:<index>' "
+                             "(or leave it unset to use the GPU when there is one)") from None
+    elif isinstance(device, torch.device):
+        d = device
+    else:
+        raise TypeError(f"{name} must be a string such as 'cpu' or 'cuda', or a torch.device, "
+                        f"got {type(device).__name__}")
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{name} {device!r}: this machine has no CUDA GPU that torch can use; use 'cpu' "
+                             "(or leave it unset to use the GPU when there is one)")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise ValueError(f"{name} {device!r}: there are only {torch.cuda.device_count()} CUDA GPU(s), "
+                             f"numbered from 0")
+    elif d.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ValueError(f"{name} {device!r}: Apple's MPS is not available on this machine; use 'cpu'")
+    elif d.type != "cpu":
+        raise ValueError(f"{name} {device!r}: only 'cpu', 'cuda' and 'mps' devices are supported")
+    return d
+
+
+def check_cache_dir(path=None, name: str = "cache") -> Path:
+    """The checkpoint folder of :func:`cache_dir`, checked to be usable before any training.
+
+    The folder need not exist (it is created when the first checkpoint is saved), but it must
+    not be a file, and the closest existing folder above it must be writable.
+
+    Parameters
+    ----------
+    path : str or Path, optional
+        An explicit folder, as in :func:`cache_dir`.
+    name : str, default "cache"
+        Argument name used in error messages (e.g. ``"--cache"`` for the command line).
+
+    Returns
+    -------
+    Path
+        The checkpoint folder.
+
+    Raises
+    ------
+    ValueError
+        If the path (or a part of it) is a file, or no checkpoint could be written there.
+    """
+    directory = cache_dir(path)
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "is a file" if existing == directory else f"is under {existing}, which is a file"
+        raise ValueError(f"{name} {str(directory)!r} {what}: give a folder for the checkpoints")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{name} {str(directory)!r}: cannot write in {existing} (permission denied); "
+                         "give a folder you can write to")
+    return directory
 
 
 def cache_dir(path=None) -> Path:
@@ -178,7 +273,7 @@ def train(model: nn.Module, dataset: Dataset, config: TrainConfig = TrainConfig(
     """
     if len(dataset) == 0:
         raise ValueError("dataset is empty: nothing to train on")
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
     model.to(device).train()
     params = [p for p in (model.parameters() if params is None else params) if p.requires_grad]
     if not params:
@@ -248,13 +343,50 @@ def cache_key(**parts) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
+def _read_seconds(meta_path: Path) -> float | None:
+    """Training time from a checkpoint's side file; None when the file is missing or unreadable."""
+    try:
+        seconds = json.loads(meta_path.read_text()).get("seconds")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return float(seconds) if isinstance(seconds, (int, float)) and not isinstance(seconds, bool) else None
+
+
+class _WrongCheckpoint(ValueError):
+    """A readable checkpoint whose tensors do not fit the model."""
+
+
+def _load_state(path: Path, module: nn.Module) -> dict:
+    """The checkpoint's state dict, checked to fit ``module`` (keys and shapes) before anything is copied."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    expected = module.state_dict()
+    if not isinstance(state, dict) or state.keys() != expected.keys():
+        raise _WrongCheckpoint("its tensors are not the ones this model has")
+    wrong = [k for k, v in state.items() if not isinstance(v, torch.Tensor) or v.shape != expected[k].shape]
+    if wrong:
+        raise _WrongCheckpoint(f"tensor {wrong[0]!r} has the wrong shape")
+    return state
+
+
+def _why_unreadable(exc: Exception, path: Path) -> str:
+    if path.stat().st_size == 0:
+        return "the file is empty"
+    if isinstance(exc, _WrongCheckpoint):
+        return f"a checkpoint of another model: {exc}"
+    # torch's own message advises weights_only=False, which is wrong here: the file is damaged
+    return f"truncated or not a checkpoint: {type(exc).__name__}"
+
+
 def train_or_load(module: nn.Module, name: str, key: str, train_fn: Callable[[nn.Module], object],
                   directory=None, force: bool = False) -> tuple[nn.Module, dict]:
     """Load ``module``'s weights from ``<directory>/<name>-<key>.pt`` if present, else train and save.
 
-    Checkpoints are read onto the CPU with ``weights_only=True``. A new checkpoint is written
-    atomically (a concurrent reader never sees half a file), with a side file
-    ``<name>-<key>.json`` that records the training time.
+    Checkpoints are read onto the CPU with ``weights_only=True``. A checkpoint that cannot be
+    read (empty, truncated, not a checkpoint, or holding tensors of another model) is moved aside
+    to ``<name>-<key>.pt.corrupt``, with a warning that names it, and the model is trained again
+    over it, so the next run finds a good file. A new checkpoint is written atomically (a
+    concurrent reader never sees half a file), with a side file ``<name>-<key>.json`` that records
+    the training time.
 
     Parameters
     ----------
@@ -268,6 +400,7 @@ def train_or_load(module: nn.Module, name: str, key: str, train_fn: Callable[[nn
         Trains ``module`` in place.
     directory : str or Path, optional
         Default :func:`cache_dir` (``$BACKFILL_CACHE``, else ``~/.cache/backfill_lib/checkpoints``).
+        Checked before training (:func:`check_cache_dir`).
     force : bool, default False
         Retrain (and overwrite the checkpoint) even if a checkpoint exists.
 
@@ -277,16 +410,33 @@ def train_or_load(module: nn.Module, name: str, key: str, train_fn: Callable[[nn
         The same model, in eval mode.
     info : dict
         ``{"path": str, "cached": bool, "seconds": float or None}``; ``seconds`` is the training
-        time (read from the checkpoint's side file when loaded from cache, None without one).
+        time (read from the checkpoint's side file when loaded from cache, None when that file is
+        missing or unreadable: the time is unknown, not zero).
+
+    Raises
+    ------
+    ValueError
+        If ``directory`` is a file or cannot be written (before any training).
+
+    Warns
+    -----
+    RuntimeWarning
+        When a checkpoint is unreadable and is moved aside.
     """
-    directory = cache_dir(directory)
+    directory = check_cache_dir(directory, name="directory")
     path = directory / f"{name}-{key}.pt"
     meta_path = path.with_suffix(".json")
     if path.exists() and not force:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        module.load_state_dict(state)
-        seconds = json.loads(meta_path.read_text()).get("seconds") if meta_path.exists() else None
-        return module.eval(), {"path": str(path), "cached": True, "seconds": seconds}
+        try:
+            state = _load_state(path, module)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is handled the same way: retrain
+            aside = path.with_name(path.name + ".corrupt")
+            os.replace(path, aside)
+            warnings.warn(f"checkpoint {path} could not be read ({_why_unreadable(exc, aside)}); moved it to "
+                          f"{aside.name} and training again", RuntimeWarning, stacklevel=2)
+        else:
+            module.load_state_dict(state)
+            return module.eval(), {"path": str(path), "cached": True, "seconds": _read_seconds(meta_path)}
     start = time.perf_counter()
     train_fn(module)
     seconds = time.perf_counter() - start
@@ -294,7 +444,9 @@ def train_or_load(module: nn.Module, name: str, key: str, train_fn: Callable[[nn
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     torch.save({k: v.detach().cpu() for k, v in module.state_dict().items()}, tmp)
     os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
-    meta_path.write_text(json.dumps({"name": name, "key": key, "seconds": seconds}))
+    meta_tmp = meta_path.with_suffix(f".tmp{os.getpid()}j")
+    meta_tmp.write_text(json.dumps({"name": name, "key": key, "seconds": seconds}))
+    os.replace(meta_tmp, meta_path)
     return module.eval(), {"path": str(path), "cached": False, "seconds": seconds}
 
 
@@ -334,7 +486,7 @@ def extract_embeddings(model: nn.Module, dataset: Dataset, batch_size: int = 512
     """
     if len(dataset) == 0:
         raise ValueError("dataset is empty: nothing to embed")
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
     was_training = model.training
     model.to(device).eval()
     fn = fn or (lambda m, x: m.embed(x))

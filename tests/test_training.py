@@ -10,8 +10,8 @@ from torch.utils.data import TensorDataset
 from backfill_lib import training
 from backfill_lib.data import load_dataset
 from backfill_lib.models import ModelSpec, build_model
-from backfill_lib.training import (TrainConfig, cache_dir, cache_key, cross_entropy_loss, extract_embeddings, train,
-                                   train_or_load)
+from backfill_lib.training import (TrainConfig, cache_dir, cache_key, check_cache_dir, cross_entropy_loss,
+                                   extract_embeddings, resolve_device, train, train_or_load)
 
 SPEC = ModelSpec("mlp", embed_dim=8, width=8)
 FAST = TrainConfig(epochs=8, batch_size=16, lr=1e-2, seed=0)
@@ -111,6 +111,53 @@ def test_default_device(monkeypatch):
     assert training.default_device() == torch.device("cuda")
 
 
+class TestResolveDevice:
+    def test_valid(self, monkeypatch):
+        assert resolve_device("cpu") == torch.device("cpu")
+        assert resolve_device(torch.device("cpu")) == torch.device("cpu")
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        assert resolve_device(None) == torch.device("cpu")
+
+    def test_not_a_device(self):
+        with pytest.raises(ValueError, match="--device 'foo' is not a device: use 'cpu', 'cuda'"):
+            resolve_device("foo", name="--device")
+        with pytest.raises(TypeError, match="device must be a string"):
+            resolve_device(0)
+
+    def test_gpu_that_is_not_there(self, monkeypatch):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        with pytest.raises(ValueError, match="device 'cuda': this machine has no CUDA GPU.*use 'cpu'"):
+            resolve_device("cuda")
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+        with pytest.raises(ValueError, match="only 1 CUDA GPU"):
+            resolve_device("cuda:3")
+
+    def test_train_and_extract_check_it(self, toy):
+        with pytest.raises(ValueError, match="device 'foo' is not a device"):
+            train(_model(toy), toy.train, FAST, device="foo", progress=False)
+        with pytest.raises(ValueError, match="device 'foo' is not a device"):
+            extract_embeddings(_model(toy), toy.test, device="foo")
+
+
+class TestCheckCacheDir:
+    def test_missing_folder_is_fine(self, tmp_path):
+        assert check_cache_dir(tmp_path / "a" / "b") == tmp_path / "a" / "b"
+        assert not (tmp_path / "a").exists()  # not created before a checkpoint is saved
+
+    def test_a_file_is_refused_before_training(self, toy, tmp_path):
+        (tmp_path / "file").write_text("x")
+        for path in (tmp_path / "file", tmp_path / "file" / "sub"):
+            with pytest.raises(ValueError, match="--cache .* file: give a folder"):
+                check_cache_dir(path, name="--cache")
+
+        def must_not_train(m):
+            raise AssertionError("trained although the checkpoint could not be saved")
+
+        with pytest.raises(ValueError, match="directory .* is a file"):
+            train_or_load(_model(toy), "toy", "k", must_not_train, directory=tmp_path / "file")
+
+
 class TestCacheKey:
     def test_stable_and_order_free(self):
         a = cache_key(spec=SPEC, config=FAST, classes=(0, 1))
@@ -182,6 +229,47 @@ class TestTrainOrLoad:
         assert cache_dir(tmp_path) == tmp_path
         _, info = train_or_load(_model(toy), "toy", "k", lambda m: None)
         assert info["path"] == str(tmp_path / "env" / "toy-k.pt")
+
+
+    @pytest.mark.parametrize("damage", ["empty", "truncated", "garbage", "other_model"])
+    def test_unreadable_checkpoint_is_moved_aside_and_retrained(self, toy, tmp_path, damage):
+        key = "k"
+        first, _ = train_or_load(_model(toy), "toy", key, lambda m: train(m, toy.train, FAST, device="cpu",
+                                                                          progress=False), directory=tmp_path)
+        path = tmp_path / f"toy-{key}.pt"
+        good = path.read_bytes()
+        if damage == "other_model":
+            torch.save(build_model(ModelSpec("mlp", 5, 4), toy.input_shape, toy.num_classes).state_dict(), path)
+        else:
+            path.write_bytes({"empty": b"", "truncated": good[:len(good) // 2], "garbage": b"not a checkpoint" * 9}[damage])
+        damaged = path.read_bytes()
+        calls = []
+
+        def retrain(m):
+            calls.append(1)
+            train(m, toy.train, FAST, device="cpu", progress=False)
+
+        with pytest.warns(RuntimeWarning, match=f"checkpoint {path} could not be read .*moved it to toy-k.pt.corrupt"
+                                                 " and training again") as record:
+            second, info = train_or_load(_model(toy), "toy", key, retrain, directory=tmp_path)
+        assert "weights_only" not in str(record[0].message)  # not torch's advice to load unsafely
+        assert calls == [1] and info["cached"] is False
+        assert (tmp_path / "toy-k.pt.corrupt").read_bytes() == damaged
+        _assert_same_weights(first, second)  # retrained from the same fresh model: the same weights
+        third, info = train_or_load(_model(toy), "toy", key, retrain, directory=tmp_path)
+        assert calls == [1] and info["cached"] is True  # the next run loads the new file
+        _assert_same_weights(first, third)
+
+    @pytest.mark.parametrize("side", [None, "", "{not json", '{"seconds": "soon"}'])
+    def test_unknown_training_time_is_none_not_zero(self, toy, tmp_path, side):
+        train_or_load(_model(toy), "toy", "k", lambda m: None, directory=tmp_path)
+        meta = tmp_path / "toy-k.json"
+        if side is None:
+            meta.unlink()
+        else:
+            meta.write_text(side)
+        _, info = train_or_load(_model(toy), "toy", "k", lambda m: None, directory=tmp_path)
+        assert info["cached"] is True and info["seconds"] is None
 
 
 class TestExtractEmbeddings:
