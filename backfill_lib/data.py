@@ -8,6 +8,7 @@ parameter; by default the first half.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,7 +56,8 @@ class BackfillData:
     input_shape : tuple of int
         Shape of one input, e.g. ``(1, 8, 8)``.
     info : dict, optional
-        Settings that change the items (split seed, test size, image size, ...). They go into
+        Settings that change the items (split seed, test size, image size, and for
+        ``imagefolder`` a fingerprint of the files, see :func:`file_fingerprint`). They go into
         the checkpoint cache key, so two different datasets never share a checkpoint. Default
         empty.
     """
@@ -408,6 +410,48 @@ def load_cifar100_data(root=None, old_classes=None, download: bool = True) -> Ba
                         100, old, (3, 32, 32), {"root": str(root)})
 
 
+def file_fingerprint(paths, root) -> dict:
+    """A fingerprint of a list of files: their paths relative to ``root``, sizes and modification times.
+
+    Two trees with the same class names and counts but other images get different fingerprints,
+    so they never share a checkpoint; the same tree moved elsewhere keeps its fingerprint (paths
+    are relative), so its checkpoints are still found. Touching or replacing a file changes it.
+
+    Parameters
+    ----------
+    paths : iterable of str or Path
+        The files, e.g. the images of a torchvision ``ImageFolder`` (``[p for p, _ in ds.samples]``).
+    root : str or Path
+        The folder the paths are made relative to.
+
+    Returns
+    -------
+    dict
+        ``{"files": n, "sha256": hex}``: the number of files and the first 20 hexadecimal digits
+        of the SHA-256 of the sorted lines ``"<relative path>\t<size>\t<mtime in ns>"``.
+
+    Raises
+    ------
+    ValueError
+        If a file is not under ``root``.
+    FileNotFoundError
+        If a file does not exist.
+    """
+    root = Path(root)
+    lines = []
+    for p in paths:
+        p = Path(p)
+        try:
+            rel = p.relative_to(root).as_posix()
+        except ValueError:
+            raise ValueError(f"paths: {p} is not under root {root}") from None
+        st = p.stat()
+        lines.append(f"{rel}\t{st.st_size}\t{st.st_mtime_ns}")
+    lines.sort()
+    digest = hashlib.sha256("\n".join(lines).encode()).hexdigest()[:20]
+    return {"files": len(lines), "sha256": digest}
+
+
 def load_imagefolder_data(root, old_classes=None, image_size: int = 64, test_size: float = 0.2,
                           split_seed: int = 0) -> BackfillData:
     """Any ``root/<class>/<image>`` tree (torchvision ``ImageFolder``).
@@ -417,7 +461,8 @@ def load_imagefolder_data(root, old_classes=None, image_size: int = 64, test_siz
     sorted order of their folder names. Training images get a random resized crop (scale 0.5–1)
     and a horizontal flip; test images (and ``train_plain``) are resized to ``1.14 · image_size``
     and centre-cropped. All are normalised with the ImageNet channel mean and std. Nothing is
-    downloaded.
+    downloaded. ``info`` holds a :func:`file_fingerprint` of the images (relative paths, sizes,
+    modification times) under ``"files"``, so the checkpoint cache tells two trees apart.
 
     Parameters
     ----------
@@ -467,6 +512,7 @@ def load_imagefolder_data(root, old_classes=None, image_size: int = 64, test_siz
         if test.classes != train.classes:
             raise ValueError(f"root: {test_dir.name}/ and train/ must have the same class folders")
         y_train, y_test = np.asarray(train.targets), np.asarray(test.targets)
+        files = [p for p, _ in train.samples] + [p for p, _ in test.samples]
     else:
         full = datasets.ImageFolder(root, transform=train_tf)
         plain = datasets.ImageFolder(root, transform=test_tf)
@@ -475,14 +521,17 @@ def load_imagefolder_data(root, old_classes=None, image_size: int = 64, test_siz
         train, train_plain, test = Subset(full, tr.tolist()), Subset(plain, tr.tolist()), Subset(plain, te.tolist())
         y_train, y_test = y[tr], y[te]
         train.classes = full.classes
+        files = [p for p, _ in full.samples]
     n_classes = len(train.classes)
     old = parse_classes(old_classes if old_classes is not None else range(n_classes // 2), n_classes)
-    # image_size and the split change what a model is trained on, so they belong in ``info`` (the
-    # checkpoint cache key is built from it).
+    # Everything that changes what a model is trained on belongs in ``info`` (the checkpoint cache
+    # key is built from it): image_size, the split, and the files themselves (class names and
+    # counts alone do not tell two trees apart). The root is kept for messages but left out of
+    # the key, so moved data still find their checkpoints.
     info = {"root": str(root), "classes": list(train.classes), "image_size": image_size,
             "split": "folders" if test_dir is not None and (root / "train").is_dir() else
                      {"test_size": test_size, "split_seed": split_seed},
-            "n_test": int(len(y_test))}
+            "n_test": int(len(y_test)), "files": file_fingerprint(files, root)}
     return BackfillData("imagefolder", train, train_plain, test, y_train, y_test, n_classes, old,
                         (3, image_size, image_size), info)
 

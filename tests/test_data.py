@@ -10,8 +10,8 @@ import torch
 import torchvision
 from PIL import Image
 
-from backfill_lib.data import (DataNotFoundError, data_root, format_classes, load_dataset, make_synthetic,
-                               parse_classes)
+from backfill_lib.data import (DataNotFoundError, data_root, file_fingerprint, format_classes, load_dataset,
+                               make_synthetic, parse_classes)
 from fake_cifar import write_fake_cifar100
 
 
@@ -238,6 +238,49 @@ class TestImageFolder:
         a = load_dataset("imagefolder", root=tmp_path, image_size=16, test_size=0.4).info
         b = load_dataset("imagefolder", root=tmp_path, image_size=8, test_size=0.4).info
         assert a != b
+
+    def test_fingerprint_tells_trees_with_the_same_classes_apart(self, tmp_path):
+        # same class names, same counts, same sizes: only the pixels differ
+        _write_tree(tmp_path / "a", per_class=5, seed=0)
+        _write_tree(tmp_path / "b", per_class=5, seed=1)
+        a = load_dataset("imagefolder", root=tmp_path / "a", image_size=8, test_size=0.4).info
+        b = load_dataset("imagefolder", root=tmp_path / "b", image_size=8, test_size=0.4).info
+        assert a["classes"] == b["classes"] and a["n_test"] == b["n_test"]
+        assert a["files"]["files"] == 15 and a["files"] != b["files"]
+        without_root = lambda info: {k: v for k, v in info.items() if k != "root"}  # noqa: E731
+        assert without_root(a) != without_root(b)
+
+    def test_fingerprint_survives_a_move_and_sees_a_changed_file(self, tmp_path):
+        import os
+        import shutil
+
+        _write_tree(tmp_path / "a", per_class=3)
+        before = load_dataset("imagefolder", root=tmp_path / "a", image_size=8, test_size=0.34).info
+        shutil.copytree(tmp_path / "a", tmp_path / "moved")  # copy2 keeps sizes and modification times
+        moved = load_dataset("imagefolder", root=tmp_path / "moved", image_size=8, test_size=0.34).info
+        assert moved["files"] == before["files"] and moved["root"] != before["root"]
+        st = os.stat(tmp_path / "moved" / "dog" / "1.png")
+        os.utime(tmp_path / "moved" / "dog" / "1.png", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+        touched = load_dataset("imagefolder", root=tmp_path / "moved", image_size=8, test_size=0.34).info
+        assert touched["files"] != before["files"]
+
+    def test_fingerprint_of_train_test_folders_covers_both(self, tmp_path):
+        _write_tree(tmp_path / "train", per_class=2)
+        _write_tree(tmp_path / "test", per_class=2, seed=1)
+        first = load_dataset("imagefolder", root=tmp_path, image_size=8).info["files"]
+        Image.new("RGB", (12, 12)).save(tmp_path / "test" / "cat" / "0.png")  # another test image
+        assert first["files"] == 12 and load_dataset("imagefolder", root=tmp_path, image_size=8).info["files"] != first
+
+    def test_file_fingerprint(self, tmp_path):
+        (tmp_path / "x").write_bytes(b"12")
+        (tmp_path / "y").write_bytes(b"123")
+        fp = file_fingerprint([tmp_path / "y", tmp_path / "x"], tmp_path)
+        assert fp == file_fingerprint([tmp_path / "x", tmp_path / "y"], tmp_path)  # order-free
+        assert fp["files"] == 2 and len(fp["sha256"]) == 20
+        (tmp_path / "x").write_bytes(b"1234")
+        assert file_fingerprint([tmp_path / "x", tmp_path / "y"], tmp_path) != fp
+        with pytest.raises(ValueError, match="is not under root"):
+            file_fingerprint([tmp_path / "x"], tmp_path / "elsewhere")
 
     def test_bad_input(self, tmp_path):
         with pytest.raises(ValueError, match="imagefolder needs root"):
