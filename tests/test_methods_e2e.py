@@ -65,12 +65,20 @@ def test_table_gets_query_cost_from_the_benchmark_file(homogeneous, tmp_path, ca
     saved = tmp_path / "result.json"
     saved.write_text(json.dumps(homogeneous))
     cost = tmp_path / "query_cost.json"
+    # measured with the models and inputs of this run (the synthetic preset: mlp, d = 16, 32 features)
+    setup = {"batch": 64, "gallery": 10, "backfill_ratio": 0.5, "model": "mlp", "embed_dim": 16, "image": [32]}
     cost.write_text(json.dumps({"ratios": {"rank_merge": 2.01, "mct": 1.02}, "reference": "one new pass",
-                                "setup": {"batch": 64, "gallery": 10, "backfill_ratio": 0.5, "model": "resnet18"}}))
+                                "setup": setup}))
     md = tmp_path / "table.md"
     assert main(["--table", str(saved), "--query-cost", str(cost), "--markdown", str(md)]) == 0
     text = md.read_text()
     assert "| query cost |" in text and "| 2.01× |" in text and "| 1.02× |" in text
+    # measured on another model: not printed next to this run's numbers
+    cost.write_text(json.dumps({"ratios": {"rank_merge": 2.01}, "reference": "one new pass",
+                                "setup": {**setup, "model": "resnet18", "embed_dim": 128, "image": [3, 32, 32]}}))
+    assert main(["--table", str(saved), "--query-cost", str(cost), "--markdown", str(md)]) == 0
+    text = md.read_text()
+    assert "| query cost |" not in text and "2.01×" not in text and "measured for resnet18 d=128 on 3×32×32" in text
     capsys.readouterr()
     assert main(["--table", str(saved), "--query-cost", str(tmp_path / "missing.json")]) == 0
     assert "query cost" not in capsys.readouterr().out.splitlines()[1]

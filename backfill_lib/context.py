@@ -1,0 +1,467 @@
+"""The state of one experiment run: data, trained models, cached embeddings and heads, timings.
+
+This is the training layer under :mod:`~backfill_lib.strategies`. A strategy's builder
+(``strategies.build_strategy("rank_merge", ctx)``) asks an :class:`ExperimentContext` for the
+models and embeddings it needs; the context trains each model (or loads it from the checkpoint
+cache) once, lazily, and the builder hands the embeddings to the array-level constructor of
+:mod:`~backfill_lib.backfill` (``backfill.rank_merge(old, new)``). Heads trained on cached
+embeddings (``ψ``, ``ρ``, ``h``) go through the same checkpoint cache (:meth:`ExperimentContext.fit_head`).
+
+:class:`Preset` (one dataset's models and schedules, :data:`PRESETS`) and :class:`MethodParams`
+(the methods' hyper-parameters) are the places to change the scale and the methods' settings.
+This module imports torch; :mod:`~backfill_lib.strategies` does not, and re-exports these names.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import transforms as tf
+from .data import BackfillData
+from .models import EmbeddingModel, ModelSpec, build_model
+from .training import (TrainConfig, cache_key, check_cache_dir, extract_embeddings, resolve_device, train,
+                       train_or_load)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Models and schedules of one dataset: the one place to change the scale.
+
+    Each parameter is kept as an attribute of the same name.
+
+    Parameters
+    ----------
+    old : ModelSpec
+        The old model ``φ_o`` (trained on the old classes).
+    new : ModelSpec
+        The new model ``φ_n`` in the homogeneous setting (usually the same as ``old``).
+    new_heterogeneous : ModelSpec
+        The new model in the heterogeneous setting (another architecture and embedding size).
+    train : TrainConfig
+        Schedule of the old and new models, BCT and RA-BCT (its seed is replaced by the run's).
+    """
+
+    old: ModelSpec
+    new: ModelSpec
+    new_heterogeneous: ModelSpec
+    train: TrainConfig
+
+
+#: The :class:`Preset` of each dataset name (what :class:`ExperimentContext` uses when given none).
+PRESETS: dict[str, Preset] = {
+    "digits": Preset(ModelSpec("small_cnn", 32, 32), ModelSpec("small_cnn", 32, 32),
+                     ModelSpec("mlp", 64, 64), TrainConfig(epochs=30, batch_size=64, lr=2e-3)),
+    "synthetic": Preset(ModelSpec("mlp", 16, 32), ModelSpec("mlp", 16, 32),
+                        ModelSpec("mlp", 24, 48), TrainConfig(epochs=20, batch_size=64, lr=2e-3)),
+    "cifar100": Preset(ModelSpec("resnet18", 128), ModelSpec("resnet18", 128), ModelSpec("resnet50", 256),
+                       TrainConfig(epochs=100, batch_size=128, lr=0.1, weight_decay=5e-4, optimizer="sgd")),
+    "imagefolder": Preset(ModelSpec("resnet18", 128), ModelSpec("resnet18", 128), ModelSpec("resnet50", 256),
+                          TrainConfig(epochs=60, batch_size=128, lr=0.1, weight_decay=5e-4, optimizer="sgd")),
+}
+
+#: Valid ``setting`` values: the new model has the old model's architecture, or another one.
+SETTINGS = ("homogeneous", "heterogeneous")
+
+
+@dataclass(frozen=True)
+class MethodParams:
+    """Hyper-parameters of the compatibility methods (METHOD §3).
+
+    How they were chosen is in ``results/README.md`` (a sweep on a validation split carved out of
+    the training data). Each parameter is kept as an attribute of the same name.
+
+    Parameters
+    ----------
+    bct_lambda : float, default 1.0
+        Weight ``λ`` of BCT's influence loss (§3.2).
+    ra_bct_lambda : float, default 1.0
+        Weight ``λ`` of RA-BCT's ``L_ra`` (§3.3).
+    ra_bct_tau : float, default 0.05
+        Temperature of ``L_ra`` (``τ = 0.05`` as published).
+    mct_tau : float, default 0.2
+        Temperature ``τ`` of ``L_mc`` (§3.5).
+    mct_lambda_rt : float, default 0.0
+        Weight ``λ_rt`` of ``L_rt`` next to ``L_mc``. The validation sweep preferred ``τ = 0.2`` and
+        ``λ_rt = 0``: ``L_mc`` already holds each image's own old feature as a positive, and
+        adding ``L_rt`` lowered the validation relative gain (0.73 → 0.67).
+    transform : TrainConfig, optional
+        Optimiser of ``ψ``, ``ρ`` and ``h`` on cached embeddings, default
+        :data:`~backfill_lib.transforms.TRANSFORM_CONFIG` (its seed is replaced by the run's, its
+        epochs by enough to make ``transform_steps`` steps).
+    transform_steps : int, optional
+        Optimiser steps of the heads, whatever the size of the training set, default
+        :data:`~backfill_lib.transforms.TRANSFORM_STEPS` (a small training set would otherwise
+        give a few dozen steps and an under-fitted ``ψ``).
+    """
+
+    bct_lambda: float = 1.0
+    ra_bct_lambda: float = 1.0
+    ra_bct_tau: float = 0.05
+    mct_tau: float = 0.2
+    mct_lambda_rt: float = 0.0
+    transform: TrainConfig = tf.TRANSFORM_CONFIG
+    transform_steps: int = tf.TRANSFORM_STEPS
+
+
+def init_seed(name: str, seed: int) -> int:
+    """Initial-weight seed of the model ``name`` in run ``seed``.
+
+    Each model starts from its own random weights, as independently trained models do. (Sharing
+    one initialisation between the old and the new model makes them partly compatible by
+    accident: on digits the new query then finds old-stored items with mAP 0.54 instead of 0.21.)
+
+    Parameters
+    ----------
+    name : str
+        Model name, as given to :meth:`ExperimentContext.train_model` (``"old"``, ``"new"``,
+        ``"new_bct"``, ...).
+    seed : int
+        The run's seed.
+
+    Returns
+    -------
+    int
+        CRC-32 of ``"<name>:<seed>"``: the same for the same pair, in every process.
+
+    Examples
+    --------
+    >>> init_seed("old", 0) == init_seed("old", 0) != init_seed("new", 0)
+    True
+    """
+    return zlib.crc32(f"{name}:{seed}".encode())
+
+
+def check_seed(seed, name: str = "seed") -> int:
+    """Check a run's seed: an integer in ``0 .. 2**32 - 1`` (what numpy and torch both accept).
+
+    Parameters
+    ----------
+    seed : int
+        The seed.
+    name : str, default "seed"
+        Argument name used in error messages (e.g. ``"--seeds"`` for the command line).
+
+    Returns
+    -------
+    int
+        The seed as a Python int.
+
+    Raises
+    ------
+    ValueError
+        If ``seed`` is negative or too large.
+    TypeError
+        If ``seed`` is not an integer (a bool or a float is refused).
+
+    Examples
+    --------
+    >>> check_seed(3)
+    3
+    """
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer, got {seed!r}")
+    if not 0 <= seed < 2**32:
+        raise ValueError(f"{name} must be between 0 and 2**32 - 1, got {seed}: give a non-negative integer seed")
+    return int(seed)
+
+
+@dataclass
+class ExperimentContext:
+    """Shared state of one experiment run for one seed.
+
+    Models are trained (or loaded from the checkpoint cache) and embeddings extracted at most once,
+    lazily on first use, then reused by every strategy. Each parameter is kept as an attribute of
+    the same name.
+
+    Parameters
+    ----------
+    data : BackfillData
+        The dataset (:class:`~backfill_lib.data.BackfillData`).
+    seed : int, default 0
+        The run's seed: initial weights of every model (:func:`init_seed`), and the seed of every
+        training schedule (:attr:`train_config`, :attr:`transform_config`).
+    setting : {"homogeneous", "heterogeneous"}, default "homogeneous"
+        Whether the new model is ``preset.new`` or ``preset.new_heterogeneous``.
+    preset : Preset, optional
+        Models and schedules; default ``PRESETS[data.name]`` (:data:`PRESETS`).
+    device : str or torch.device, optional
+        Where models train and embed; default :func:`~backfill_lib.training.default_device`.
+        Checked (:func:`~backfill_lib.training.resolve_device`) and stored as a ``torch.device``.
+    cache : str or Path, optional
+        Checkpoint folder of the models and heads; default
+        :func:`~backfill_lib.training.cache_dir`. Checked before any training
+        (:func:`~backfill_lib.training.check_cache_dir`).
+    progress : bool, default True
+        Show progress bars while training.
+    params : MethodParams, optional
+        Hyper-parameters of the methods; default ``MethodParams()``.
+    trained : dict, optional
+        Filled as models and heads are trained or loaded: name → ``{"what": str, "seconds": float
+        or None, "cached": bool}`` (``seconds`` is the original training time for a cached
+        checkpoint, None when unknown). Leave it empty.
+    _models, _embeddings, _keys : dict, optional
+        Internal caches: models and heads by name, embeddings by ``(role, split)``, checkpoint
+        keys by model name. Leave them empty.
+
+    Raises
+    ------
+    ValueError
+        If ``setting`` is not one of :data:`SETTINGS`, ``seed`` is not a non-negative integer,
+        the dataset has no preset and none is given, ``device`` is not usable here, or ``cache``
+        is not a folder that can be written.
+    TypeError
+        If ``device`` is neither a string nor a ``torch.device``.
+    """
+
+    data: BackfillData
+    seed: int = 0
+    setting: str = "homogeneous"
+    preset: Preset | None = None
+    device: torch.device | str | None = None
+    cache: Path | str | None = None
+    progress: bool = True
+    params: MethodParams = field(default_factory=MethodParams)
+    trained: dict = field(default_factory=dict)  # name -> {"what": str, "seconds": float, "cached": bool}
+    _models: dict = field(default_factory=dict, repr=False)
+    _embeddings: dict = field(default_factory=dict, repr=False)
+    _keys: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if self.setting not in SETTINGS:
+            raise ValueError(f"unknown setting {self.setting!r}; choose one of: {', '.join(SETTINGS)}")
+        self.seed = check_seed(self.seed)
+        if self.preset is None:
+            if self.data.name not in PRESETS:
+                raise ValueError(f"no preset for dataset {self.data.name!r}: pass preset=Preset(...) "
+                                 f"(presets exist for: {', '.join(PRESETS)})")
+            self.preset = PRESETS[self.data.name]
+        self.device = resolve_device(self.device)
+        check_cache_dir(self.cache)
+
+    @property
+    def old_spec(self) -> ModelSpec:
+        """The old model's architecture, ``preset.old``."""
+        return self.preset.old
+
+    @property
+    def new_spec(self) -> ModelSpec:
+        """The new model's architecture, ``preset.new`` or (heterogeneous) ``preset.new_heterogeneous``."""
+        return self.preset.new if self.setting == "homogeneous" else self.preset.new_heterogeneous
+
+    @property
+    def train_config(self) -> TrainConfig:
+        """The preset's schedule with this run's seed (old, new, BCT and RA-BCT models)."""
+        c = self.preset.train
+        return TrainConfig(c.epochs, c.batch_size, c.lr, c.weight_decay, c.optimizer, seed=self.seed)
+
+    def _data_key(self) -> dict:
+        return {"dataset": self.data.name, "info": {k: v for k, v in self.data.info.items() if k != "root"},
+                "n_train": len(self.data.train_labels)}
+
+    def train_model(self, name: str, spec: ModelSpec, classes=None, loss_fn=None, config: TrainConfig | None = None,
+                    what: str | None = None, extra_key: dict | None = None) -> EmbeddingModel:
+        """Train (or load from the checkpoint cache) a model and keep it under ``name``.
+
+        The checkpoint is found by a :func:`~backfill_lib.training.cache_key` of the name, spec,
+        classes, schedule, dataset, initial-weight seed and ``extra_key``
+        (:func:`~backfill_lib.training.train_or_load`). Training time is recorded in
+        ``trained``.
+
+        Parameters
+        ----------
+        name : str
+            Model name: key of the in-memory cache, of ``trained`` and of the initial weights
+            (:func:`init_seed`). A model already held under ``name`` is returned as it is and the
+            other arguments are ignored.
+        spec : ModelSpec
+            Architecture and embedding size.
+        classes : sequence of int, optional
+            Train on the training items of these classes; default all classes.
+        loss_fn : callable ``(model, x, y) -> scalar tensor``, optional
+            Objective; default the cross-entropy of :func:`~backfill_lib.training.train`.
+        config : TrainConfig, optional
+            Schedule; default :attr:`train_config`.
+        what : str, optional
+            Description recorded in ``trained``; default ``"<arch> d=<embed_dim>, <epochs> epochs"``.
+        extra_key : dict, optional
+            Anything else that changes the weights (a loss's hyper-parameters, a frozen model
+            used); it goes into the cache key.
+
+        Returns
+        -------
+        EmbeddingModel
+            The trained model, in eval mode, on ``device``.
+        """
+        if name in self._models:
+            return self._models[name]
+        config = config or self.train_config
+        classes = tuple(range(self.data.num_classes)) if classes is None else tuple(classes)
+        dataset = self.data.train_subset(classes)
+        module = build_model(spec, self.data.input_shape, self.data.num_classes, seed=init_seed(name, self.seed))
+        key = cache_key(name=name, spec=spec, classes=classes, config=config, data=self._data_key(),
+                        init_seed=init_seed(name, self.seed), extra=extra_key or {})
+        self._keys[name] = key
+        kwargs = {} if loss_fn is None else {"loss_fn": loss_fn}
+        model, info = train_or_load(
+            module, f"{self.data.name}-{name}", key,
+            lambda m: train(m, dataset, config, device=self.device, desc=f"{name} (seed {self.seed})",
+                            progress=self.progress, **kwargs),
+            directory=self.cache)
+        self.trained[name] = {"what": what or f"{spec.arch} d={spec.embed_dim}, {config.epochs} epochs",
+                              "seconds": info["seconds"], "cached": info["cached"]}
+        self._models[name] = model.to(self.device)
+        return model
+
+    def model(self, role: str) -> EmbeddingModel:
+        """A trained model by role, trained (or loaded) on first use.
+
+        Parameters
+        ----------
+        role : str
+            ``"old"``: the old model on the old classes; ``"new"``: the new model on all classes
+            (both with cross-entropy); or a name already given to :meth:`train_model` (or to
+            :meth:`fit_head`).
+
+        Returns
+        -------
+        EmbeddingModel
+
+        Raises
+        ------
+        ValueError
+            If ``role`` is none of these.
+        """
+        if role == "old":
+            return self.train_model("old", self.old_spec, self.data.old_classes,
+                                    what=f"old {self.old_spec.arch} on classes {self.data.old_classes[0]}-{self.data.old_classes[-1]}")
+        if role == "new":
+            return self.train_model("new", self.new_spec,
+                                    what=f"new {self.new_spec.arch} d={self.new_spec.embed_dim}, all classes")
+        if role in self._models:
+            return self._models[role]
+        raise ValueError(f"unknown model {role!r}: use 'old', 'new', or a name given to train_model")
+
+    def embeddings(self, role: str, split: str = "test") -> np.ndarray:
+        """L2-normalised embeddings of a split by a model, extracted once and cached.
+
+        Parameters
+        ----------
+        role : str
+            The model, as in :meth:`model` (trained on first use).
+        split : {"test", "train"}, default "test"
+            ``"test"``: the query set and gallery; ``"train"``: the training items without
+            augmentation (what the heads ``ψ``, ``ρ``, ``h`` train on).
+
+        Returns
+        -------
+        array (n, d) of float32
+            One row per item of the split, in order.
+
+        Raises
+        ------
+        ValueError
+            If ``split`` or ``role`` is unknown.
+        """
+        if split not in ("test", "train"):
+            raise ValueError(f"split must be 'test' or 'train', got {split!r}")
+        key = (role, split)
+        if key not in self._embeddings:
+            dataset = self.data.test if split == "test" else self.data.train_plain
+            self._embeddings[key] = extract_embeddings(self.model(role), dataset, device=self.device)
+        return self._embeddings[key]
+
+    def timed(self, name: str, what: str, fn: Callable[[], object]):
+        """Run ``fn`` and record it in ``trained`` (for training outside :meth:`train_model`).
+
+        Nothing is cached: ``fn`` runs every time, and the record says ``"cached": False``. Heads
+        trained on cached embeddings use :meth:`fit_head` instead, which caches them.
+
+        Parameters
+        ----------
+        name : str
+            Key in ``trained``.
+        what : str
+            Description recorded with the time.
+        fn : callable ``() -> anything``
+            The training step to run and time.
+
+        Returns
+        -------
+        object
+            What ``fn`` returned.
+        """
+        start = time.perf_counter()
+        out = fn()
+        self.trained[name] = {"what": what, "seconds": time.perf_counter() - start, "cached": False}
+        return out
+
+    def fit_head(self, name: str, what: str, build: Callable[[], nn.Module], fit: Callable[[], nn.Module],
+                 uses: tuple[str, ...], extra_key: dict | None = None) -> nn.Module:
+        """Fit a head on cached embeddings (``ψ``, ``ρ``, ``h``), or load it from the checkpoint cache.
+
+        The checkpoint is found by a :func:`~backfill_lib.training.cache_key` of the name, the
+        checkpoint keys of the models in ``uses`` (so a retrained backbone retrains its heads), the
+        heads' schedule (:attr:`transform_config`, with this run's seed, and the number of steps),
+        the dataset and ``extra_key``. The record in ``trained`` says ``"cached": True`` and
+        gives the original training time when the head was loaded. A head fitted on a model that
+        was not trained through :meth:`train_model` (so it has no checkpoint key) is fitted every
+        time.
+
+        Parameters
+        ----------
+        name : str
+            Head name: key of the in-memory cache and of ``trained``, and prefix of the file. A
+            head already held under ``name`` is returned as it is and the other arguments are
+            ignored.
+        what : str
+            Description recorded in ``trained``.
+        build : callable ``() -> nn.Module``
+            Builds an untrained module of the fitted head's architecture (the checkpoint is
+            loaded into it).
+        fit : callable ``() -> nn.Module``
+            Fits the head and returns it (e.g. a call of
+            :func:`~backfill_lib.transforms.fit_reverse_transform`); its weights are copied
+            into the built module and saved.
+        uses : tuple of str
+            Names of the models (given to :meth:`train_model`) whose embeddings the head is
+            fitted on.
+        extra_key : dict, optional
+            Everything else that changes the head (objective, temperature, negatives, ...); it
+            goes into the cache key.
+
+        Returns
+        -------
+        nn.Module
+            The fitted head, in eval mode, on ``device``.
+        """
+        if name in self._models:
+            return self._models[name]
+        model_keys = {u: self._keys.get(u) for u in uses}
+        if any(k is None for k in model_keys.values()):
+            start = time.perf_counter()
+            head = fit()
+            self.trained[name] = {"what": what, "seconds": time.perf_counter() - start, "cached": False}
+        else:
+            with torch.random.fork_rng(devices=[]):  # building the skeleton leaves the global RNG as it was
+                head = build()
+            key = cache_key(name=name, head=extra_key or {}, models=model_keys, config=self.transform_config,
+                            steps=self.params.transform_steps, data=self._data_key())
+            head, info = train_or_load(head, f"{self.data.name}-{name}", key,
+                                       lambda m: m.load_state_dict(fit().state_dict()), directory=self.cache)
+            self.trained[name] = {"what": what, "seconds": info["seconds"], "cached": info["cached"]}
+        self._models[name] = head.to(self.device).eval()
+        return self._models[name]
+
+    @property
+    def transform_config(self) -> TrainConfig:
+        """Schedule of the heads on cached embeddings: ``params.transform_steps`` steps, this run's seed."""
+        return tf.schedule(replace(self.params.transform, seed=self.seed), len(self.data.train_labels),
+                           self.params.transform_steps)
