@@ -84,9 +84,7 @@ def _row_offsets(n_rows: int) -> np.ndarray:
 
 
 def _flat(keys: np.ndarray) -> np.ndarray:
-    flat = keys.astype(np.int64)
-    flat += _row_offsets(len(flat))
-    return flat.ravel()
+    return np.add(keys, _row_offsets(len(keys)), dtype=np.int64).ravel()  # one pass, cast on the fly
 
 
 def _count_ge_within_rows(keys: np.ndarray) -> np.ndarray:
@@ -465,6 +463,7 @@ def evaluate_states(query_old, gallery_old, query_new, gallery_new, query_labels
         needle_order = np.argsort(needles, axis=1, kind="stable")
         prepared = ops.needles(np.take_along_axis(needles, needle_order, axis=1))
         unsort = np.argsort(needle_order, axis=1)
+        at_old, at_new = unsort[:, :width], unsort[:, width:]  # where each item's needles went
         is_new_value = needle_order >= width
         needle_slice = np.take_along_axis(np.concatenate([item_slice, item_slice], axis=1), needle_order, axis=1)
         needle_valid = np.take_along_axis(np.concatenate([valid, valid], axis=1), needle_order, axis=1)
@@ -489,10 +488,9 @@ def evaluate_states(query_old, gallery_old, query_new, gallery_new, query_labels
                 select = needle_valid & (is_new_value | (needle_slice > s))
                 ge += ops.count_ge(blocks[s, 1], prepared, select).astype(np.int32)
             ge -= ge_old[s]
-            ge_both = np.take_along_axis(ge, unsort, axis=1)
             is_new = item_slice <= s
             key = np.where(is_new, key_new, key_old)
-            ge_all = np.where(is_new, ge_both[:, width:], ge_both[:, :width])
+            ge_all = np.take_along_axis(ge, np.where(is_new, at_new, at_old), axis=1)
             precision = np.where(valid, _count_ge_within_rows(key) / np.maximum(ge_all, 1), 0.0)
             with np.errstate(invalid="ignore", divide="ignore"):
                 ap[s, rows] = np.where(has_rel, precision.sum(axis=1) / n_rel, np.nan)
@@ -500,12 +498,17 @@ def evaluate_states(query_old, gallery_old, query_new, gallery_new, query_labels
             # The best relevant item (ties: the smaller index, first in its row) and the items ahead.
             best = np.argmax(key, axis=1)
             best_key = key[arange_c, best]
-            above = ops.needles(best_key.astype(np.int64)[:, None] + 1)
+            best_ge = ge_all[arange_c, best]
             ahead = np.zeros(c, dtype=np.int64)  # items scoring strictly more
-            for (j, space), block in blocks.items():
-                if space == int(j <= s):
-                    ahead += ops.count_ge(block, above)[:, 0]
-            tied = ge_all[arange_c, best] - ahead > 1
+            # Only the best item itself scores >= its key: nothing is ahead, no need to count.
+            counted = (has_rel & (best_ge > 1))[:, None]
+            if counted.any():
+                above = ops.needles(best_key.astype(np.int64)[:, None] + 1)
+                for (j, space), block in blocks.items():
+                    if space == int(j <= s):
+                        ahead += ops.count_ge(block, above, counted)[:, 0]
+                ahead[~counted[:, 0]] = 0
+            tied = best_ge - ahead > 1
             resolve = np.flatnonzero(has_rel & tied & (ahead < k_max))
             if len(resolve):
                 ahead[resolve] += ops.tied_before(keys_old, keys_new, resolve, new_masks[s], best_key[resolve],

@@ -82,8 +82,14 @@ def test_same_hits_as_the_reference_and_same_ap_without_ties(drawn):
     ap, hits = reference_states(**case, ks=ks)
     for k in ks:
         np.testing.assert_array_equal(new.hits[k], hits[k])
-    if not tied:
-        np.testing.assert_allclose(new.ap, ap, rtol=0, atol=1e-9)
+    # AP agrees wherever no two scores of a row tie (continuous vectors can still tie in float32,
+    # e.g. two nearly equal items both scoring 1.0 against a query).
+    for s, m in enumerate(case["n_backfilled"]):
+        scores = _merged_rows(case["query_old"], case["gallery_old"], case["query_new"], case["gallery_new"],
+                              case["order"], m, case["exclude_self"])
+        untied = np.array([len(np.unique(r[np.isfinite(r)])) == np.isfinite(r).sum() for r in scores])
+        assert tied or untied.mean() > 0.5  # the comparison below must not be vacuous
+        np.testing.assert_allclose(new.ap[s, untied], ap[s, untied], rtol=0, atol=1e-9)
 
 
 @given(cases())

@@ -1,0 +1,188 @@
+"""Speed of the backfill evaluation: the engine against the old one and against one argsort.
+
+The workload of issue 10: rank merge, the 11 ratios 0, 0.1, ..., 1, queries = gallery
+(leave-one-out), d = 64, 100 classes (N/100 items per class, like CIFAR-100's test split); old
+and new embeddings are unit vectors around class centres (the new ones tighter). For each N
+this one process measures
+
+- ``argsort``: one row-wise ``np.argsort`` (default kind) of the N × N old/old score matrix, in
+  chunks of 1024 rows (the scores are computed outside the timed part);
+- ``engine``: :func:`backfill_lib.backfill.evaluate_backfill`, the whole 11-ratio curve, numpy path;
+- ``stable argsort``: the same with ``kind="stable"``, for scale (one run);
+- ``reference``: the old engine (tests/reference_engine.py), which sorts every merged row twice
+  per ratio,
+
+and prints each as a ratio to ``argsort``. Times of ``argsort`` and ``engine`` are the minimum
+of ``--repeats`` runs, alternated; the reference runs once. Peak memory is measured with
+tracemalloc in a separate pass (numpy's allocations are traced), the reference's only for
+N <= ``--reference-memory-max``. The numbers must agree: the largest difference between the
+engine's and the reference's mAP, top-1, top-5 is printed (AP may differ at exact score ties,
+which continuous embeddings do not have).
+
+    python benchmarks/eval_speed.py [--sizes 2000 5000 10000] [--large] [--out results/eval_speed]
+
+``--large`` adds N = 20,000 (the reference then takes about an hour). One thread throughout.
+"""
+
+from __future__ import annotations
+
+import os
+
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[_var] = "1"  # before numpy is imported
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import tracemalloc  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from backfill_lib.backfill import DEFAULT_RATIOS, backfill_order, evaluate_backfill, rank_merge  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from reference_engine import reference_states  # noqa: E402
+
+CHUNK = 1024
+
+
+def make_data(n: int, dim: int = 64, n_classes: int = 100, seed: int = 0):
+    """Unit old and new embeddings of ``n`` items in ``n_classes`` balanced classes."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % n_classes
+    rng.shuffle(labels)
+
+    def space(spread):
+        centres = rng.normal(size=(n_classes, dim))
+        x = centres[labels] + spread * rng.normal(size=(n, dim))
+        return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+    return space(1.6), space(1.0), labels
+
+
+def time_argsort(old: np.ndarray, kind: str | None = None) -> float:
+    total = 0.0
+    for start in range(0, len(old), CHUNK):
+        scores = old[start:start + CHUNK] @ old.T
+        t = time.perf_counter()
+        np.argsort(scores, axis=1, kind=kind)
+        total += time.perf_counter() - t
+    return total
+
+
+def run_engine(old, new, labels):
+    return evaluate_backfill(rank_merge(old, new), labels, ratios=DEFAULT_RATIOS, order_seed=0, device="numpy")
+
+
+def run_reference(old, new, labels):
+    n = len(labels)
+    order = backfill_order(n, 0)
+    n_new = [int(round(r * n)) for r in DEFAULT_RATIOS]
+    ap, hits = reference_states(old, old, new, new, labels, labels, order, n_new, exclude_self=True)
+    return np.nanmean(ap, axis=1), hits[1].mean(axis=1), hits[5].mean(axis=1)
+
+
+def peak_mib(fn, *args) -> float:
+    tracemalloc.start()
+    tracemalloc.reset_peak()
+    fn(*args)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return peak / 2**20
+
+
+def measure(n: int, repeats: int, reference_memory_max: int) -> dict:
+    old, new, labels = make_data(n)
+    t_sort, t_engine = [], []
+    for _ in range(repeats):
+        t_sort.append(time_argsort(old))
+        t = time.perf_counter()
+        curve = run_engine(old, new, labels)
+        t_engine.append(time.perf_counter() - t)
+    t_stable = time_argsort(old, kind="stable")
+    t = time.perf_counter()
+    ref_map, ref_top1, ref_top5 = run_reference(old, new, labels)
+    t_ref = time.perf_counter() - t
+    row = {
+        "n": n,
+        "argsort_s": min(t_sort),
+        "engine_s": min(t_engine),
+        "reference_s": t_ref,
+        "stable_argsort_s": t_stable,
+        "engine_over_argsort": min(t_engine) / min(t_sort),
+        "reference_over_argsort": t_ref / min(t_sort),
+        "engine_over_stable_argsort": min(t_engine) / t_stable,
+        "max_abs_diff": {"map": float(np.max(np.abs(curve.map - ref_map))),
+                         "top1": float(np.max(np.abs(curve.top1 - ref_top1))),
+                         "top5": float(np.max(np.abs(curve.top5 - ref_top5)))},
+        "peak_mib": {"argsort": peak_mib(time_argsort, old), "engine": peak_mib(run_engine, old, new, labels),
+                     "reference": peak_mib(run_reference, old, new, labels) if n <= reference_memory_max else None},
+    }
+    return row
+
+
+def to_markdown(rows: list[dict], meta: dict) -> str:
+    lines = [
+        "# Evaluation speed: the whole 11-ratio curve against one argsort",
+        "",
+        f"Measured by `benchmarks/eval_speed.py` on {meta['machine']}, one thread, numpy {meta['numpy']}. "
+        "Rank merge, 11 ratios, queries = gallery (leave-one-out), d = 64, 100 classes. "
+        "Times are seconds; ratios are to one row-wise `np.argsort` of the N × N score matrix, measured in the "
+        "same run (argsort and engine: minimum of "
+        f"{meta['repeats']} alternated runs; reference: one run). Peak memory by tracemalloc (MiB). "
+        "For scale, a stable (merge) argsort, which the reference uses, is also shown (one run).",
+        "",
+        "| N | argsort (s) | engine (s) | engine / argsort | reference (s) | reference / argsort "
+        "| stable argsort (s) | peak MiB: argsort, engine, reference | max abs diff mAP / top-1 / top-5 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        mem = r["peak_mib"]
+        ref_mem = "n/m" if mem["reference"] is None else f"{mem['reference']:.0f}"
+        d = r["max_abs_diff"]
+        lines.append(
+            f"| {r['n']:,} | {r['argsort_s']:.2f} | {r['engine_s']:.2f} | **{r['engine_over_argsort']:.2f}×** "
+            f"| {r['reference_s']:.1f} | {r['reference_over_argsort']:.1f}× | {r['stable_argsort_s']:.2f} "
+            f"| {mem['argsort']:.0f}, {mem['engine']:.0f}, {ref_mem} "
+            f"| {d['map']:.1e} / {d['top1']:.1e} / {d['top5']:.1e} |"
+        )
+    lines += ["", "n/m: not measured (the reference's memory pass is skipped above "
+              f"N = {meta['reference_memory_max']:,}).", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[2000, 5000, 10000])
+    parser.add_argument("--large", action="store_true", help="add N = 20,000")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--reference-memory-max", type=int, default=5000)
+    parser.add_argument("--out", type=Path, default=None, help="write <out>.md and <out>.json")
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    if any(n < 200 for n in args.sizes):
+        parser.error("--sizes must be at least 200 (100 classes, 2 items each)")
+    sizes = args.sizes + ([20000] if args.large else [])
+    meta = {"machine": f"{platform.machine()} {platform.processor() or platform.platform()}, "
+                       f"{os.cpu_count()} logical CPUs",
+            "numpy": np.__version__, "python": platform.python_version(), "repeats": args.repeats,
+            "reference_memory_max": args.reference_memory_max}
+    rows = []
+    for n in tqdm(sizes, desc="N"):
+        rows.append(measure(n, args.repeats, args.reference_memory_max))
+        tqdm.write(json.dumps(rows[-1]))
+    text = to_markdown(rows, meta)
+    print(text)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".md").write_text(text)
+        args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
