@@ -207,9 +207,9 @@ class ExperimentContext:
         Filled as models and heads are trained or loaded: name → ``{"what": str, "seconds": float
         or None, "cached": bool}`` (``seconds`` is the original training time for a cached
         checkpoint, None when unknown). Leave it empty.
-    _models, _embeddings, _keys : dict, optional
-        Internal caches: models and heads by name, embeddings by ``(role, split)``, checkpoint
-        keys by model name. Leave them empty.
+    _models, _heads, _embeddings, _keys : dict, optional
+        Internal caches: models by name, heads by name, embeddings by ``(role, split)``,
+        checkpoint keys by model name. Leave them empty.
 
     Raises
     ------
@@ -231,6 +231,7 @@ class ExperimentContext:
     params: MethodParams = field(default_factory=MethodParams)
     trained: dict = field(default_factory=dict)  # name -> {"what": str, "seconds": float, "cached": bool}
     _models: dict = field(default_factory=dict, repr=False)
+    _heads: dict = field(default_factory=dict, repr=False)
     _embeddings: dict = field(default_factory=dict, repr=False)
     _keys: dict = field(default_factory=dict, repr=False)
 
@@ -327,8 +328,7 @@ class ExperimentContext:
         ----------
         role : str
             ``"old"``: the old model on the old classes; ``"new"``: the new model on all classes
-            (both with cross-entropy); or a name already given to :meth:`train_model` (or to
-            :meth:`fit_head`).
+            (both with cross-entropy); or a name already given to :meth:`train_model`.
 
         Returns
         -------
@@ -442,8 +442,8 @@ class ExperimentContext:
         nn.Module
             The fitted head, in eval mode, on ``device``.
         """
-        if name in self._models:
-            return self._models[name]
+        if name in self._heads:
+            return self._heads[name]
         model_keys = {u: self._keys.get(u) for u in uses}
         if any(k is None for k in model_keys.values()):
             start = time.perf_counter()
@@ -457,8 +457,8 @@ class ExperimentContext:
             head, info = train_or_load(head, f"{self.data.name}-{name}", key,
                                        lambda m: m.load_state_dict(fit().state_dict()), directory=self.cache)
             self.trained[name] = {"what": what, "seconds": info["seconds"], "cached": info["cached"]}
-        self._models[name] = head.to(self.device).eval()
-        return self._models[name]
+        self._heads[name] = head.to(self.device).eval()
+        return self._heads[name]
 
     @property
     def transform_config(self) -> TrainConfig:
