@@ -54,14 +54,15 @@ def badge_source(url: str, branch: str, notebook: str) -> str:
 
 def bootstrap_source(url: str, branch: str) -> str:
     # BACKFILL_INSTALL is the switch scripts/test_colab_path.py uses to install the wheel it built.
-    return ("# In Colab only: install faiss and backfill_lib (Colab already has torch, matplotlib, ipywidgets).\n"
+    return ("# In Colab only: install faiss, qdrant-client (the live-index chapter) and backfill_lib\n"
+            "# (Colab already has torch, matplotlib, seaborn, ipywidgets).\n"
             "# Set BACKFILL_INSTALL to a pip requirement (e.g. a wheel file) to install that instead.\n"
             "import os\n"
             "import sys\n"
             "\n"
             "if \"google.colab\" in sys.modules or os.environ.get(\"BACKFILL_INSTALL\"):\n"
             f"    spec = os.environ.get(\"BACKFILL_INSTALL\") or {install_spec(url, branch)}\n"
-            "    %pip install -q faiss-cpu \"{spec}\"")
+            "    %pip install -q faiss-cpu qdrant-client \"{spec}\"")
 
 
 def chapters() -> list[Path]:
