@@ -11,7 +11,7 @@ Resuming. The index is the record of what is done: an item stored new is never w
 The job keeps a small state file (JSON, replaced atomically) with its position in the order, and
 the order itself beside it (``<state_path>.order.npy``), so a job killed at 40 % picks up where
 it stopped, in the same order. An in-memory faiss index is lost with the process, so the job
-saves it to ``checkpoint_path`` (crash-safe, :meth:`OnlineBackfillIndex.save`) before it moves
+saves it to ``checkpoint_path`` (crash-safe, :meth:`~backfill_lib.live_index.OnlineBackfillIndex.save`) before it moves
 its position forward; reload it from there before resuming. A Qdrant collection is durable by
 itself.
 

@@ -242,7 +242,7 @@ def mean_std(stat: dict, digits: int = 3) -> str:
 def source_of(obj, docstring: bool = False, input_checks: bool = True) -> str:
     """The source of a function, method or class, optionally without docstrings and input checks.
 
-    Docstrings are found with :mod:`ast` (every docstring of the object, nested ones included), so
+    Docstrings are found with ``ast`` (every docstring of the object, nested ones included), so
     quotes inside the code are never mistaken for one. An input check is an ``if`` statement
     whose body only raises; each one left out is replaced by one comment line, so the listing
     never hides that checks exist.
@@ -250,7 +250,7 @@ def source_of(obj, docstring: bool = False, input_checks: bool = True) -> str:
     Parameters
     ----------
     obj : function, method or class
-        Anything :func:`inspect.getsource` accepts.
+        Anything ``inspect.getsource`` accepts.
     docstring : bool, default False
         Keep the docstrings.
     input_checks : bool, default True

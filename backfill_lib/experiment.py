@@ -13,7 +13,7 @@ results without training anything.
 
 Every option is checked before any training (a typo fails at once, with a one-line ``error:``
 and exit status 2), and the output files are written atomically (a temporary file, then
-:func:`os.replace`). Only the models the asked strategies need are trained: ``--strategies old``
+``os.replace``). Only the models the asked strategies need are trained: ``--strategies old``
 trains the old model alone, and new/new and the relative gain are then reported as n/a with the
 reason (``--new-new`` trains the new model for them anyway). A metric that is undefined for a
 run (the relative gain when new/new equals old/old) is reported as ``{"status": "n/a",

@@ -19,7 +19,7 @@ Index types. Each part is built by ``faiss.index_factory(dim, spec, METRIC_INNER
   first batch added to that part (it must then hold at least ``nlist`` vectors). Approximate:
   raise ``nprobe`` with :meth:`~OnlineBackfillIndex.set_search_params`.
 * ``"HNSW<M>"``: faiss cannot remove from an HNSW graph, so removed and backfilled items become
-  *tombstones*, filtered out of every search with a faiss ``IDSelector``; :meth:`compact`
+  *tombstones*, filtered out of every search with a faiss ``IDSelector``; :meth:`~backfill_lib.live_index.OnlineBackfillIndex.compact`
   rebuilds the part without them (and must run before a removed id is stored in that part again).
 """
 

@@ -517,7 +517,7 @@ _MCT = dict(stored_old=_STORED_OLD, stored_new=r"$\hat\rho(\phi_n(g))$", old_lan
             ranking="one ranking by score (spaces made comparable)")
 
 #: What every strategy stores and computes, drawn by :func:`plot_strategy_diagram`.
-DIAGRAMS: dict[str, _Diagram] = {
+DIAGRAMS: dict = {  # name -> _Diagram (a private record)
     "old": _Diagram(_STORED_OLD, None, _Lane(PHI_O, None, _OLD_Q), None,
                     r"1 backbone pass ($\phi_o$)", "no upgrade: the new model is never used"),
     "offline": _Diagram(_STORED_OLD, _STORED_NEW, _Lane(PHI_O, None, _OLD_Q, note="while r < 1"),
