@@ -151,7 +151,10 @@ def to_markdown(rows: list[dict], meta: dict) -> str:
             f"| {d['map']:.1e} / {d['top1']:.1e} / {d['top5']:.1e} |"
         )
     lines += ["", "n/m: not measured (the reference's memory pass is skipped above "
-              f"N = {meta['reference_memory_max']:,}).", ""]
+              f"N = {meta['reference_memory_max']:,}). Load average (1, 5, 15 min) of the shared machine: "
+              f"{', '.join(f'{x:.1f}' for x in meta['load_average_at_start'])} at the start, "
+              f"{', '.join(f'{x:.1f}' for x in meta['load_average_at_end'])} at the end; other jobs slow "
+              "both sides of a ratio, not always equally.", ""]
     return "\n".join(lines)
 
 
@@ -171,11 +174,13 @@ def main(argv=None) -> None:
     meta = {"machine": f"{platform.machine()} {platform.processor() or platform.platform()}, "
                        f"{os.cpu_count()} logical CPUs",
             "numpy": np.__version__, "python": platform.python_version(), "repeats": args.repeats,
-            "reference_memory_max": args.reference_memory_max}
+            "reference_memory_max": args.reference_memory_max,
+            "load_average_at_start": list(os.getloadavg())}
     rows = []
     for n in tqdm(sizes, desc="N"):
         rows.append(measure(n, args.repeats, args.reference_memory_max))
         tqdm.write(json.dumps(rows[-1]))
+    meta["load_average_at_end"] = list(os.getloadavg())
     text = to_markdown(rows, meta)
     print(text)
     if args.out is not None:
