@@ -27,6 +27,7 @@ def _run(code: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("modules", [
     "backfill_lib, backfill_lib.metrics, backfill_lib.backfill, backfill_lib.retrieval, backfill_lib.evaluation",
     "backfill_lib.validation",
+    "backfill_lib.strategies",  # torch-free since commit 7a11b28
 ])
 def test_light_modules_do_not_import_torch(modules):
     out = _run(f"import {modules}; import sys; assert 'torch' not in sys.modules, 'torch was imported'")
