@@ -19,7 +19,7 @@ that need it. :class:`~backfill_lib.context.ExperimentContext`, :class:`~backfil
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Callable
 
 from . import backfill as bf
@@ -126,9 +126,8 @@ def build_strategy(name: str, ctx: ExperimentContext) -> bf.Strategy:
     if name not in STRATEGY_REGISTRY:
         raise ValueError(f"unknown strategy {name!r}; choose from: {', '.join(STRATEGY_REGISTRY)}")
     strategy = STRATEGY_REGISTRY[name].build(ctx)
-    return strategy if strategy.name == name else bf.Strategy(
-        name, strategy.query_old, strategy.gallery_old, strategy.query_new, strategy.gallery_new,
-        strategy.backbone_passes, strategy.offline)
+    # replace() keeps every field, queries_are_gallery included (it decides leave-one-out).
+    return strategy if strategy.name == name else replace(strategy, name=name)
 
 
 @register_strategy("old", "no upgrade: old query, old gallery", trains=("old",))
