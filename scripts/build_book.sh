@@ -7,6 +7,9 @@ bash scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"
 export BACKFILL_CACHE=${BACKFILL_CACHE:-$PWD/_build/checkpoints}
 export MPLBACKEND=Agg
+# One thread, as in the tests: a head trained here and one loaded from the checkpoint cache
+# (trained by nbval) then agree to the last digit.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 python scripts/sync_notebooks.py --check
 bash scripts/fetch_site_js.sh  # widget JS and MathJax, served by the site itself (no CDN)
 # The kernel that executes the chapters keeps its inline backend: with Agg, every plt.show()
