@@ -36,7 +36,7 @@ from importlib import import_module
 import faiss
 import numpy as np
 
-from .retrieval import _as_ids
+from .retrieval import _as_ids, _sorted_topk
 from .validation import as_embeddings, check_k
 
 #: Marks a file written by :meth:`OnlineBackfillIndex.save` (with the format version below).
@@ -209,14 +209,14 @@ def _check_psi(psi):
 
 
 def _merge_by_score_then_id(results, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Merge ``(scores, ids)`` lists into the top ``k`` by descending score, ties by smaller id."""
+    """Merge ``(scores, ids)`` lists into the top ``k`` by descending score, ties by smaller id.
+
+    The rule of :func:`backfill_lib.retrieval.merge_topk`, without its input checks (the lists
+    come from our own searches, on the query path).
+    """
     scores = np.concatenate([s for s, _ in results], axis=1)
     ids = np.concatenate([i for _, i in results], axis=1)
-    empty = ids < 0
-    scores = np.where(empty, -np.inf, scores)
-    sort_ids = np.where(empty, np.iinfo(np.int64).max, ids)
-    order = np.lexsort((sort_ids, -scores), axis=1)[:, :k]
-    return np.take_along_axis(scores, order, axis=1), np.take_along_axis(ids, order, axis=1)
+    return _sorted_topk(np.where(ids < 0, -np.inf, scores), ids, k)
 
 
 class OnlineBackfillIndex:
