@@ -100,6 +100,10 @@ class MethodParams:
         Optimiser steps of the heads, whatever the size of the training set, default
         :data:`~backfill_lib.transforms.TRANSFORM_STEPS` (a small training set would otherwise
         give a few dozen steps and an under-fitted ``ψ``).
+    bct_pseudo_lambda : float, default 1.0
+        Weight ``λ`` of the influence loss of ``bct_pseudo``, BCT through the pseudo-classifier of
+        old-feature class means (:mod:`~backfill_lib.losses.bct_pseudo`). 1 as for BCT; BT²
+        trains this variant with ``α = 10``.
     """
 
     bct_lambda: float = 1.0
@@ -109,6 +113,7 @@ class MethodParams:
     mct_lambda_rt: float = 0.0
     transform: TrainConfig = tf.TRANSFORM_CONFIG
     transform_steps: int = tf.TRANSFORM_STEPS
+    bct_pseudo_lambda: float = 1.0
 
 
 def init_seed(name: str, seed: int) -> int:

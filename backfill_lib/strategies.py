@@ -185,6 +185,24 @@ def _bct(ctx: ExperimentContext) -> bf.Strategy:
     return bf.compatible_single_space(ctx.embeddings("old"), ctx.embeddings("new_bct"), name="bct")
 
 
+@register_strategy("bct_pseudo", "BCT, open-class variant (openBCT / BT²): influence loss on every sample through a "
+                   "frozen pseudo-classifier of old-feature class means over all classes", trains=("old", "new_bct_pseudo"))
+def _bct_pseudo(ctx: ExperimentContext) -> bf.Strategy:
+    from .losses import bct_pseudo_objective, pseudo_classifier
+
+    _same_dimension(ctx, "BCT (pseudo-classifier)")
+    lam = ctx.params.bct_pseudo_lambda
+    # W_p: the old model's mean feature of every class (old and new) over the training images.
+    weights = pseudo_classifier(ctx.embeddings("old", split="train"), ctx.data.train_labels, ctx.data.num_classes)
+    ctx.train_model("new_bct_pseudo", ctx.new_spec, loss_fn=bct_pseudo_objective(weights, lam),
+                    what=f"new {ctx.new_spec.arch} with BCT through old-feature class means (λ={lam:g}), "
+                         f"{ctx.train_config.epochs} epochs",
+                    extra_key={"loss": "bct_pseudo", "lambda": lam,
+                               "pseudo_classifier": "normalised mean old train embedding, all classes",
+                               **_old_model_key(ctx)})
+    return bf.compatible_single_space(ctx.embeddings("old"), ctx.embeddings("new_bct_pseudo"), name="bct_pseudo")
+
+
 @register_strategy("ra_bct", "RA-BCT / Hot-Refresh: new model trained with InfoNCE towards the old feature, "
                    "other-class old and new negatives", trains=("old", "new_ra_bct"))
 def _ra_bct(ctx: ExperimentContext) -> bf.Strategy:
