@@ -516,3 +516,274 @@ def evaluate_states(query_old, gallery_old, query_new, gallery_new, query_labels
             for k in ks:
                 hits[k][s, rows] = has_rel & (ahead < k)
     return StateMetrics(ap=ap, hits=hits, device=ops.name)
+
+
+# ---------------------------------------------------------------------------------------------
+# K model versions: a gallery item can be stored under any of K versions (METHOD §7).
+# ---------------------------------------------------------------------------------------------
+
+def _tied_before_versions(ops, keys, rows, col_version, key, ids, position_ids):
+    """Items tied with ``key`` and ranked before gallery index ``ids`` (rows ``rows``), K spaces.
+
+    ``col_version[c]``: the version column ``c`` is stored under in this state.
+    """
+    if isinstance(ops, _NumpyOps):
+        merged = np.empty((len(rows), len(col_version)), dtype=np.int32)
+        for v, k in keys.items():
+            at = col_version == v
+            merged[:, at] = k[rows][:, at]
+        before = position_ids[None, :] < ids[:, None]
+        return ((merged == key[:, None]) & before).sum(axis=1)
+    torch = ops.torch
+    r = ops._t(rows)
+    merged = torch.empty((len(rows), len(col_version)), dtype=torch.int32, device=ops.device)
+    for v, k in keys.items():
+        at = ops._t(col_version == v)
+        merged[:, at] = k[r][:, at]
+    before = ops._t(position_ids)[None, :] < ops._t(ids)[:, None]
+    return ((merged == ops._t(key)[:, None]) & before).sum(dim=1).cpu().numpy()
+
+
+def check_versions(versions, n_versions: int, n: int) -> np.ndarray:
+    """Check a storage matrix: the version each gallery item is stored under, in each state.
+
+    Parameters
+    ----------
+    versions : int array (n_states, N)
+        ``versions[s, g]``: index (``0 .. n_versions - 1``) of the model version whose vector is
+        stored for gallery item ``g`` in state ``s``.
+    n_versions : int
+        Number of model versions ``K``.
+    n : int
+        Gallery size ``N``.
+
+    Returns
+    -------
+    ndarray (n_states, N) of int64
+        ``versions`` as an array.
+
+    Raises
+    ------
+    ValueError
+        If ``versions`` is not a non-empty 2-D integer array with ``N`` columns, or holds an index
+        outside ``[0, n_versions)``.
+
+    Examples
+    --------
+    >>> check_versions([[0, 1, 1]], 2, 3).tolist()
+    [[0, 1, 1]]
+    """
+    v = np.asarray(versions)
+    if v.ndim != 2 or v.shape[0] == 0 or v.shape[1] != n:
+        raise ValueError(f"versions must be a 2-D array (n_states, {n}): the version of each of the {n} gallery "
+                         f"items in each state, got shape {v.shape}; wrap a single state as [versions]")
+    if v.size and not np.issubdtype(v.dtype, np.integer):
+        raise ValueError(f"versions must hold integer version indices in [0, {n_versions}), got dtype {v.dtype}")
+    if v.size and (v.min() < 0 or v.max() >= n_versions):
+        bad = int(v.min()) if v.min() < 0 else int(v.max())
+        raise ValueError(f"versions holds index {bad}, but there are {n_versions} versions: each entry must be "
+                         f"in [0, {n_versions - 1}] (an index into queries and galleries)")
+    return v.astype(np.int64)
+
+
+def evaluate_version_states(queries, galleries, versions, query_labels, gallery_labels, exclude_self: bool = False,
+                            ks=(1, 5), chunk_size: int = 1024, device=None) -> StateMetrics:
+    """Average precision and top-k hits of every query when gallery items are stored under K versions.
+
+    The K-version form of :func:`evaluate_states`. There are ``K`` model versions; version ``v``
+    has a query vector ``queries[v][q]`` and a stored vector ``galleries[v][g]`` for each item.
+    In state ``s`` item ``g`` is stored under version ``versions[s, g]`` and scored
+    ``queries[v][q] · galleries[v][g]`` with ``v = versions[s, g]``; the whole gallery is ranked
+    by these merged scores. Same exact results and tie rule as :func:`evaluate_states` (top-k by
+    descending score, ties to the smaller gallery index; average precision with a tied group as
+    one threshold), which is the case ``K = 2``, ``versions[s] = 1`` on the first
+    ``n_backfilled[s]`` items of the order and ``0`` elsewhere.
+
+    How: items with the same storage history (the same column of ``versions``) form a group;
+    every group's scores under each version it takes are sorted once, and how many items score
+    at least ``v`` in a state is a sum of one binary search per group (as the slices of
+    :func:`evaluate_states`), updated only for the groups that change version between two states.
+    The cost grows with the number of groups; a backfill in an order has at most
+    ``K · (n_states + 1)`` of them.
+
+    Parameters
+    ----------
+    queries : sequence of K arrays (n_q, d_v)
+        ``queries[v]``: the query vectors compared with items stored under version ``v``.
+    galleries : sequence of K arrays (N, d_v)
+        ``galleries[v]``: each item's vector under version ``v`` (rows of items never stored
+        under ``v`` are not used, but must be finite).
+    versions : int array (n_states, N)
+        ``versions[s, g]`` in ``[0, K)``: the version item ``g`` is stored under in state ``s``.
+    query_labels : int array (n_q,)
+        Class label of each query.
+    gallery_labels : int array (N,)
+        Class label of each gallery item.
+    exclude_self : bool, default False
+        Leave-one-out: query ``i`` is gallery item ``i`` and is left out of its own ranking;
+        needs ``n_q == N``.
+    ks : sequence of int, default (1, 5)
+        Cut-offs of the top-k hits, each in ``[1, N - exclude_self]``.
+    chunk_size : int, default 1024
+        Queries scored at once; memory is about ``(4 K + 16) · chunk_size · N`` bytes.
+    device : str or torch.device, optional
+        See :func:`choose_device`; default automatic.
+
+    Returns
+    -------
+    StateMetrics
+        ``ap`` and ``hits`` of shape ``(n_states, n_q)``.
+
+    Raises
+    ------
+    TypeError
+        If an input has the wrong type (``queries``/``galleries`` not sequences of arrays,
+        labels, ``ks``, ``chunk_size``).
+    ValueError
+        If ``queries`` and ``galleries`` hold different numbers of versions (or none), a query
+        matrix and its gallery differ in width, the galleries differ in length or the query
+        matrices in rows, ``versions`` has the wrong shape or an index out of range,
+        ``exclude_self`` is set with ``n_q != N``, a ``k`` is out of range, or ``device`` is not
+        available.
+
+    See Also
+    --------
+    backfill_lib.versions.evaluate_versions : backfill curves of a multi-version strategy.
+
+    Examples
+    --------
+    >>> x = [[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]]
+    >>> m = evaluate_version_states([x, x, x], [x, x, x], [[0, 1, 2]], [0, 1, 1], [0, 1, 1],
+    ...                             exclude_self=True, ks=(1,), device="numpy")
+    >>> m.ap.round(3).tolist(), m.hits[1].tolist()
+    ([[nan, 1.0, 1.0]], [[False, True, True]])
+    """
+    if isinstance(queries, np.ndarray) or isinstance(galleries, np.ndarray) \
+            or not isinstance(queries, (list, tuple)) or not isinstance(galleries, (list, tuple)):
+        raise TypeError("queries and galleries must be lists (or tuples) of K arrays, one per model version, "
+                        f"got {type(queries).__name__} and {type(galleries).__name__}")
+    if len(queries) != len(galleries) or not queries:
+        raise ValueError(f"queries and galleries must hold one array per model version (K >= 1 of each), got "
+                         f"{len(queries)} query and {len(galleries)} gallery arrays")
+    n_versions = len(galleries)
+    galleries = [as_embeddings(g, f"galleries[{v}]") for v, g in enumerate(galleries)]
+    queries = [as_embeddings(q, f"queries[{v}]", dim=galleries[v].shape[1]) for v, q in enumerate(queries)]
+    n, n_q = len(galleries[0]), len(queries[0])
+    for v in range(1, n_versions):
+        if len(galleries[v]) != n:
+            raise ValueError(f"galleries[0] has {n} items but galleries[{v}] has {len(galleries[v])}: every "
+                             "version must hold a vector for every gallery item")
+        if len(queries[v]) != n_q:
+            raise ValueError(f"queries[0] has {n_q} rows but queries[{v}] has {len(queries[v])}")
+    qy = as_labels(query_labels, "query_labels", n=n_q)
+    gy = as_labels(gallery_labels, "gallery_labels", n=n)
+    versions = check_versions(versions, n_versions, n)
+    exclude_self = bool(exclude_self)
+    if exclude_self and n_q != n:
+        raise ValueError(f"exclude_self=True needs one query per gallery item, got {n_q} queries for {n} items")
+    if isinstance(ks, (int, np.integer)) or len(ks) == 0:
+        raise TypeError(f"ks must be a non-empty sequence of positive integers, e.g. (1, 5), got {ks!r}")
+    ks = tuple(check_k(k, n - exclude_self, f"ks[{i}]") for i, k in enumerate(ks))
+    chunk_size = check_chunk_size(chunk_size)
+    device = choose_device(device)
+    n_states = len(versions)
+
+    # Groups: items with the same storage history, laid out group after group (ascending index
+    # inside a group), so that each group is a block of columns of the score matrices.
+    history, group_of = np.unique(versions.T, axis=0, return_inverse=True)
+    group_of = group_of.ravel()
+    layout = np.lexsort((np.arange(n), group_of))
+    position = np.empty(n, dtype=np.int64)
+    position[layout] = np.arange(n)
+    sizes = np.bincount(group_of, minlength=len(history))
+    bounds = np.concatenate([[0], np.cumsum(sizes)])
+    used = sorted(set(np.unique(versions).tolist()))  # versions stored somewhere: the only ones scored
+    used_arr = np.array(used, dtype=np.int64)
+    col_versions = versions[:, layout]  # (n_states, N): the version of each column in each state
+    arrays = [queries[v] for v in used] + [galleries[v][layout] for v in used]
+    ops = _NumpyOps(*arrays) if device == "numpy" else _TorchOps(device, *arrays)
+    n_used = len(used)
+
+    # Gallery items of each class (ascending index, padded): the relevant items of a query.
+    classes, g_class = np.unique(gy, return_inverse=True)
+    q_class = np.searchsorted(classes, qy)
+    known = (q_class < len(classes)) & (classes[np.minimum(q_class, len(classes) - 1)] == qy)
+    class_of = np.where(known, q_class, len(classes))
+    per_class = np.bincount(g_class, minlength=len(classes) + 1)
+    members = np.zeros((len(classes) + 1, max(int(per_class.max()), 1)), dtype=np.int64)
+    member_valid = np.zeros(members.shape, dtype=bool)
+    by_class = np.argsort(g_class, kind="stable")
+    slot = np.arange(n) - np.repeat(np.cumsum(per_class) - per_class, per_class)
+    members[g_class[by_class], slot], member_valid[g_class[by_class], slot] = by_class, True
+
+    ap = np.full((n_states, n_q), np.nan)
+    hits = {k: np.zeros((n_states, n_q), dtype=bool) for k in ks}
+    k_max = max(ks)
+    for start in range(0, n_q, chunk_size):
+        rows = slice(start, min(start + chunk_size, n_q))
+        c = rows.stop - rows.start
+        arange_c = np.arange(c)
+        self_cols = position[rows.start:rows.stop] if exclude_self else None
+        ids, valid = members[class_of[rows]], member_valid[class_of[rows]]
+        if exclude_self:
+            valid &= ids != np.arange(rows.start, rows.stop)[:, None]
+        n_rel = valid.sum(axis=1)
+        has_rel = n_rel > 0
+        if not has_rel.any():
+            continue
+        width = ids.shape[1]
+        cols = position[ids]
+
+        keys = {v: ops.keys(i, rows, n_used + i, self_cols) for i, v in enumerate(used)}
+        item_keys = np.stack([np.where(valid, ops.gather(keys[v], cols), _PAD).astype(np.int32) for v in used])
+        # Needles: every relevant item's key under every used version, sorted in its row.
+        needles = np.concatenate(list(item_keys), axis=1)  # (c, n_used · width)
+        needle_order = np.argsort(needles, axis=1, kind="stable")
+        prepared = ops.needles(np.take_along_axis(needles, needle_order, axis=1))
+        unsort = np.argsort(needle_order, axis=1)  # unsort[:, u·width + a]: where item a's version-u key went
+        needle_valid = np.take_along_axis(np.tile(valid, n_used), needle_order, axis=1)
+        blocks = {}
+
+        def block(j, v):
+            if (j, v) not in blocks:
+                blocks[j, v] = ops.sort_block(keys[v], bounds[j], bounds[j + 1])
+            return blocks[j, v]
+
+        def count(j, v):
+            return ops.count_ge(block(j, v), prepared, needle_valid).astype(np.int32)
+
+        ge = np.zeros((c, n_used * width), dtype=np.int32)
+        for j in range(len(history)):
+            ge += count(j, history[j, 0])
+        for s in range(n_states):
+            if s:
+                for j in np.flatnonzero(history[:, s] != history[:, s - 1]):
+                    ge += count(j, history[j, s]) - count(j, history[j, s - 1])
+                    blocks.pop((j, history[j, s - 1]), None)  # memory: a group rarely goes back
+            slots = np.searchsorted(used_arr, versions[s, ids])  # (c, width): slot of each item's version
+            key = np.take_along_axis(item_keys, slots[None], axis=0)[0]
+            ge_all = np.take_along_axis(ge, np.take_along_axis(unsort, slots * width + np.arange(width), axis=1),
+                                        axis=1)
+            precision = np.where(valid, _count_ge_within_rows(key) / np.maximum(ge_all, 1), 0.0)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                ap[s, rows] = np.where(has_rel, precision.sum(axis=1) / n_rel, np.nan)
+
+            best = np.argmax(key, axis=1)
+            best_key = key[arange_c, best]
+            best_ge = ge_all[arange_c, best]
+            ahead = np.zeros(c, dtype=np.int64)
+            counted = (has_rel & (best_ge > 1))[:, None]
+            if counted.any():
+                above = ops.needles(best_key.astype(np.int64)[:, None] + 1)
+                for j in range(len(history)):
+                    if sizes[j]:
+                        ahead += ops.count_ge(block(j, history[j, s]), above, counted)[:, 0]
+                ahead[~counted[:, 0]] = 0
+            tied = best_ge - ahead > 1
+            resolve = np.flatnonzero(has_rel & tied & (ahead < k_max))
+            if len(resolve):
+                ahead[resolve] += _tied_before_versions(ops, keys, resolve, col_versions[s], best_key[resolve],
+                                                        ids[resolve, best[resolve]], layout)
+            for k in ks:
+                hits[k][s, rows] = has_rel & (ahead < k)
+    return StateMetrics(ap=ap, hits=hits, device=ops.name)
