@@ -195,11 +195,20 @@ def params_for(strategy: str, tuning: dict) -> MethodParams:
         Published defaults, overridden by every tuned field that is the same for all methods
         (``method_params``), then by the strategy's own choice (``per_strategy``, e.g. its heads'
         ``transform_steps``; the ``mct`` ablations take ``mct``'s).
+
+    Raises
+    ------
+    ValueError
+        If ``tuning`` holds a field ``MethodParams`` does not have.
     """
     fields = {f.name for f in dataclasses.fields(MethodParams)}
     own = tuning.get("per_strategy", {}).get(FAMILY.get(strategy, strategy), {})
     values = {**tuning.get("method_params", {}), **own}
-    return MethodParams(**{k: v for k, v in values.items() if k in fields})
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise ValueError(f"tuning holds {', '.join(unknown)}, which this library's MethodParams does not have: "
+                         "update backfill_lib or re-run benchmarks/tune_methods.py")
+    return MethodParams(**values)
 
 
 def _stats(values) -> dict:
@@ -381,13 +390,14 @@ def run_tuned_experiment(tuning: dict, strategies, order: str = "random", progre
     for params, names in groups.items():
         r = run_experiment(strategies=names, params=params, new_new=True, progress=progress, **extra, **kwargs)
         elapsed += r["environment"]["elapsed_seconds"]
+        used = r["method_params"]
         if merged is None:
             merged = r
             merged["method_params"] = {}
         else:
             merged["strategies"].update(r["strategies"])
         for n in names:
-            merged["method_params"][n] = r["method_params"]
+            merged["method_params"][n] = used
     merged["strategies"] = {n: merged["strategies"][n] for n in strategies}
     merged["order"] = order
     merged["environment"]["elapsed_seconds"] = round(elapsed, 1)

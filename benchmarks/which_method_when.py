@@ -1,0 +1,335 @@
+"""Which method when: every strategy at old models of different strength, fixed in advance.
+
+The sweep points are the ones CONTRACTS.md fixed before any result was seen: the old model's
+embedding size ``d_o`` ∈ {4, 8, 16, 32} (small CNN, old classes 0–4), the number of classes it
+was trained on (2, 5, 8 of 10: classes 0–1, 0–4, 0–7; small CNN, d_o = 32), and a weaker old
+architecture (an MLP, d_o = 32, classes 0–4). The reference point (small CNN, d_o = 32, classes
+0–4, the digits preset) belongs to all three axes. The new model is always the digits preset's
+(small CNN, d_n = 32, all classes), so BCT-type strategies (which need d_n = d_o) are n/a at
+d_o < 32. Each strategy runs with its tuned hyper-parameters (``results/tuning.json``, chosen
+once on the validation split at the reference point, not re-tuned per point), 3 seeds, in random
+and (when the library has it) uncertain-first backfill order. What the old embedding knows about
+all classes is measured by a linear probe: a logistic regression on standardised ``φ_o``
+embeddings of the training split over all 10 classes, scored on the test split. Writes
+``results/which_method_when.json`` and ``.md``.
+
+    python benchmarks/which_method_when.py [--seeds 0,1,2] [--cache DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tune_methods import RESULTS, _supports_order, _write, params_for, run_tuned_experiment  # noqa: E402
+
+from backfill_lib import strategies as st  # noqa: E402
+from backfill_lib.data import load_dataset  # noqa: E402
+from backfill_lib.metrics import auc, relative_gain  # noqa: E402
+from backfill_lib.models import ModelSpec  # noqa: E402
+from backfill_lib.strategies import PRESETS, ExperimentContext, Preset  # noqa: E402
+
+#: Strategies at every point (CONTRACTS.md); ``old`` and ``offline`` are the references.
+STRATEGIES = ("old", "offline", "rank_merge", "rank_merge_calibrated", "reverse_transform", "mct", "bct", "bct_pseudo",
+              "ra_bct", "forward_transform")
+#: The three axes and their values, fixed in advance; the reference point is on all three.
+AXES = {"d_old": (4, 8, 16, 32), "old_classes": (2, 5, 8), "old_arch": ("small_cnn", "mlp")}
+REFERENCE = {"d_old": 32, "old_classes": 5, "old_arch": "small_cnn"}
+
+
+def sweep_points() -> list[dict]:
+    """The sweep points: the reference, then the other values of each axis.
+
+    Returns
+    -------
+    list of dict
+        Each with ``axis`` ("reference", "d_old", "old_classes" or "old_arch"), ``value``,
+        ``label``, ``old_spec`` (a ``ModelSpec`` as a dict) and ``old_classes`` (e.g. "0-4").
+    """
+    ref = PRESETS["digits"].old
+
+    def point(axis, value, label, arch=ref.arch, dim=ref.embed_dim, n_old=5):
+        spec = ModelSpec(arch, dim, ref.width).to_dict()
+        return {"axis": axis, "value": value, "label": label, "old_spec": spec, "old_classes": f"0-{n_old - 1}"}
+
+    points = [point("reference", "reference", f"reference ({ref.arch}, d_o = {ref.embed_dim}, classes 0-4)")]
+    points += [point("d_old", d, f"d_o = {d}", dim=d) for d in AXES["d_old"] if d != REFERENCE["d_old"]]
+    points += [point("old_classes", k, f"{k} old classes (0-{k - 1})", n_old=k) for k in AXES["old_classes"]
+               if k != REFERENCE["old_classes"]]
+    points += [point("old_arch", a, f"old arch {a}", arch=a) for a in AXES["old_arch"] if a != REFERENCE["old_arch"]]
+    return points
+
+
+def point_preset(point: dict) -> Preset:
+    """The digits preset with the point's old model (the new model stays the preset's).
+
+    Parameters
+    ----------
+    point : dict
+        An entry of :func:`sweep_points`.
+
+    Returns
+    -------
+    Preset
+    """
+    base = PRESETS["digits"]
+    return Preset(ModelSpec(**point["old_spec"]), base.new, base.new_heterogeneous, base.train)
+
+
+def linear_probe(train_x, train_y, test_x, test_y, seed: int = 0) -> float:
+    """Test accuracy of a logistic regression on standardised embeddings (fitted on train).
+
+    Parameters
+    ----------
+    train_x, test_x : array (n, d)
+        Embeddings of the training and test items.
+    train_y, test_y : array (n,) of int
+        Their labels (all classes).
+    seed : int, default 0
+        Seed of the solver.
+
+    Returns
+    -------
+    float
+        Share of test items whose class the probe predicts.
+
+    Raises
+    ------
+    ValueError
+        If the arrays do not match in length or width.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    train_x, test_x = np.asarray(train_x, dtype=np.float64), np.asarray(test_x, dtype=np.float64)
+    if len(train_x) != len(train_y) or len(test_x) != len(test_y):
+        raise ValueError(f"train_x/train_y ({len(train_x)}/{len(train_y)}) or test_x/test_y "
+                         f"({len(test_x)}/{len(test_y)}) differ in length: give one label per embedding")
+    if train_x.ndim != 2 or test_x.ndim != 2 or train_x.shape[1] != test_x.shape[1]:
+        raise ValueError(f"train_x {train_x.shape} and test_x {test_x.shape} must be 2-D with the same width")
+    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000, random_state=seed))
+    probe.fit(train_x, train_y)
+    return float(probe.score(test_x, test_y))
+
+
+def _stats(values) -> dict:
+    v = np.asarray(values, dtype=np.float64)
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0}
+
+
+def per_seed_gains(result: dict, name: str) -> list[float]:
+    """Relative gain of one strategy in each seed, from the curves of a results dict.
+
+    Old/old of a seed is the ``old`` strategy's mAP, new/new the ``offline`` strategy's mAP at r = 1.
+
+    Parameters
+    ----------
+    result : dict
+        A ``run_experiment`` result holding ``old``, ``offline`` and ``name``.
+    name : str
+        The strategy.
+
+    Returns
+    -------
+    list of float
+        One gain per seed.
+    """
+    s, old, off = (result["strategies"][k] for k in (name, "old", "offline"))
+    return [relative_gain(auc(s["ratios"], c), o[0], n[-1])
+            for c, o, n in zip(s["curve_map"], old["curve_map"], off["curve_map"])]
+
+
+def summarise(result: dict, strategies) -> dict:
+    """Per strategy: gain and worst negative flip over seeds, per-seed gains, mean curve (or n/a).
+
+    Parameters
+    ----------
+    result : dict
+        A ``run_experiment`` result.
+    strategies : sequence of str
+        Strategies to take from it.
+
+    Returns
+    -------
+    dict
+        ``{strategy: {"relative_gain", "max_negative_flip", "per_seed_gain", "curve_map_mean"}}`` or
+        ``{strategy: {"status": "n/a", "reason"}}``.
+    """
+    out = {}
+    for name in strategies:
+        s = result["strategies"][name]
+        if s.get("status") == "n/a":
+            out[name] = {"status": "n/a", "reason": s["reason"]}
+            continue
+        gains = per_seed_gains(result, name)
+        if abs(np.mean(gains) - s["relative_gain"]["mean"]) > 1e-9:  # the two routes must agree
+            raise RuntimeError(f"{name}: per-seed gains {gains} disagree with the experiment's {s['relative_gain']}")
+        out[name] = {"relative_gain": s["relative_gain"], "max_negative_flip": s["max_negative_flip"],
+                     "per_seed_gain": gains, "curve_map_mean": np.mean(s["curve_map"], axis=0).tolist()}
+    return out
+
+
+def run_point(point: dict, tuning: dict, strategies=STRATEGIES, orders=("random",), seeds=(0, 1, 2), cache=None,
+              progress: bool = False) -> dict:
+    """Measure one sweep point: the probe, the references, every strategy in every order.
+
+    Parameters
+    ----------
+    point : dict
+        An entry of :func:`sweep_points`.
+    tuning : dict
+        The content of ``results/tuning.json``.
+    strategies : sequence of str, default :data:`STRATEGIES`
+        Must hold ``old`` and ``offline`` (the per-seed references).
+    orders : sequence of str, default ("random",)
+        Backfill order policies.
+    seeds : sequence of int, default (0, 1, 2)
+        Runs.
+    cache : str or Path, optional
+        Checkpoint folder.
+    progress : bool, default False
+        Training progress bars.
+
+    Returns
+    -------
+    dict
+        The point with ``probe``, ``old_old_map``, ``new_new_map`` and ``results`` (CONTRACTS.md).
+
+    Raises
+    ------
+    ValueError
+        If ``strategies`` lacks ``old`` or ``offline``.
+    """
+    if "old" not in strategies or "offline" not in strategies:
+        raise ValueError("strategies must include 'old' and 'offline' (the per-seed old/old and new/new references)")
+    preset = point_preset(point)
+    data = load_dataset("digits", old_classes=point["old_classes"])
+    probes = []
+    for seed in seeds:
+        ctx = ExperimentContext(data, seed=seed, preset=preset, cache=cache, progress=progress)
+        probes.append(linear_probe(ctx.embeddings("old", "train"), data.train_labels, ctx.embeddings("old", "test"),
+                                   data.test_labels, seed=seed))
+    out = {**point, "probe": _stats(probes), "probe_per_seed": probes, "results": {}}
+    for order in orders:
+        r = run_tuned_experiment(tuning, list(strategies), order=order, dataset="digits",
+                                 old_classes=point["old_classes"], seeds=list(seeds), preset=preset, cache=cache,
+                                 progress=progress)
+        out["old_old_map"], out["new_new_map"] = r["old_old"]["map"], r["new_new"]["map"]
+        out["results"][order] = summarise(r, strategies)
+    return out
+
+
+def figure_data(points: list[dict], strategies, orders) -> dict:
+    """Figure-ready arrays: per order, per strategy, one value per point (None where n/a).
+
+    Parameters
+    ----------
+    points : list of dict
+        Outputs of :func:`run_point`.
+    strategies, orders : sequence of str
+        What to lay out.
+
+    Returns
+    -------
+    dict
+        ``{"labels", "axis", "probe", "probe_std", order: {strategy: {"gain", "gain_std", "worst_flip"}}}``.
+    """
+    fig = {"labels": [p["label"] for p in points], "axis": [p["axis"] for p in points],
+           "probe": [p["probe"]["mean"] for p in points], "probe_std": [p["probe"]["std"] for p in points]}
+    for order in orders:
+        fig[order] = {}
+        for name in strategies:
+            cells = [p["results"][order][name] for p in points]
+            ok = [c.get("status") != "n/a" for c in cells]
+            fig[order][name] = {
+                "gain": [c["relative_gain"]["mean"] if k else None for c, k in zip(cells, ok)],
+                "gain_std": [c["relative_gain"]["std"] if k else None for c, k in zip(cells, ok)],
+                "worst_flip": [c["max_negative_flip"]["mean"] if k else None for c, k in zip(cells, ok)]}
+    return fig
+
+
+def markdown(result: dict) -> str:
+    """``results/which_method_when.md``: per order, one row per point, gain (worst flip) per strategy.
+
+    Parameters
+    ----------
+    result : dict
+        The ``results/which_method_when.json`` content.
+
+    Returns
+    -------
+    str
+        Markdown text.
+    """
+    names = [s for s in result["strategies"] if s not in ("old", "offline")]
+    lines = [f"**Which method when** (our measurements; digits, new model small_cnn d_n = 32 on all classes; seeds "
+             f"{','.join(map(str, result['seeds']))}; tuned hyper-parameters from results/tuning.json). Cells: "
+             "relative gain ± std over seeds (largest negative-flip rate, %); n/a: the strategy needs d_n = d_o.", ""]
+    for order in result["orders"]:
+        lines += [f"Order: `{order}`", "",
+                  "| point | probe acc. | old/old mAP | new/new mAP | " + " | ".join(names) + " |",
+                  "|" + "---|" * (4 + len(names))]
+        for p in result["points"]:
+            cells = []
+            for n in names:
+                c = p["results"][order][n]
+                cells.append("n/a" if c.get("status") == "n/a" else
+                             f"{c['relative_gain']['mean']:.2f} ± {c['relative_gain']['std']:.2f} "
+                             f"({100 * c['max_negative_flip']['mean']:.1f})")
+            lines.append(f"| {p['label']} | {p['probe']['mean']:.3f} ± {p['probe']['std']:.3f} | "
+                         f"{p['old_old_map']['mean']:.3f} | {p['new_new_map']['mean']:.3f} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--cache", default=None)
+    parser.add_argument("--tuning", default=str(RESULTS / "tuning.json"))
+    parser.add_argument("--out", default=str(RESULTS / "which_method_when.json"))
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    tuning = json.loads(Path(args.tuning).read_text())
+    strategies = [s for s in STRATEGIES if s in st.STRATEGY_REGISTRY]
+    missing = [s for s in STRATEGIES if s not in st.STRATEGY_REGISTRY]
+    orders = ["random"] + (["uncertain_first"] if _supports_order() else [])
+    points = []
+    for point in tqdm(sweep_points(), desc="sweep points"):
+        t0 = time.perf_counter()
+        points.append(run_point(point, tuning, strategies, orders, seeds, args.cache))
+        gains = {n: round(v["relative_gain"]["mean"], 3) for n, v in points[-1]["results"]["random"].items()
+                 if v.get("status") != "n/a"}
+        tqdm.write(f"{point['label']}: probe {points[-1]['probe']['mean']:.3f}, random-order gains {gains} "
+                   f"({time.perf_counter() - t0:.0f} s)")
+    result = {
+        "command": "python benchmarks/which_method_when.py --seeds " + ",".join(map(str, seeds)),
+        "protocol": __doc__.split("\n\n")[1].replace("\n", " "),
+        "seeds": seeds,
+        "method_params": {n: dataclasses.asdict(params_for(n, tuning)) for n in strategies},
+        "strategies": strategies,
+        "missing_strategies": missing,
+        "orders": orders,
+        "axes": {axis: {"values": list(values), "reference_value": REFERENCE[axis]} for axis, values in AXES.items()},
+        "points": points,
+        "figure": figure_data(points, strategies, orders),
+        "elapsed_seconds": round(time.perf_counter() - start, 1),
+    }
+    out = Path(args.out)
+    _write(out, json.dumps(result, indent=1) + "\n")
+    _write(out.with_suffix(".md"), markdown(result) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

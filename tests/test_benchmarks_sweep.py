@@ -1,0 +1,148 @@
+"""Fast tests of benchmarks/tune_methods.py and benchmarks/which_method_when.py (pure parts, tiny runs)."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import tune_methods as tm  # noqa: E402
+import which_method_when as wmw  # noqa: E402
+
+from backfill_lib.experiment import run_experiment  # noqa: E402
+from backfill_lib.strategies import PRESETS, MethodParams  # noqa: E402
+
+DEFAULTS = MethodParams()
+
+
+# --- sweep points, fixed in advance (CONTRACTS.md) ------------------------------------------------
+
+def test_sweep_points_are_the_contracts_and_reference_is_the_preset():
+    points = wmw.sweep_points()
+    ref = PRESETS["digits"].old
+    assert points[0]["axis"] == "reference"
+    assert points[0]["old_spec"] == ref.to_dict() and points[0]["old_classes"] == "0-4"
+    by_axis = {}
+    for p in points:
+        by_axis.setdefault(p["axis"], []).append(p)
+    assert [p["old_spec"]["embed_dim"] for p in by_axis["d_old"]] == [4, 8, 16]
+    assert all(p["old_spec"]["arch"] == "small_cnn" and p["old_classes"] == "0-4" for p in by_axis["d_old"])
+    assert [p["old_classes"] for p in by_axis["old_classes"]] == ["0-1", "0-7"]
+    assert all(p["old_spec"] == ref.to_dict() for p in by_axis["old_classes"])
+    assert [(p["old_spec"]["arch"], p["old_spec"]["embed_dim"], p["old_classes"]) for p in by_axis["old_arch"]] \
+        == [("mlp", 32, "0-4")]
+    assert len({p["label"] for p in points}) == len(points) == 7
+    # With the reference, every axis has exactly its fixed values.
+    assert sorted([32] + [p["value"] for p in by_axis["d_old"]]) == list(wmw.AXES["d_old"])
+    assert sorted([5] + [p["value"] for p in by_axis["old_classes"]]) == list(wmw.AXES["old_classes"])
+
+
+def test_point_preset_changes_only_the_old_model():
+    base = PRESETS["digits"]
+    for p in wmw.sweep_points():
+        preset = wmw.point_preset(p)
+        assert preset.old.to_dict() == p["old_spec"]
+        assert (preset.new, preset.new_heterogeneous, preset.train) == (base.new, base.new_heterogeneous, base.train)
+
+
+# --- linear probe ---------------------------------------------------------------------------------
+
+def test_linear_probe_separates_clusters_and_not_noise():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(10, 8)) * 5
+    y_tr, y_te = rng.integers(0, 10, 400), rng.integers(0, 10, 200)
+    x_tr, x_te = centres[y_tr] + rng.normal(size=(400, 8)), centres[y_te] + rng.normal(size=(200, 8))
+    assert wmw.linear_probe(x_tr, y_tr, x_te, y_te) > 0.95
+    noise_tr, noise_te = rng.normal(size=(400, 8)), rng.normal(size=(200, 8))
+    assert wmw.linear_probe(noise_tr, y_tr, noise_te, y_te) < 0.25  # chance is 0.1
+
+
+def test_linear_probe_rejects_mismatched_inputs():
+    x = np.zeros((5, 3))
+    with pytest.raises(ValueError, match="differ in length"):
+        wmw.linear_probe(x, np.arange(4), x, np.arange(5))
+    with pytest.raises(ValueError, match="same width"):
+        wmw.linear_probe(x, np.arange(5) % 2, np.zeros((5, 4)), np.arange(5) % 2)
+
+
+# --- search spaces and choices --------------------------------------------------------------------
+
+def test_every_method_gets_the_same_budget_and_its_published_default():
+    spaces = tm.search_spaces()
+    fields = {f.name for f in dataclasses.fields(MethodParams)}
+    for method, settings in spaces.items():
+        if method == "rank_merge_calibrated":  # as many as the library has, at most the budget
+            assert len(settings) == min(tm.BUDGET, len(tm._calibrations()))
+        else:
+            assert len(settings) == tm.BUDGET, method
+        assert len({tuple(sorted(s.items())) for s in settings}) == len(settings), f"{method} repeats a setting"
+        if settings and set(settings[0]) <= fields:
+            default = {k: getattr(DEFAULTS, k) for k in settings[0]}
+            assert default in settings, f"{method} does not try its published default {default}"
+    assert 10.0 in tm.grid_of(spaces["bct"])["bct_lambda"]
+    assert 10.0 in tm.grid_of(spaces["bct_pseudo"])["bct_pseudo_lambda"]
+    assert set(tm.grid_of(spaces["ra_bct"])) == {"ra_bct_lambda", "ra_bct_tau", "ra_bct_topk"}
+
+
+def test_available_names_what_is_missing():
+    assert "not registered" in tm.available("no_such_strategy", [{"bct_lambda": 1.0}])
+    assert "no field nope" in tm.available("bct", [{"nope": 1}])
+    assert tm.available("bct", [{"bct_lambda": 1.0}]) is None
+
+
+def test_choose_takes_the_best_and_the_first_of_ties():
+    rows = [{"k": 1, "gain_mean": 0.5}, {"k": 2, "gain_mean": 0.7}, {"k": 3, "gain_mean": 0.7}]
+    assert tm.choose(rows)["k"] == 2
+    with pytest.raises(ValueError, match="empty"):
+        tm.choose([])
+
+
+def test_shared_fields_and_per_strategy_steps():
+    per = {"reverse_transform": {"transform_steps": 250}, "forward_transform": {"transform_steps": 2000},
+           "bct": {"bct_lambda": 3.0}, "mct": {"mct_tau": 0.1, "mct_lambda_rt": 0.0}}
+    shared, conflicts = tm._merge_params(per)
+    assert shared == {"bct_lambda": 3.0, "mct_tau": 0.1, "mct_lambda_rt": 0.0}
+    assert conflicts == {"transform_steps": {"reverse_transform": 250, "forward_transform": 2000}}
+    tuning = {"method_params": shared, "per_strategy": per}
+    assert tm.params_for("forward_transform", tuning).transform_steps == 2000
+    assert tm.params_for("reverse_transform", tuning).transform_steps == 250
+    assert tm.params_for("mct_no_rho", tuning).mct_tau == 0.1  # the ablations take mct's values
+    rank_merge = tm.params_for("rank_merge", tuning)
+    assert rank_merge.transform_steps == DEFAULTS.transform_steps and rank_merge.bct_lambda == 3.0
+    with pytest.raises(ValueError, match="does not have"):
+        tm.params_for("bct", {"method_params": {"no_such_field": 1}})
+
+
+# --- the tuned experiment and its summary, on the synthetic dataset --------------------------------
+
+def test_tuned_experiment_uses_each_strategys_params_and_gains_agree():
+    tuning = {"method_params": {}, "per_strategy": {"reverse_transform": {"transform_steps": 30}}}
+    names = ["old", "offline", "rank_merge", "reverse_transform"]
+    r = tm.run_tuned_experiment(tuning, names, dataset="synthetic", seeds=[0, 1], progress=False)
+    assert list(r["strategies"]) == names
+    assert r["method_params"]["reverse_transform"]["transform_steps"] == 30
+    assert r["method_params"]["rank_merge"]["transform_steps"] == DEFAULTS.transform_steps
+    assert "30 steps" in r["strategies"]["reverse_transform"]["trained"]["reverse_transform"]["what"]
+    summary = wmw.summarise(r, names)  # raises if per-seed gains disagree with the experiment's
+    for n in names:
+        assert len(summary[n]["per_seed_gain"]) == 2
+        assert len(summary[n]["curve_map_mean"]) == len(r["ratios"])
+    assert summary["old"]["per_seed_gain"] == pytest.approx([0.0, 0.0], abs=1e-12)
+    # Grouping must not change a strategy's numbers: rank merge alone gives the same curve.
+    alone = run_experiment("synthetic", strategies=["rank_merge"], seeds=[0, 1], progress=False, new_new=True)
+    assert alone["strategies"]["rank_merge"]["curve_map"] == r["strategies"]["rank_merge"]["curve_map"]
+
+
+def test_figure_data_lays_out_na_as_none():
+    cell = {"relative_gain": {"mean": 0.5, "std": 0.1}, "max_negative_flip": {"mean": 0.02, "std": 0.0}}
+    points = [{"label": "a", "axis": "reference", "probe": {"mean": 0.9, "std": 0.0},
+               "results": {"random": {"bct": cell}}},
+              {"label": "b", "axis": "d_old", "probe": {"mean": 0.6, "std": 0.0},
+               "results": {"random": {"bct": {"status": "n/a", "reason": "d"}}}}]
+    fig = wmw.figure_data(points, ["bct"], ["random"])
+    assert fig["probe"] == [0.9, 0.6]
+    assert fig["random"]["bct"] == {"gain": [0.5, None], "gain_std": [0.1, None], "worst_flip": [0.02, None]}
