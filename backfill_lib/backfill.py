@@ -252,6 +252,117 @@ def rank_merge(old, new, old_query=None, new_query=None, queries_are_gallery: bo
                     queries_are_gallery=_queries_are_gallery(queries_are_gallery, old_query, new_query))
 
 
+def _affine(score_map, name: str) -> tuple[float, float]:
+    scale, offset = (score_map.scale, score_map.offset) if hasattr(score_map, "scale") else score_map
+    scale, offset = float(scale), float(offset)
+    if not (np.isfinite(scale) and scale > 0 and np.isfinite(offset)):
+        raise ValueError(f"{name} must be an increasing affine map (scale > 0, finite offset), got scale={scale!r}, "
+                         f"offset={offset!r}")
+    return scale, offset
+
+
+def fold_affine_scores(maps) -> list[tuple[float, float]]:
+    """Angles that put increasing affine score maps into unit vectors, one pair per space.
+
+    For spaces ``k`` with maps ``t_k = a_k·s + b_k``, returns ``(θ_q, θ_g)`` per space such that
+    the unit vectors ``[cos θ_q · q, sin θ_q]`` and ``[cos θ_g · g, sin θ_g]`` have inner
+    product ``c·(t_k − m)`` for one ``c > 0`` and one ``m`` shared by all spaces: merged
+    rankings are those of the ``t_k``, and the vectors stay unit norm (what :class:`Strategy`
+    requires).
+
+    Why it works: ``cos θ_q cos θ_g = A`` and ``sin θ_q sin θ_g = B`` have a solution for any
+    ``|A| + |B| ≤ 1`` (``θ_q ∓ θ_g = arccos(A ± B)``); ``c = 1 / (max_k a_k + (max_k b_k −
+    min_k b_k)/2)`` and ``m`` the midpoint of the offsets bring every ``(c·a_k, c·(b_k − m))``
+    inside that diamond.
+
+    Parameters
+    ----------
+    maps : sequence of ScoreMap or (scale, offset)
+        One increasing affine map per space (e.g. from
+        :func:`~backfill_lib.calibration.fit_score_map`).
+
+    Returns
+    -------
+    list of (float, float)
+        ``(θ_q, θ_g)`` of each space, in radians.
+
+    Raises
+    ------
+    ValueError
+        If a map is not increasing (``scale ≤ 0``) or not finite, or ``maps`` is empty.
+    """
+    ab = [_affine(m, f"maps[{k}]") for k, m in enumerate(maps)]
+    if not ab:
+        raise ValueError("maps is empty: give one score map per space")
+    offsets = [b for _, b in ab]
+    mid, half = (max(offsets) + min(offsets)) / 2, (max(offsets) - min(offsets)) / 2
+    c = 1.0 / (max(a for a, _ in ab) + half)
+    angles = []
+    for a, b in ab:
+        A, B = c * a, c * (b - mid)
+        minus, plus = np.arccos(np.clip(A + B, -1.0, 1.0)), np.arccos(np.clip(A - B, -1.0, 1.0))
+        angles.append((float((plus + minus) / 2), float((plus - minus) / 2)))
+    return angles
+
+
+def _append_constant(x, cos_t: float, sin_t: float) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    return np.hstack([cos_t * x, np.full((len(x), 1), sin_t)]).astype(np.float32)
+
+
+def rank_merge_calibrated(old, new, old_map, new_map, old_query=None, new_query=None,
+                          queries_are_gallery: bool | None = None) -> Strategy:
+    """Calibrated rank merge (ours): rank merge by ``f_o(φ_o(q)·φ_o(g))`` and ``f_n(φ_n(q)·φ_n(g))``.
+
+    ``f_o`` and ``f_n`` are increasing affine maps of each space's scores onto one scale, fitted
+    beforehand (e.g. on training pairs by :func:`~backfill_lib.calibration.fit_score_map`; this
+    constructor does not look at any data but the vectors). The ranking within each space is
+    unchanged; only how old-stored and new-stored items interleave differs from
+    :func:`rank_merge`. Two backbone passes per query.
+
+    The maps are folded into the vectors (:func:`fold_affine_scores`): every vector gets one more
+    coordinate, so that the engine's inner product of the stored pair is ``c·(f(s) − m)`` for a
+    ``c > 0`` and an ``m`` common to both spaces, and all rows stay unit norm.
+
+    Parameters
+    ----------
+    old : array (N, d_o)
+        Old embeddings ``φ_o(g)`` of the gallery items.
+    new : array (N, d_n)
+        New embeddings ``φ_n(g)`` of the gallery items.
+    old_map, new_map : ScoreMap or (scale, offset)
+        Increasing affine maps of old/old and new/new scores (``scale > 0``).
+    old_query : array (n_q, d_o), optional
+        ``φ_o(q)`` of the queries; default ``old`` (leave-one-out: the queries are the gallery items).
+    new_query : array (n_q, d_n), optional
+        ``φ_n(q)`` of the queries; default ``new``.
+    queries_are_gallery : bool, optional
+        Whether query ``i`` is gallery item ``i`` (leave-one-out in :func:`evaluate_backfill`);
+        default True when no query arrays are given and unset otherwise (see :class:`Strategy`).
+
+    Returns
+    -------
+    Strategy
+        Named ``"rank_merge_calibrated"``, two backbone passes per query; its vectors have
+        ``d_o + 1`` and ``d_n + 1`` columns.
+
+    Raises
+    ------
+    ValueError
+        If a map is not increasing, or the embeddings are not unit-norm rows of matching shapes.
+    """
+    (oq, og), (nq, ng) = fold_affine_scores([(_affine(old_map, "old_map")), _affine(new_map, "new_map")])
+    old_g = as_embeddings(old, "old", unit_norm=True)
+    new_g = as_embeddings(new, "new", unit_norm=True)
+    old_q = as_embeddings(_same_items(old, old_query), "old_query", dim=old_g.shape[1], unit_norm=True)
+    new_q = as_embeddings(_same_items(new, new_query), "new_query", dim=new_g.shape[1], unit_norm=True)
+    return Strategy("rank_merge_calibrated", _append_constant(old_q, np.cos(oq), np.sin(oq)),
+                    _append_constant(old_g, np.cos(og), np.sin(og)),
+                    _append_constant(new_q, np.cos(nq), np.sin(nq)), _append_constant(new_g, np.cos(ng), np.sin(ng)),
+                    backbone_passes=2,
+                    queries_are_gallery=_queries_are_gallery(queries_are_gallery, old_query, new_query))
+
+
 def reverse_transform(old, psi_new, rho_new, psi_query=None, rho_query=None,
                       name: str = "reverse_transform", queries_are_gallery: bool | None = None) -> Strategy:
     """Reverse transformation: ``ψ̂(φ_n(q))`` against old-stored items, ``ρ̂(φ_n(q))`` against

@@ -25,10 +25,12 @@ import torch
 from torch import nn
 
 from . import transforms as tf
+from .calibration import CALIBRATIONS
 from .data import BackfillData
 from .models import EmbeddingModel, ModelSpec, build_model
 from .training import (TrainConfig, cache_key, check_cache_dir, extract_embeddings, resolve_device, train,
                        train_or_load)
+from .validation import check_choice
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,19 @@ class MethodParams:
         Weight ``λ`` of the influence loss of ``bct_pseudo``, BCT through the pseudo-classifier of
         old-feature class means (:mod:`~backfill_lib.losses.bct_pseudo`). 1 as for BCT; BT²
         trains this variant with ``α = 10``.
+    ra_bct_topk : int, optional
+        RA-BCT: keep only the ``k`` hardest (highest-scoring) other-class negatives of each
+        anchor in each set (old and new features); default None, every other-class negative of
+        the batch (the published loss).
+    calibration : str, default "platt"
+        How ``rank_merge_calibrated`` maps each space's scores onto one scale, one of
+        :data:`~backfill_lib.calibration.CALIBRATIONS` (see
+        :func:`~backfill_lib.calibration.fit_score_map`).
+
+    Raises
+    ------
+    ValueError
+        If ``calibration`` is unknown or ``ra_bct_topk`` is neither None nor a positive integer.
     """
 
     bct_lambda: float = 1.0
@@ -114,6 +129,15 @@ class MethodParams:
     transform: TrainConfig = tf.TRANSFORM_CONFIG
     transform_steps: int = tf.TRANSFORM_STEPS
     bct_pseudo_lambda: float = 1.0
+    ra_bct_topk: int | None = None
+    calibration: str = "platt"
+
+    def __post_init__(self):
+        check_choice(self.calibration, CALIBRATIONS, "calibration")
+        k = self.ra_bct_topk
+        if k is not None and (isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1):
+            raise ValueError(f"ra_bct_topk must be a positive integer (negatives kept per anchor and set) or None "
+                             f"(all negatives), got {k!r}")
 
 
 def init_seed(name: str, seed: int) -> int:

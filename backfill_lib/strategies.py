@@ -145,6 +145,20 @@ def _rank_merge(ctx: ExperimentContext) -> bf.Strategy:
     return bf.rank_merge(ctx.embeddings("old"), ctx.embeddings("new"))
 
 
+@register_strategy("rank_merge_calibrated", "calibrated rank merge (ours, training-free): each space's scores mapped "
+                   "to one scale fitted on its training pairs, then merged", trains=("old", "new", "rank_merge_calibrated"))
+def _rank_merge_calibrated(ctx: ExperimentContext) -> bf.Strategy:
+    from .calibration import fit_score_map
+
+    method = ctx.params.calibration
+    old_train, new_train = ctx.embeddings("old", split="train"), ctx.embeddings("new", split="train")
+    # The same seeded training pairs in both spaces (the gallery is never looked at).
+    maps = ctx.timed("rank_merge_calibrated", f"score maps ({method}) on training pairs",
+                     lambda: [fit_score_map(e, ctx.data.train_labels, method, seed=ctx.seed)
+                              for e in (old_train, new_train)])
+    return bf.rank_merge_calibrated(ctx.embeddings("old"), ctx.embeddings("new"), *maps)
+
+
 @register_strategy("new_on_old", "incompatible: new query on the stored gallery, no compatibility training",
                    trains=("old", "new"))
 def _new_on_old(ctx: ExperimentContext) -> bf.Strategy:

@@ -97,3 +97,136 @@ def test_bct_pseudo_not_applicable_when_dimensions_differ(data, tmp_path):
     with pytest.raises(NotApplicable, match="needs d_n = d_o"):
         build_strategy("bct_pseudo", ctx)
     assert "new_bct_pseudo" not in ctx.trained  # refused before any training
+
+
+# --- rank_merge_calibrated -------------------------------------------------------------------------
+
+from backfill_lib.backfill import (backfill_order, backfilled_mask, evaluate_backfill, fold_affine_scores,  # noqa: E402
+                                   rank_merge, rank_merge_calibrated)
+from backfill_lib.calibration import CALIBRATIONS, ScoreMap, fit_score_map, training_pairs  # noqa: E402
+from core_helpers import unit  # noqa: E402
+from reference_engine import average_precision  # noqa: E402
+
+
+@pytest.fixture
+def two_spaces(embeddings):
+    old, new, labels = embeddings
+    return old, new, labels
+
+
+def _merged(q_old, g_old, q_new, g_new, mask):
+    return np.where(mask[None, :], q_new @ g_new.T, q_old @ g_old.T)
+
+
+@pytest.mark.parametrize("maps", [((2.0, -1.0), (5.0, 3.0)), ((0.3, 10.0), (40.0, -25.0)), ((1.0, 0.0), (1.0, 0.0))])
+def test_folded_vectors_score_an_affine_image_of_the_calibrated_score(two_spaces, maps):
+    old, new, _ = two_spaces
+    s = rank_merge_calibrated(old, new, *maps)
+    assert s.gallery_old.shape[1] == old.shape[1] + 1 and s.gallery_new.shape[1] == new.shape[1] + 1
+    for m in (s.query_old, s.gallery_old, s.query_new, s.gallery_new):
+        np.testing.assert_allclose(np.linalg.norm(m, axis=1), 1.0, atol=1e-6)  # the engine's requirement
+    # Both spaces' folded scores are c·(t − m) with the SAME c > 0 and m: compare via two points.
+    (ao, bo), (an, bn) = maps
+    t_old, t_new = ao * (old @ old.T) + bo, an * (new @ new.T) + bn
+    f_old, f_new = s.query_old @ s.gallery_old.T, s.query_new @ s.gallery_new.T
+    t, f = np.concatenate([t_old.ravel(), t_new.ravel()]), np.concatenate([f_old.ravel(), f_new.ravel()])
+    c, m0 = np.polyfit(t, f, 1)
+    assert c > 0
+    np.testing.assert_allclose(f, c * t + m0, atol=2e-6)
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.3, 0.7, 1.0])
+def test_calibrated_merge_equals_brute_force_ranking(two_spaces, ratio):
+    old, new, labels = two_spaces
+    maps = (ScoreMap(3.0, -0.5, "platt"), ScoreMap(9.0, -4.0, "platt"))
+    s = rank_merge_calibrated(old, new, *maps)
+    mask = backfilled_mask(backfill_order(len(labels), seed=3), ratio)
+    brute = np.where(mask[None, :], maps[1](new @ new.T), maps[0](old @ old.T))  # calibrated scores by hand
+    folded = _merged(s.query_old, s.gallery_old, s.query_new, s.gallery_new, mask)
+    np.fill_diagonal(brute, -np.inf), np.fill_diagonal(folded, -np.inf)       # leave-one-out
+    np.testing.assert_array_equal(np.argsort(-folded, axis=1, kind="stable"), np.argsort(-brute, axis=1, kind="stable"))
+    # ... and the engine's mAP is that of the brute-force ranking.
+    curve = evaluate_backfill(s, labels, ratios=[ratio], order=backfill_order(len(labels), seed=3))
+    relevant = labels[:, None] == labels[None, :]
+    np.fill_diagonal(relevant, False)
+    keep = ~np.eye(len(labels), dtype=bool)
+    ap = average_precision(brute[keep].reshape(len(labels), -1), relevant[keep].reshape(len(labels), -1))
+    assert curve.map[0] == pytest.approx(np.nanmean(ap), abs=1e-6)
+
+
+def test_calibration_keeps_the_order_within_each_space_and_the_endpoints(two_spaces):
+    old, new, labels = two_spaces
+    s = rank_merge_calibrated(old, new, (0.5, 2.0), (20.0, -3.0))
+    for raw, folded in ((old @ old.T, s.query_old @ s.gallery_old.T), (new @ new.T, s.query_new @ s.gallery_new.T)):
+        np.testing.assert_array_equal(np.argsort(-folded, axis=1, kind="stable"), np.argsort(-raw, axis=1, kind="stable"))
+    plain, cal = evaluate_backfill(rank_merge(old, new), labels), evaluate_backfill(s, labels)
+    assert cal.map[0] == pytest.approx(plain.map[0]) and cal.map[-1] == pytest.approx(plain.map[-1])  # r=0, r=1
+    assert s.backbone_passes == 2 and s.queries_are_gallery
+
+
+def test_calibration_changes_how_the_spaces_interleave(rng):
+    # Old scores sit high for everyone (a crowded old space), new ones are spread: plain rank merge
+    # lets every old-stored item outrank the new-stored ones; calibration interleaves by relevance.
+    n, labels = 80, np.repeat(np.arange(4), 20)
+    centres = unit(rng.normal(size=(4, 6)))
+    old = unit(np.ones(6) * 3 + centres[labels] * 0.6 + 0.4 * rng.normal(size=(n, 6)))
+    new = unit(centres[labels] + 0.3 * rng.normal(size=(n, 6)))
+    maps = [fit_score_map(e, labels) for e in (old, new)]
+    plain = evaluate_backfill(rank_merge(old, new), labels, ratios=[0, 0.5, 1])
+    cal = evaluate_backfill(rank_merge_calibrated(old, new, *maps), labels, ratios=[0, 0.5, 1])
+    assert cal.map[1] > plain.map[1] + 0.05, (plain.map, cal.map)
+
+
+def test_platt_fit_matches_sklearn_logistic_regression(rng):
+    from sklearn.linear_model import LogisticRegression
+
+    labels = np.repeat(np.arange(3), 15)
+    e = unit(rng.normal(size=(3, 5))[labels] + 0.8 * rng.normal(size=(45, 5)))
+    m = fit_score_map(e, labels, "platt")
+    i, j, rel = training_pairs(labels)
+    s = np.einsum("pd,pd->p", e[i], e[j])
+    ref = LogisticRegression(C=1e6, tol=1e-10, max_iter=10_000).fit(s[:, None], rel)
+    assert m.scale == pytest.approx(ref.coef_[0, 0], rel=2e-2) and m.offset == pytest.approx(ref.intercept_[0], rel=2e-2)
+    neg = fit_score_map(e, labels, "negatives")
+    assert neg(s[~rel]).mean() == pytest.approx(0.0, abs=1e-9) and neg(s[~rel]).std() == pytest.approx(1.0)
+    assert m.n_pairs == len(s) == 45 * 44 // 2
+
+
+def test_training_pairs_subsample_is_seeded_and_shared():
+    labels = np.arange(50) % 5
+    a, b = training_pairs(labels, max_items=10, seed=1), training_pairs(labels, max_items=10, seed=1)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b)) and len(a[0]) == 45 and (a[0] < a[1]).all()
+    assert not np.array_equal(training_pairs(labels, max_items=10, seed=2)[0], a[0])
+
+
+def test_calibration_errors():
+    e = unit(np.eye(3))
+    with pytest.raises(ValueError, match="unknown calibration 'ecdf'; choose one of: platt, negatives"):
+        fit_score_map(e, [0, 1, 2], "ecdf")
+    with pytest.raises(ValueError, match="all relevant or all irrelevant"):
+        fit_score_map(e, [0, 1, 2])
+    anti = unit(np.array([[1.0, 0.0], [-1.0, 0.0], [0.6, 0.8], [-0.6, -0.8]]))  # relevant pairs score -1
+    for method in CALIBRATIONS:
+        with pytest.raises(ValueError, match="do not score higher"):
+            fit_score_map(anti, [0, 0, 1, 1], method)
+    with pytest.raises(ValueError, match="scale must be positive"):
+        ScoreMap(-1.0, 0.0, "platt")
+    with pytest.raises(ValueError, match="old_map must be an increasing affine map"):
+        rank_merge_calibrated(e, e, (0.0, 1.0), (1.0, 0.0))
+    with pytest.raises(ValueError, match="maps is empty"):
+        fold_affine_scores([])
+    with pytest.raises(ValueError, match="unknown calibration 'x'"):
+        MethodParams(calibration="x")
+    assert set(CALIBRATIONS) == {"platt", "negatives"} and MethodParams().calibration == "platt"
+
+
+@pytest.mark.parametrize("method", CALIBRATIONS)
+def test_rank_merge_calibrated_strategy_fits_on_training_pairs_only(data, tmp_path, method):
+    ctx = _ctx(data, tmp_path, params=MethodParams(calibration=method))
+    s = build_strategy("rank_merge_calibrated", ctx)
+    expected = [fit_score_map(ctx.embeddings(r, split="train"), data.train_labels, method, seed=0) for r in ("old", "new")]
+    ref = rank_merge_calibrated(ctx.embeddings("old"), ctx.embeddings("new"), *expected)
+    for a in ("query_old", "gallery_old", "query_new", "gallery_new"):
+        np.testing.assert_array_equal(getattr(s, a), getattr(ref, a))
+    assert s.name == "rank_merge_calibrated" and s.backbone_passes == 2
+    assert method in ctx.trained["rank_merge_calibrated"]["what"]
