@@ -26,7 +26,9 @@ COLORS: dict[str, str] = {
     "offline": "#4d4d4d",
     "new_on_old": "#d62728",        # incompatible: new query, old gallery
     "rank_merge": "#1f77b4",
+    "rank_merge_calibrated": "#aec7e8",  # ours: a lighter rank-merge blue
     "bct": "#ff7f0e",
+    "bct_pseudo": "#ffbb78",        # BCT's open-class variant: a lighter BCT orange
     "ra_bct": "#9467bd",
     "forward_transform": "#8c564b",
     "reverse_transform": "#bcbd22",
@@ -47,7 +49,9 @@ LABELS: dict[str, str] = {
     "offline": "offline backfill",
     "new_on_old": "new query on stored gallery (incompatible)",
     "rank_merge": "distance rank merge",
+    "rank_merge_calibrated": "calibrated rank merge (ours)",
     "bct": "BCT",
+    "bct_pseudo": "BCT, open-class (pseudo-classifier)",
     "ra_bct": "RA-BCT / Hot-Refresh",
     "forward_transform": "forward transformation (FCT-style)",
     "reverse_transform": "reverse transformation ψ (L_rt)",
@@ -481,9 +485,9 @@ def plot_cross_model_matrix(matrix, query_models, gallery_models=None, ax=None, 
 # --- The strategy diagram -------------------------------------------------------------------------
 # Symbols are matplotlib mathtext, so φ_o renders as a subscript: PHI_O, PHI_N, PSI, RHO, H below.
 
-PHI_O, PHI_N = r"$\phi_o$", r"$\phi_n$"
-_PSI_Q, _RHO_Q = r"$\hat\psi(\phi_n(q))$", r"$\hat\rho(\phi_n(q))$"
-_OLD_Q, _NEW_Q = r"$\phi_o(q)$", r"$\phi_n(q)$"
+PHI_O, PHI_N = r"$\varphi_o$", r"$\varphi_n$"
+_PSI_Q, _RHO_Q = r"$\hat\psi(\varphi_n(q))$", r"$\hat\rho(\varphi_n(q))$"
+_OLD_Q, _NEW_Q = r"$\varphi_o(q)$", r"$\varphi_n(q)$"
 
 
 @dataclass(frozen=True)
@@ -509,36 +513,43 @@ class _Diagram:
 
 _BACKBONE_MODEL = {PHI_O: "old", PHI_N: "new"}
 _PSI, _RHO = r"$\hat\psi$", r"$\hat\rho$"
-_STORED_OLD, _STORED_NEW = r"$\phi_o(g)$", r"$\phi_n(g)$"
-_ONE_NEW = r"1 backbone pass ($\phi_n$)"
+_STORED_OLD, _STORED_NEW = r"$\varphi_o(g)$", r"$\varphi_n(g)$"
+_ONE_NEW = r"1 backbone pass ($\varphi_n$)"
 
-_MCT = dict(stored_old=_STORED_OLD, stored_new=r"$\hat\rho(\phi_n(g))$", old_lane=_Lane(PHI_N, _PSI, _PSI_Q),
+_MCT = dict(stored_old=_STORED_OLD, stored_new=r"$\hat\rho(\varphi_n(g))$", old_lane=_Lane(PHI_N, _PSI, _PSI_Q),
             new_lane=_Lane(PHI_N, _RHO, _RHO_Q), passes=_ONE_NEW + r" + heads $\psi$, $\rho$",
             ranking="one ranking by score (spaces made comparable)")
 
 #: What every strategy stores and computes, drawn by :func:`plot_strategy_diagram`.
 DIAGRAMS: dict = {  # name -> _Diagram (a private record)
     "old": _Diagram(_STORED_OLD, None, _Lane(PHI_O, None, _OLD_Q), None,
-                    r"1 backbone pass ($\phi_o$)", "no upgrade: the new model is never used"),
+                    r"1 backbone pass ($\varphi_o$)", "no upgrade: the new model is never used"),
     "offline": _Diagram(_STORED_OLD, _STORED_NEW, _Lane(PHI_O, None, _OLD_Q, note="while r < 1"),
                         _Lane(PHI_N, None, _NEW_Q, note="from r = 1 on"),
-                        r"1 backbone pass ($\phi_o$, then $\phi_n$)", "switch at r = 1; new vectors unused before"),
+                        r"1 backbone pass ($\varphi_o$, then $\varphi_n$)", "switch at r = 1; new vectors unused before"),
     "new_on_old": _Diagram(_STORED_OLD, _STORED_NEW, _Lane(PHI_N, None, _NEW_Q, note="incompatible", incompatible=True),
                            _Lane(PHI_N, None, _NEW_Q), _ONE_NEW, "one ranking by score (old part: noise)"),
     "bct": _Diagram(_STORED_OLD, _STORED_NEW, _Lane(PHI_N, None, _NEW_Q, note="compatible by training"),
                     _Lane(PHI_N, None, _NEW_Q), _ONE_NEW, "one ranking by score",
-                    trained=r"$\phi_n$ trained with BCT's influence loss"),
+                    trained=r"$\varphi_n$ trained with BCT's influence loss"),
     "ra_bct": _Diagram(_STORED_OLD, _STORED_NEW, _Lane(PHI_N, None, _NEW_Q, note="compatible by training"),
                        _Lane(PHI_N, None, _NEW_Q), _ONE_NEW, "one ranking by score",
-                       trained=r"$\phi_n$ trained with InfoNCE towards $\phi_o$"),
+                       trained=r"$\varphi_n$ trained with InfoNCE towards $\varphi_o$"),
+    "bct_pseudo": _Diagram(_STORED_OLD, _STORED_NEW, _Lane(PHI_N, None, _NEW_Q, note="compatible by training"),
+                           _Lane(PHI_N, None, _NEW_Q), _ONE_NEW, "one ranking by score",
+                           trained=r"$\varphi_n$ trained through $\varphi_o$'s class means, all classes"),
+    "rank_merge_calibrated": _Diagram(_STORED_OLD, _STORED_NEW, _Lane(PHI_O, None, _OLD_Q), _Lane(PHI_N, None, _NEW_Q),
+                                      r"2 backbone passes ($\varphi_o$ and $\varphi_n$)",
+                                      "merge by calibrated scores (one map per space)",
+                                      trained="no training: a score map per space, fitted on training pairs"),
     "rank_merge": _Diagram(_STORED_OLD, _STORED_NEW, _Lane(PHI_O, None, _OLD_Q), _Lane(PHI_N, None, _NEW_Q),
-                           r"2 backbone passes ($\phi_o$ and $\phi_n$)", "merge the two ranked lists by score"),
+                           r"2 backbone passes ($\varphi_o$ and $\varphi_n$)", "merge the two ranked lists by score"),
     "reverse_transform": _Diagram(_STORED_OLD, _STORED_NEW, _Lane(PHI_N, _PSI, _PSI_Q), _Lane(PHI_N, None, _NEW_Q),
                                   _ONE_NEW + r" + head $\psi$", "one ranking by score",
                                   trained=r"$\psi$: new $\to$ old, trained with $L_{rt}$"),
-    "forward_transform": _Diagram(r"$\hat h(\phi_o(g))$", _STORED_NEW, _Lane(PHI_N, None, _NEW_Q),
+    "forward_transform": _Diagram(r"$\hat h(\varphi_o(g))$", _STORED_NEW, _Lane(PHI_N, None, _NEW_Q),
                                   _Lane(PHI_N, None, _NEW_Q), _ONE_NEW, "one ranking by score",
-                                  trained=r"$h$: old $\to$ new, applied once to the stored $\phi_o(g)$"),
+                                  trained=r"$h$: old $\to$ new, applied once to the stored $\varphi_o(g)$"),
     "mct": _Diagram(trained=r"$\psi$, $\rho$ trained with $L_{mc}$, negatives from both spaces", **_MCT),
     "mct_old_neg": _Diagram(trained=r"ablation: $L_{mc}$ with old-stored negatives only", **_MCT),
     "mct_new_neg": _Diagram(trained=r"ablation: $L_{mc}$ with new-stored negatives only", **_MCT),
