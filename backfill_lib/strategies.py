@@ -224,10 +224,14 @@ def _ra_bct(ctx: ExperimentContext) -> bf.Strategy:
 
     _same_dimension(ctx, "RA-BCT")
     lam, tau = ctx.params.ra_bct_lambda, ctx.params.ra_bct_tau
+    topk = None if ctx.params.ra_bct_topk is None else int(ctx.params.ra_bct_topk)
     old_model = ctx.model("old")
-    ctx.train_model("new_ra_bct", ctx.new_spec, loss_fn=ra_bct_objective(old_model, lam, tau),
-                    what=f"new {ctx.new_spec.arch} with RA-BCT (λ={lam:g}, τ={tau:g}), {ctx.train_config.epochs} epochs",
-                    extra_key={"loss": "ra_bct", "lambda": lam, "tau": tau, **_old_model_key(ctx)})
+    ctx.train_model("new_ra_bct", ctx.new_spec, loss_fn=ra_bct_objective(old_model, lam, tau, topk),
+                    what=f"new {ctx.new_spec.arch} with RA-BCT (λ={lam:g}, τ={tau:g}"
+                         f"{'' if topk is None else f', top-{topk} negatives'}), {ctx.train_config.epochs} epochs",
+                    # topk only when set: the published loss keeps the checkpoints it already has.
+                    extra_key={"loss": "ra_bct", "lambda": lam, "tau": tau, **_old_model_key(ctx),
+                               **({} if topk is None else {"topk": topk})})
     return bf.compatible_single_space(ctx.embeddings("old"), ctx.embeddings("new_ra_bct"), name="ra_bct")
 
 

@@ -230,3 +230,57 @@ def test_rank_merge_calibrated_strategy_fits_on_training_pairs_only(data, tmp_pa
         np.testing.assert_array_equal(getattr(s, a), getattr(ref, a))
     assert s.name == "rank_merge_calibrated" and s.backbone_passes == 2
     assert method in ctx.trained["rank_merge_calibrated"]["what"]
+
+
+# --- RA-BCT top-k negatives ------------------------------------------------------------------------
+
+from backfill_lib.losses import ra_bct_loss, ra_bct_objective  # noqa: E402
+
+
+def _ra_bct_by_hand(new, old, y, tau, topk):
+    total = 0.0
+    for i in range(len(y)):
+        pos = float(new[i] @ old[i]) / tau
+        negs = []
+        for bank in (old, new):
+            s = sorted((float(new[i] @ bank[j]) / tau for j in range(len(y)) if y[j] != y[i]), reverse=True)
+            negs += s if topk is None else s[:topk]
+        total += -pos + math.log(math.exp(pos) + sum(math.exp(v) for v in negs))
+    return total / len(y)
+
+
+@pytest.mark.parametrize("topk", [None, 1, 2, 100])
+def test_ra_bct_topk_matches_a_hand_computation(topk):
+    g = torch.Generator().manual_seed(3)
+    new = torch.nn.functional.normalize(torch.randn(7, 4, generator=g), dim=1)
+    old = torch.nn.functional.normalize(torch.randn(7, 4, generator=g), dim=1)
+    y = torch.tensor([0, 0, 1, 1, 2, 2, 2])
+    got = ra_bct_loss(new, old, y, tau=0.5, topk=topk).item()
+    assert got == pytest.approx(_ra_bct_by_hand(new.numpy(), old.numpy(), y.numpy(), 0.5, topk), rel=1e-5)
+
+
+def test_ra_bct_topk_none_or_large_is_the_published_loss_and_small_is_smaller():
+    g = torch.Generator().manual_seed(4)
+    new = torch.nn.functional.normalize(torch.randn(12, 5, generator=g), dim=1)
+    old = torch.nn.functional.normalize(torch.randn(12, 5, generator=g), dim=1)
+    y = torch.arange(12) % 3
+    full = ra_bct_loss(new, old, y)
+    assert ra_bct_loss(new, old, y, topk=12).item() == full.item()
+    assert ra_bct_loss(new, old, y, topk=2).item() < full.item()  # fewer terms in the denominator
+    with pytest.raises(ValueError, match="topk must be a positive integer"):
+        ra_bct_loss(new, old, y, topk=0)
+    with pytest.raises(ValueError, match="topk must be a positive integer"):
+        ra_bct_objective(torch.nn.Linear(2, 2), topk=1.5)
+    with pytest.raises(ValueError, match="ra_bct_topk must be a positive integer"):
+        MethodParams(ra_bct_topk=0)
+
+
+def test_ra_bct_topk_is_part_of_the_checkpoint_key(data, tmp_path):
+    default = _ctx(data, tmp_path)
+    build_strategy("ra_bct", default)
+    assert "top-" not in default.trained["new_ra_bct"]["what"]
+    top = _ctx(data, tmp_path, params=MethodParams(ra_bct_topk=2))
+    s = build_strategy("ra_bct", top)
+    assert not top.trained["new_ra_bct"]["cached"] and "top-2 negatives" in top.trained["new_ra_bct"]["what"]
+    assert not np.array_equal(s.gallery_new, default.embeddings("new_ra_bct"))
+    assert top._keys["new_ra_bct"] != default._keys["new_ra_bct"]

@@ -3,6 +3,8 @@
 InfoNCE with anchor ``φ_n(x_i)``, positive ``φ_o(x_i)`` (the same image under the old model,
 detached) and negatives the *other-class* old features ``φ_o(x_j)`` **and** other-class new
 features ``φ_n(x_j)`` of the batch; the new-to-new negatives are what alleviates regression.
+With ``topk = k`` each anchor keeps only its ``k`` hardest (highest-scoring) negatives in each of
+the two sets, a knob to tune; ``topk = None`` keeps them all (the published loss).
 """
 
 from __future__ import annotations
@@ -12,7 +14,15 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def ra_bct_loss(new: torch.Tensor, old: torch.Tensor, y: torch.Tensor, tau: float = 0.05) -> torch.Tensor:
+def _hardest(logits: torch.Tensor, topk: int | None) -> torch.Tensor:
+    """The ``topk`` largest logits of each row (all of them when None or when a row is shorter)."""
+    if topk is None or topk >= logits.shape[1]:
+        return logits
+    return logits.topk(topk, dim=1).values                        # -inf (not a negative) sorts last
+
+
+def ra_bct_loss(new: torch.Tensor, old: torch.Tensor, y: torch.Tensor, tau: float = 0.05,
+                topk: int | None = None) -> torch.Tensor:
     """``L_ra``: mean over anchors of ``−log exp(s_ii^o) / (exp(s_ii^o) + Σ_neg exp(s))``.
 
     Parameters
@@ -25,27 +35,36 @@ def ra_bct_loss(new: torch.Tensor, old: torch.Tensor, y: torch.Tensor, tau: floa
         Labels; ``j`` is a negative of ``i`` when ``y_j ≠ y_i``.
     tau : float
         Temperature (0.05 in the public implementation).
+    topk : int, optional
+        Keep only the ``topk`` highest-scoring other-class negatives of each anchor among the old
+        features, and as many among the new features; default None, every negative.
 
     Raises
     ------
     ValueError
-        If ``new`` and ``old`` differ in shape.
+        If ``new`` and ``old`` differ in shape, or ``topk`` is not a positive integer.
     """
     if new.shape != old.shape:
         raise ValueError(f"new {tuple(new.shape)} and old {tuple(old.shape)} must have the same shape: "
                          "RA-BCT compares new and old embeddings directly (d_n = d_o)")
+    _check_topk(topk)
     old = old.detach()
     s_old = new @ old.T / tau                                     # s^o_ij = φ_n(x_i)·φ_o(x_j)/τ
     s_new = new @ new.T / tau                                     # s^n_ij = φ_n(x_i)·φ_n(x_j)/τ
     other_class = y[:, None] != y[None, :]                        # negatives, in both sets
     positive = torch.diagonal(s_old)                              # same image, old model
     logits = torch.cat([positive[:, None],
-                        s_old.masked_fill(~other_class, float("-inf")),
-                        s_new.masked_fill(~other_class, float("-inf"))], dim=1)
+                        _hardest(s_old.masked_fill(~other_class, float("-inf")), topk),
+                        _hardest(s_new.masked_fill(~other_class, float("-inf")), topk)], dim=1)
     return (torch.logsumexp(logits, dim=1) - positive).mean()     # logsumexp subtracts the row max
 
 
-def ra_bct_objective(old_model: nn.Module, lam: float = 1.0, tau: float = 0.05):
+def _check_topk(topk) -> None:
+    if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int) or topk < 1):
+        raise ValueError(f"topk must be a positive integer (negatives kept per anchor and set) or None, got {topk!r}")
+
+
+def ra_bct_objective(old_model: nn.Module, lam: float = 1.0, tau: float = 0.05, topk: int | None = None):
     """``loss_fn(model, x, y)`` for :func:`~backfill_lib.training.train`: CE + λ·L_ra.
 
     Parameters
@@ -57,6 +76,8 @@ def ra_bct_objective(old_model: nn.Module, lam: float = 1.0, tau: float = 0.05):
         Weight ``λ`` of ``L_ra``.
     tau : float, default 0.05
         Temperature of ``L_ra``.
+    topk : int, optional
+        Hardest negatives kept per anchor in each set (see :func:`ra_bct_loss`); default all.
 
     Returns
     -------
@@ -66,16 +87,17 @@ def ra_bct_objective(old_model: nn.Module, lam: float = 1.0, tau: float = 0.05):
     Raises
     ------
     ValueError
-        If ``lam`` is negative or ``tau`` not positive.
+        If ``lam`` is negative, ``tau`` not positive or ``topk`` not a positive integer.
     """
     if lam < 0 or tau <= 0:
         raise ValueError(f"lam must be non-negative and tau positive, got lam={lam}, tau={tau}")
+    _check_topk(topk)
     old_model.eval().requires_grad_(False)
 
     def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         z = model.features(x)
         with torch.no_grad():
             old = old_model.embed(x)
-        return F.cross_entropy(model.classifier(z), y) + lam * ra_bct_loss(F.normalize(z, dim=1), old, y, tau)
+        return F.cross_entropy(model.classifier(z), y) + lam * ra_bct_loss(F.normalize(z, dim=1), old, y, tau, topk)
 
     return loss_fn
