@@ -67,6 +67,15 @@ PRESETS: dict[str, Preset] = {
                        TrainConfig(epochs=100, batch_size=128, lr=0.1, weight_decay=5e-4, optimizer="sgd")),
     "imagefolder": Preset(ModelSpec("resnet18", 128), ModelSpec("resnet18", 128), ModelSpec("resnet50", 256),
                           TrainConfig(epochs=60, batch_size=128, lr=0.1, weight_decay=5e-4, optimizer="sgd")),
+    # BT²'s CIFAR-100 recipe (its configs; ml-fct's differs in the optimiser): ImageNet-stem
+    # ResNet-50, d = 128, normalised-feature classifier without bias, label smoothing 0.1, Adam
+    # lr 1e-3 (ours: AdamW), weight decay 2^-15, batch 128, 100 epochs with 5 warm-up. Load the
+    # data with load_dataset("cifar100", image_size=224). The heterogeneous new model (d = 256) is ours.
+    "cifar100_bt2": Preset(ModelSpec("resnet50", 128, classifier="normalized", stem="imagenet"),
+                           ModelSpec("resnet50", 128, classifier="normalized", stem="imagenet"),
+                           ModelSpec("resnet50", 256, classifier="normalized", stem="imagenet"),
+                           TrainConfig(epochs=100, batch_size=128, lr=1e-3, weight_decay=2**-15, optimizer="adam",
+                                       label_smoothing=0.1, warmup_epochs=5)),
 }
 
 #: Valid ``setting`` values: the new model has the old model's architecture, or another one.
@@ -114,11 +123,17 @@ class MethodParams:
         How ``rank_merge_calibrated`` maps each space's scores onto one scale, one of
         :data:`~backfill_lib.calibration.CALIBRATIONS` (see
         :func:`~backfill_lib.calibration.fit_score_map`).
+    forward_arch : {"mlp", "fct"}, default "mlp"
+        Architecture of the forward transformation ``h`` of ``forward_transform``
+        (:func:`~backfill_lib.transforms.forward_transformation`): ``"mlp"`` (ours,
+        Linear–BN/ReLU–Linear) or ``"fct"``, ml-fct's two-branch transformation with the old
+        feature feeding both branches (:class:`~backfill_lib.transforms.TwoBranchTransform`).
 
     Raises
     ------
     ValueError
-        If ``calibration`` is unknown or ``ra_bct_topk`` is neither None nor a positive integer.
+        If ``calibration`` or ``forward_arch`` is unknown or ``ra_bct_topk`` is neither None nor
+        a positive integer.
     """
 
     bct_lambda: float = 1.0
@@ -131,9 +146,11 @@ class MethodParams:
     bct_pseudo_lambda: float = 1.0
     ra_bct_topk: int | None = None
     calibration: str = "platt"
+    forward_arch: str = "mlp"
 
     def __post_init__(self):
         check_choice(self.calibration, CALIBRATIONS, "calibration")
+        check_choice(self.forward_arch, tf.FORWARD_ARCHS, "forward_arch")
         k = self.ra_bct_topk
         if k is not None and (isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1):
             raise ValueError(f"ra_bct_topk must be a positive integer (negatives kept per anchor and set) or None "

@@ -362,13 +362,15 @@ def _no_data_message(what: str, root: Path, exc: Exception) -> str:
             f"the extracted data into {root}; pass root=... or set ${DATA_ENV} to where it is.")
 
 
-def load_cifar100_data(root=None, old_classes=None, download: bool = True) -> BackfillData:
+def load_cifar100_data(root=None, old_classes=None, download: bool = True, image_size: int = 32) -> BackfillData:
     """CIFAR-100 through torchvision (50,000 train / 10,000 test, 100 classes; old classes 0–49).
 
-    Training augmentation is the standard random crop with 4-pixel padding and horizontal flip;
-    all splits are normalised with the CIFAR-100 channel mean and std. On first use torchvision
-    downloads and extracts the archive into the data folder; later calls read it
-    from there.
+    At the native 32 px (ours) the training augmentation is the standard random crop with 4-pixel
+    padding and horizontal flip, and all splits are normalised with the CIFAR-100 channel mean
+    and std. At any other ``image_size`` the images are prepared as ml-fct and BT² prepare them
+    for their 224-px ResNet-50: resized to ``image_size`` (training images also flipped, no
+    crop) and normalised with the ImageNet mean and std. On first use torchvision downloads and
+    extracts the archive into the data folder; later calls read it from there.
 
     Parameters
     ----------
@@ -379,11 +381,16 @@ def load_cifar100_data(root=None, old_classes=None, download: bool = True) -> Ba
         Classes of the old model, in any form :func:`parse_classes` accepts. Default ``0-49``.
     download : bool, default True
         Download the data if they are not under ``root``.
+    image_size : int, default 32
+        Side of the square inputs: 32 (ours, the native size) or e.g. 224 (the BT² recipe, with
+        the ``cifar100_bt2`` preset of :mod:`~backfill_lib.context`). Any size other than 32 is
+        recorded in ``info`` (and so in the checkpoint cache key); 32 is not, so checkpoints
+        trained before this option existed keep their keys.
 
     Returns
     -------
     BackfillData
-        Inputs of shape ``(3, 32, 32)``.
+        Inputs of shape ``(3, image_size, image_size)``.
 
     Raises
     ------
@@ -391,14 +398,26 @@ def load_cifar100_data(root=None, old_classes=None, download: bool = True) -> Ba
         If the data are not under ``root`` and could not be downloaded (no network, or
         ``download=False``); the message says where to put them.
     ValueError
-        If ``old_classes`` is invalid (see :func:`parse_classes`).
+        If ``old_classes`` is invalid (see :func:`parse_classes`), or ``image_size`` is not an
+        integer of at least 32.
     """
     from torchvision import datasets, transforms as T
 
+    if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or image_size < 32:
+        raise ValueError(f"image_size must be an integer of at least 32 (32 = CIFAR's own size, 224 = the BT² "
+                         f"recipe), got {image_size!r}")
+    image_size = int(image_size)
     root = data_root(root)
-    norm = T.Normalize(CIFAR100_MEAN, CIFAR100_STD)
-    train_tf = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), norm])
-    test_tf = T.Compose([T.ToTensor(), norm])
+    info = {"root": str(root)}
+    if image_size == 32:
+        norm = T.Normalize(CIFAR100_MEAN, CIFAR100_STD)
+        train_tf = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), norm])
+        test_tf = T.Compose([T.ToTensor(), norm])
+    else:  # ml-fct's and BT²'s CIFAR-100 preparation for their ImageNet-style ResNet-50
+        norm = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+        train_tf = T.Compose([T.Resize(image_size), T.RandomHorizontalFlip(), T.ToTensor(), norm])
+        test_tf = T.Compose([T.Resize(image_size), T.ToTensor(), norm])
+        info["image_size"] = image_size
     try:
         train = datasets.CIFAR100(root, train=True, transform=train_tf, download=download)
         train_plain = datasets.CIFAR100(root, train=True, transform=test_tf)
@@ -407,7 +426,7 @@ def load_cifar100_data(root=None, old_classes=None, download: bool = True) -> Ba
         raise DataNotFoundError(_no_data_message("CIFAR100", root, exc)) from exc
     old = parse_classes(old_classes if old_classes is not None else range(50), 100)
     return BackfillData("cifar100", train, train_plain, test, np.asarray(train.targets), np.asarray(test.targets),
-                        100, old, (3, 32, 32), {"root": str(root)})
+                        100, old, (3, image_size, image_size), info)
 
 
 def file_fingerprint(paths, root) -> dict:

@@ -286,11 +286,13 @@ def _forward_transform(ctx: ExperimentContext) -> bf.Strategy:
     from . import transforms as tf
 
     old_train, new_train = ctx.embeddings("old", split="train"), ctx.embeddings("new", split="train")
+    arch = ctx.params.forward_arch  # "mlp" (ours) or "fct" (ml-fct's two-branch map); "mlp" keeps its old cache key
     h = ctx.fit_head(
-        "forward_transform", f"h on cached embeddings, MSE, {ctx.params.transform_steps} steps", uses=("old", "new"),
-        extra_key={"head": "forward_transform"},
-        build=lambda: tf.forward_transformation(old_train.shape[1], new_train.shape[1]),
+        "forward_transform", f"h{'' if arch == 'mlp' else ' (' + arch + ')'} on cached embeddings, MSE, "
+                             f"{ctx.params.transform_steps} steps",
+        uses=("old", "new"), extra_key={"head": "forward_transform"} | ({} if arch == "mlp" else {"arch": arch}),
+        build=lambda: tf.forward_transformation(old_train.shape[1], new_train.shape[1], arch=arch),
         fit=lambda: tf.fit_forward_transform(old_train, new_train, config=ctx.transform_config, steps=None,
-                                             device=ctx.device, progress=ctx.progress))
+                                             device=ctx.device, progress=ctx.progress, arch=arch))
     old_test = ctx.embeddings("old")
     return bf.forward_transform(tf.apply_transform(h, old_test, "old"), ctx.embeddings("new"))

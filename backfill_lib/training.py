@@ -8,16 +8,22 @@
   unreadable checkpoint is moved aside (``<name>.corrupt``) with a warning and trained again.
 * :func:`resolve_device` and :func:`check_cache_dir` check a device and a checkpoint folder
   before any work, so a typo fails at once instead of after training.
+
+Fields added to :class:`TrainConfig` or :class:`~backfill_lib.models.ModelSpec` after
+checkpoints existed carry :data:`NEW_FIELD`: at their default they are left out of
+:func:`cache_key` (:func:`spec_dict`), so existing checkpoints keep their keys.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import json
 import os
 import time
 import warnings
-from dataclasses import asdict, dataclass
+import functools
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
@@ -33,6 +39,37 @@ CACHE_ENV = "BACKFILL_CACHE"
 CACHE_VERSION = 1
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+#: ``field(metadata=NEW_FIELD)`` marks a config field added after checkpoints existed: it is left
+#: out of :func:`cache_key` (and of ``ModelSpec.to_dict``) while it holds its default, so the keys
+#: of existing checkpoints stay what they were.
+NEW_FIELD = {"omit_at_default": True}
+
+
+def spec_dict(obj) -> dict:
+    """A config dataclass as a dict, without the added fields that hold their default (:data:`NEW_FIELD`).
+
+    Parameters
+    ----------
+    obj : dataclass instance
+        E.g. a :class:`~backfill_lib.models.ModelSpec` or a :class:`TrainConfig`.
+
+    Returns
+    -------
+    dict
+        ``{field: value}`` (values as they are, not converted); a field marked :data:`NEW_FIELD`
+        appears only when it differs from its default, so a config written before the field
+        existed gives the same dict, and the same :func:`cache_key`.
+
+    Examples
+    --------
+    >>> spec_dict(TrainConfig(epochs=3))
+    {'epochs': 3, 'batch_size': 64, 'lr': 0.002, 'weight_decay': 0.0005, 'optimizer': 'adam', 'seed': 0}
+    >>> spec_dict(TrainConfig(epochs=3, label_smoothing=0.1))["label_smoothing"]
+    0.1
+    """
+    return {f.name: getattr(obj, f.name) for f in fields(obj)
+            if not (f.metadata.get("omit_at_default") and getattr(obj, f.name) == f.default)}
 
 
 @dataclass(frozen=True)
@@ -57,12 +94,24 @@ class TrainConfig:
         Seeds the data order and the randomness inside the loop (augmentation, dropout) in
         :func:`train`. (The initial weights are seeded by
         :func:`~backfill_lib.models.build_model`.)
+    label_smoothing : float, default 0.0
+        Label smoothing of the default cross-entropy objective (:func:`cross_entropy_loss`);
+        BT² and ml-fct use 0.1. A custom ``loss_fn`` given to :func:`train` does not see it
+        (:func:`train` warns).
+    warmup_epochs : int, default 0
+        Epochs of linear learning-rate warm-up before the cosine decay (BT² and ml-fct use 5).
 
     Raises
     ------
     ValueError
-        If ``optimizer`` is unknown, ``epochs`` or ``batch_size`` is below 1, or ``lr`` is not
-        positive.
+        If ``optimizer`` is unknown, ``epochs`` or ``batch_size`` is below 1, ``lr`` is not
+        positive, ``label_smoothing`` is outside ``[0, 1)``, or ``warmup_epochs`` is negative or
+        not below ``epochs``.
+
+    Notes
+    -----
+    ``label_smoothing`` and ``warmup_epochs`` were added after checkpoints existed: at their
+    defaults they are left out of :func:`cache_key` (:func:`spec_dict`).
     """
 
     epochs: int = 30
@@ -71,6 +120,8 @@ class TrainConfig:
     weight_decay: float = 5e-4
     optimizer: str = "adam"
     seed: int = 0
+    label_smoothing: float = field(default=0.0, metadata=NEW_FIELD)
+    warmup_epochs: int = field(default=0, metadata=NEW_FIELD)
 
     def __post_init__(self):
         if self.optimizer not in ("adam", "sgd"):
@@ -80,6 +131,11 @@ class TrainConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if not 0 <= self.warmup_epochs < self.epochs:
+            raise ValueError(f"warmup_epochs must be between 0 and epochs - 1 = {self.epochs - 1}, "
+                             f"got {self.warmup_epochs}")
 
 
 def default_device() -> torch.device:
@@ -201,7 +257,7 @@ def cache_dir(path=None) -> Path:
     return Path.home() / ".cache" / "backfill_lib" / "checkpoints"
 
 
-def cross_entropy_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def cross_entropy_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
     """The default objective: cross-entropy of the model's classifier.
 
     Parameters
@@ -213,6 +269,8 @@ def cross_entropy_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> to
         Inputs.
     y : Tensor (batch,) of int64
         Labels.
+    label_smoothing : float, default 0.0
+        Label smoothing (:func:`train` passes ``TrainConfig.label_smoothing``).
 
     Returns
     -------
@@ -220,7 +278,22 @@ def cross_entropy_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> to
         Scalar mean cross-entropy.
     """
     _, logits = model(x)
-    return F.cross_entropy(logits, y)
+    return F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+
+
+def _schedule(opt: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int):
+    """Cosine decay to zero over all steps, after ``warmup_epochs`` of linear warm-up."""
+    total = config.epochs * steps_per_epoch
+    if config.warmup_epochs == 0:  # the schedule every checkpoint before warm-up existed was trained with
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+    warm = config.warmup_epochs * steps_per_epoch
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1.0 + math.cos(math.pi * (step - warm) / (total - warm)))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
 def _make_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
@@ -235,8 +308,9 @@ def train(model: nn.Module, dataset: Dataset, config: TrainConfig = TrainConfig(
     """Train ``model`` on ``dataset`` by minimising ``loss_fn``; returns the mean loss per epoch.
 
     The data are shuffled with ``config.seed``; the last incomplete batch is dropped when the
-    dataset holds more than one batch. The learning rate follows a cosine decay over all steps.
-    Gradients are enabled even when the caller is inside ``torch.no_grad()``.
+    dataset holds more than one batch. The learning rate follows a cosine decay over all steps
+    (after ``config.warmup_epochs`` of linear warm-up). Gradients are enabled even when the caller
+    is inside ``torch.no_grad()``.
 
     Parameters
     ----------
@@ -247,8 +321,9 @@ def train(model: nn.Module, dataset: Dataset, config: TrainConfig = TrainConfig(
     config : TrainConfig, optional
         Schedule, optimiser and seed; default ``TrainConfig()``.
     loss_fn : callable ``(model, x, y) -> scalar tensor``, optional
-        The objective; default :func:`cross_entropy_loss`. BCT, RA-BCT and the transformation
-        losses plug in here.
+        The objective; default :func:`cross_entropy_loss` with ``config.label_smoothing``. BCT,
+        RA-BCT and the transformation losses plug in here (they do not see
+        ``config.label_smoothing``).
     device : str or torch.device, optional
         Default :func:`default_device`.
     params : iterable of parameters, optional
@@ -270,7 +345,19 @@ def train(model: nn.Module, dataset: Dataset, config: TrainConfig = TrainConfig(
         If ``dataset`` is empty or no parameter requires grad.
     FloatingPointError
         If the loss becomes NaN or infinite (lower ``config.lr``).
+
+    Warns
+    -----
+    UserWarning
+        When ``config.label_smoothing > 0`` and a custom ``loss_fn`` is given: it does not see
+        the smoothing.
     """
+    if config.label_smoothing > 0:
+        if loss_fn is cross_entropy_loss:
+            loss_fn = functools.partial(cross_entropy_loss, label_smoothing=config.label_smoothing)
+        else:
+            warnings.warn(f"{desc}: config.label_smoothing={config.label_smoothing} applies to the default "
+                          "cross-entropy objective only; this loss_fn trains without it", UserWarning, stacklevel=2)
     if len(dataset) == 0:
         raise ValueError("dataset is empty: nothing to train on")
     device = resolve_device(device)
@@ -282,7 +369,7 @@ def train(model: nn.Module, dataset: Dataset, config: TrainConfig = TrainConfig(
     generator = torch.Generator().manual_seed(config.seed)
     loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, generator=generator,
                         drop_last=len(dataset) > config.batch_size, pin_memory=device.type == "cuda")
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.epochs * len(loader))
+    sched = _schedule(opt, config, len(loader))
     history = []
     torch.manual_seed(config.seed)  # dropout / augmentation randomness inside the loop
     bar = tqdm(range(config.epochs), desc=desc, disable=not progress, leave=False)
@@ -308,9 +395,10 @@ def train(model: nn.Module, dataset: Dataset, config: TrainConfig = TrainConfig(
 def cache_key(**parts) -> str:
     """A stable hash of a configuration (dataclasses and plain values).
 
-    The parts are turned into JSON (dataclasses through ``asdict``, tuples as lists, anything
-    else JSON cannot hold through ``str``) with sorted keys, together with ``CACHE_VERSION``,
-    and hashed with SHA-256. The order of the keyword arguments does not matter.
+    The parts are turned into JSON (dataclasses field by field through :func:`spec_dict`, so a
+    field added later is absent at its default; tuples as lists; anything else JSON cannot hold
+    through ``str``) with sorted keys, together with ``CACHE_VERSION``, and hashed with SHA-256.
+    The order of the keyword arguments does not matter.
 
     Parameters
     ----------
@@ -331,8 +419,8 @@ def cache_key(**parts) -> str:
     False
     """
     def plain(v):
-        if hasattr(v, "__dataclass_fields__"):
-            return asdict(v)
+        if hasattr(v, "__dataclass_fields__") and not isinstance(v, type):
+            return {k: plain(x) for k, x in spec_dict(v).items()}
         if isinstance(v, (tuple, list)):
             return [plain(x) for x in v]
         if isinstance(v, dict):

@@ -3,7 +3,10 @@
 * ``ψ`` (:func:`reverse_transformation`): new → old, so a new query ``ψ̂(φ_n(q))`` can search
   the items still stored old. Needs no side information: the new embedding is the richer one.
 * ``h`` (:func:`forward_transformation`, FCT-style without side information): old → new,
-  applied to the stored old vectors so they can be searched with ``φ_n(q)``.
+  applied to the stored old vectors so they can be searched with ``φ_n(q)``. Two architectures
+  (:data:`FORWARD_ARCHS`): ``"mlp"`` (ours, the default: :class:`MLPTransform`) and ``"fct"``
+  (:class:`TwoBranchTransform`, the two-branch transformation of ml-fct, with the old feature
+  feeding both branches when there is no side information).
 * ``ρ`` (:class:`ResidualEmbedding`): the learnable new embedding, a residual head on the
   frozen new model that starts at the identity; its output is what gets backfilled.
 
@@ -35,10 +38,13 @@ from torch.utils.data import TensorDataset
 
 from .losses import NEGATIVES, metric_compatible_loss, regression_loss, reverse_loss
 from .training import TrainConfig, default_device, train
-from .validation import as_embeddings, as_labels, normalize_rows
+from .validation import as_embeddings, as_labels, check_choice, normalize_rows
 
 #: Optimiser of the heads (contrastive losses over the batch want large batches; data are tiny vectors).
 TRANSFORM_CONFIG = TrainConfig(epochs=60, batch_size=256, lr=2e-3, weight_decay=1e-4)
+#: Architectures of the forward transformation ``h`` (``MethodParams.forward_arch``): ``"mlp"``
+#: (:class:`MLPTransform`, ours) and ``"fct"`` (:class:`TwoBranchTransform`, ml-fct's).
+FORWARD_ARCHS = ("mlp", "fct")
 #: Optimiser steps of the heads. A fixed number of steps, not epochs: with a few hundred training
 #: items and batch 256 an epoch is one step, and 60 epochs left ψ under-fitted.
 TRANSFORM_STEPS = 1000
@@ -134,6 +140,104 @@ class MLPTransform(nn.Module):
         return F.normalize(self.net(x), dim=1)
 
 
+def _block(d_in: int, d_out: int) -> list[nn.Module]:
+    """Linear (no bias: BatchNorm follows) – BN – ReLU: ml-fct's 1×1 ``ConvBlock`` on pooled features."""
+    return [nn.Linear(d_in, d_out, bias=False), nn.BatchNorm1d(d_out), nn.ReLU(inplace=True)]
+
+
+class TwoBranchTransform(nn.Module):
+    """ml-fct's two-branch forward transformation ``h`` (FCT, Ramanujan et al., CVPR 2022).
+
+    The architecture of ml-fct's transformation, written for pooled ``(B, d)`` features (its
+    1×1 convolutions on ``(B, d, 1, 1)`` maps are linear layers):
+
+    * old branch: ``d_o → 2·d_o → 2·d_n``, each layer Linear–BN–ReLU;
+    * side-information branch: ``d_s → 2·d_s → 2·d_n``, the same;
+    * mixer on the concatenation (``4·d_n``): ``→ inner → inner → d_n``, the last layer a plain
+      Linear with bias; the output is L2-normalised (``ĥ``).
+
+    Without side information (``d_side=None``, the case of this library and of METHOD §2) the old
+    feature feeds both branches, as ml-fct's training script does when no side-information model
+    is given.
+
+    How it differs from ml-fct's own training (documented beside the results in
+    ``results/README.md``): here it reads the L2-normalised stored vectors and is trained on
+    ``‖ĥ(φ_o(x)) − φ_n(x)‖²`` with the heads' schedule (AdamW, lr 2e-3, batch 256, 1,000 steps);
+    ml-fct feeds raw (un-normalised) features, trains the un-normalised output with a
+    mean-squared error against the raw new feature (Adam, lr 5e-4, batch 1024, 80 epochs with 5
+    warm-up, BatchNorm frozen for the second half) and can add side information from a
+    self-supervised model.
+
+    Parameters
+    ----------
+    d_in : int
+        Old embedding size ``d_o`` (kept as attribute ``d_in``).
+    d_out : int
+        New embedding size ``d_n`` (kept as attribute ``d_out``).
+    d_side : int, optional
+        Size of a side-information feature; default None: no side information, the old
+        feature feeds the second branch too (``d_s = d_o``; attribute ``d_side`` stays None).
+    inner : int, optional
+        Width of the mixer, default ``16·d_n`` (ml-fct's 2048 at its ``d_n = 128``).
+
+    Raises
+    ------
+    ValueError
+        If a size is not a positive integer.
+
+    Examples
+    --------
+    >>> h = TwoBranchTransform(8, 16).eval()
+    >>> h(torch.randn(4, 8)).shape
+    torch.Size([4, 16])
+    """
+
+    def __init__(self, d_in: int, d_out: int, d_side: int | None = None, inner: int | None = None):
+        super().__init__()
+        self.d_in, self.d_out = _check_dim("d_in", d_in), _check_dim("d_out", d_out)
+        self.d_side = None if d_side is None else _check_dim("d_side", d_side)
+        d_s = self.d_in if self.d_side is None else self.d_side
+        inner = 16 * self.d_out if inner is None else _check_dim("inner", inner)
+        self.old_branch = nn.Sequential(*_block(self.d_in, 2 * self.d_in), *_block(2 * self.d_in, 2 * self.d_out))
+        self.side_branch = nn.Sequential(*_block(d_s, 2 * d_s), *_block(2 * d_s, 2 * self.d_out))
+        self.mixer = nn.Sequential(*_block(4 * self.d_out, inner), *_block(inner, inner), nn.Linear(inner, self.d_out))
+
+    def forward(self, x: torch.Tensor, side: torch.Tensor | None = None) -> torch.Tensor:
+        """``ĥ``: both branches, the mixer, then L2 normalisation.
+
+        Parameters
+        ----------
+        x : Tensor (B, d_in)
+            Old embeddings ``φ_o(x)``.
+        side : Tensor (B, d_side), optional
+            Side information; required when the module was built with ``d_side``, refused
+            otherwise (the old feature then feeds the second branch).
+
+        Returns
+        -------
+        Tensor (B, d_out)
+            Unit-norm rows ``ĥ(φ_o(x))``.
+
+        Raises
+        ------
+        ValueError
+            If ``x`` is not of shape ``(B, d_in)``, or ``side`` is missing, unexpected or of the
+            wrong shape.
+        """
+        if x.ndim != 2 or x.shape[1] != self.d_in:
+            raise ValueError(f"expected inputs of shape (n, {self.d_in}), got {tuple(x.shape)}")
+        if self.d_side is None:
+            if side is not None:
+                raise ValueError("side: this transform was built without side information (d_side=None); "
+                                 "build it with d_side=... to pass one")
+            side = x
+        elif side is None or side.ndim != 2 or side.shape != (x.shape[0], self.d_side):
+            got = None if side is None else tuple(side.shape)
+            raise ValueError(f"side must have shape ({x.shape[0]}, {self.d_side}) (built with d_side={self.d_side}), "
+                             f"got {got}")
+        return F.normalize(self.mixer(torch.cat([self.old_branch(x), self.side_branch(side)], dim=1)), dim=1)
+
+
 def reverse_transformation(d_new: int, d_old: int, hidden: int | None = None) -> MLPTransform:
     """``ψ: R^{d_n} → R^{d_o}`` (METHOD §3.4), untrained.
 
@@ -156,7 +260,8 @@ def reverse_transformation(d_new: int, d_old: int, hidden: int | None = None) ->
     return MLPTransform(d_new, d_old, hidden)
 
 
-def forward_transformation(d_old: int, d_new: int, hidden: int | None = None) -> MLPTransform:
+def forward_transformation(d_old: int, d_new: int, hidden: int | None = None,
+                           arch: str = "mlp") -> MLPTransform | TwoBranchTransform:
     """``h: R^{d_o} → R^{d_n}``, FCT-style without side information (METHOD §2), untrained.
 
     Train it with :func:`fit_forward_transform`.
@@ -168,13 +273,25 @@ def forward_transformation(d_old: int, d_new: int, hidden: int | None = None) ->
     d_new : int
         Output size ``d_n``.
     hidden : int, optional
-        Hidden width (default ``2·max(d_o, d_n)``).
+        Hidden width: of the MLP (default ``2·max(d_o, d_n)``), or of the mixer of the ``"fct"``
+        transformation (default ``16·d_n``).
+    arch : {"mlp", "fct"}, default "mlp"
+        ``"mlp"``: :class:`MLPTransform` (ours). ``"fct"``: :class:`TwoBranchTransform`, ml-fct's
+        two-branch transformation with the old feature feeding both branches.
 
     Returns
     -------
-    MLPTransform
+    MLPTransform or TwoBranchTransform
         Outputs ``ĥ``, L2-normalised.
+
+    Raises
+    ------
+    ValueError
+        If ``arch`` is not one of :data:`FORWARD_ARCHS`, or a size is not a positive integer.
     """
+    check_choice(arch, FORWARD_ARCHS, "forward arch")
+    if arch == "fct":
+        return TwoBranchTransform(d_old, d_new, inner=hidden)
     return MLPTransform(d_old, d_new, hidden)
 
 
@@ -280,8 +397,8 @@ def apply_transform(module: nn.Module, embeddings, name: str = "embeddings", bat
     Parameters
     ----------
     module : nn.Module
-        A head with a ``d_in`` attribute: an :class:`MLPTransform` or a
-        :class:`ResidualEmbedding` (e.g. ``heads.psi`` or ``heads.rho`` of
+        A head with a ``d_in`` attribute: an :class:`MLPTransform`, a
+        :class:`TwoBranchTransform` or a :class:`ResidualEmbedding` (e.g. ``heads.psi`` or ``heads.rho`` of
         :class:`CompatibilityHeads`; the heads themselves are refused, since they hold two
         maps).
     embeddings : array-like or Tensor (n, d_in)
@@ -382,12 +499,13 @@ def _fit_reverse(new, old, labels, names, objective, learn_rho, tau, lam_rt, neg
     return heads.eval()
 
 
-def _fit_forward(old, new, names, config, steps, device, progress, normalize) -> MLPTransform:
+def _fit_forward(old, new, names, config, steps, device, progress, normalize, arch="mlp") -> nn.Module:
+    check_choice(arch, FORWARD_ARCHS, "forward arch")
     old, new, dataset = _pairs(old, new, None, names, normalize)
     d_old = old.shape[1]
-    h = _seeded(lambda: forward_transformation(d_old, new.shape[1]), config.seed)
+    h = _seeded(lambda: forward_transformation(d_old, new.shape[1], arch=arch), config.seed)
     train(h, dataset, schedule(config, len(dataset), steps), loss_fn=lambda m, x, y: regression_loss(m(x[:, :d_old]), x[:, d_old:]),
-          device=device or default_device(), desc="h (forward)", progress=progress)
+          device=device or default_device(), desc=f"h (forward, {arch})", progress=progress)
     return h.eval()
 
 
@@ -458,7 +576,8 @@ def fit_reverse_transform(new, old, labels=None, objective: str = "rt", learn_rh
 
 
 def fit_forward_transform(old, new, config: TrainConfig = TRANSFORM_CONFIG, steps: int | None = TRANSFORM_STEPS,
-                          device=None, progress: bool = False, normalize: bool = False) -> MLPTransform:
+                          device=None, progress: bool = False, normalize: bool = False,
+                          arch: str = "mlp") -> MLPTransform | TwoBranchTransform:
     """Train ``h`` (old → new) by ``mean ||ĥ(φ_o(x)) − φ_n(x)||²`` on cached training embeddings.
 
     Both backbones stay frozen; ``φ_n(x)`` is the target and gets no gradient. Argument order:
@@ -484,17 +603,21 @@ def fit_forward_transform(old, new, config: TrainConfig = TRANSFORM_CONFIG, step
     normalize : bool, default False
         L2-normalise the rows of ``old`` and ``new`` first; by default rows that are not unit
         norm are refused.
+    arch : {"mlp", "fct"}, default "mlp"
+        Architecture of ``h`` (:func:`forward_transformation`); the loss and schedule are the
+        same for both.
 
     Returns
     -------
-    MLPTransform
+    MLPTransform or TwoBranchTransform
         The trained ``h`` (outputs ``ĥ``), in eval mode, on ``device``.
 
     Raises
     ------
     ValueError
-        If ``steps`` is not a positive integer, ``old`` and ``new`` do not have one row per
-        image, there are fewer than 2 images, or a row is not unit norm (without ``normalize``).
+        If ``arch`` is unknown, ``steps`` is not a positive integer, ``old`` and ``new`` do not
+        have one row per image, there are fewer than 2 images, or a row is not unit norm
+        (without ``normalize``).
     TypeError
         If the embeddings are not numeric.
 
@@ -502,7 +625,7 @@ def fit_forward_transform(old, new, config: TrainConfig = TRANSFORM_CONFIG, step
     --------
     ForwardTransform : the same fit as an object with ``transform``, ``save`` and ``load``.
     """
-    return _fit_forward(old, new, ("old", "new"), config, steps, device, progress, normalize)
+    return _fit_forward(old, new, ("old", "new"), config, steps, device, progress, normalize, arch)
 
 
 # --- Fitted transformations a service can keep (scikit-learn manner) --------------------------
@@ -934,6 +1057,9 @@ class ForwardTransform(FittedTransform):
         AdamW weight decay.
     seed : int, default 0
         Seeds the initial weights and the batch order: the same data and seed give the same ``h``.
+    arch : {"mlp", "fct"}, default "mlp"
+        Architecture of ``h`` (:func:`forward_transformation`): ours, or ml-fct's two-branch
+        transformation.
     normalize : bool, default False
         L2-normalise input rows (in :meth:`fit` and :meth:`~FittedTransform.transform`); by default rows that are
         not unit norm are refused.
@@ -948,23 +1074,25 @@ class ForwardTransform(FittedTransform):
         Width of ``X`` (``d_o``), set by :meth:`fit`.
     dim_out_ : int
         Width of ``Y`` (``d_n``).
-    module_ : MLPTransform
+    module_ : MLPTransform or TwoBranchTransform
         The trained ``h``.
 
     Raises
     ------
     ValueError
-        If a hyper-parameter is out of range or ``device`` is not usable here.
+        If a hyper-parameter is out of range, ``arch`` is unknown, or ``device`` is not usable
+        here.
     TypeError
         If a flag is not a bool.
     """
 
-    _saved_params = ("steps", "batch_size", "lr", "weight_decay", "seed", "normalize")
+    _saved_params = ("steps", "batch_size", "lr", "weight_decay", "seed", "normalize", "arch")
     _spaces = ("old", "new")
 
     def __init__(self, steps: int = TRANSFORM_STEPS, batch_size: int = TRANSFORM_CONFIG.batch_size,
                  lr: float = TRANSFORM_CONFIG.lr, weight_decay: float = TRANSFORM_CONFIG.weight_decay, seed: int = 0,
-                 normalize: bool = False, device=None, progress: bool = False):
+                 normalize: bool = False, device=None, progress: bool = False, arch: str = "mlp"):
+        self.arch = check_choice(arch, FORWARD_ARCHS, "arch")
         self._common_init(steps, batch_size, lr, weight_decay, seed, normalize, device, progress)
 
     def fit(self, X, Y, labels=None) -> "ForwardTransform":
@@ -994,12 +1122,12 @@ class ForwardTransform(FittedTransform):
             If the embeddings are not real numbers.
         """
         h = _fit_forward(X, Y, ("X (old embeddings)", "Y (new embeddings)"), self._config(), self.steps,
-                         self._device, self.progress, self.normalize)
+                         self._device, self.progress, self.normalize, self.arch)
         self.module_, self.dim_in_, self.dim_out_ = h, h.d_in, h.d_out
         return self
 
-    def _build(self, dim_in: int, dim_out: int) -> MLPTransform:
-        return forward_transformation(dim_in, dim_out)
+    def _build(self, dim_in: int, dim_out: int) -> nn.Module:
+        return forward_transformation(dim_in, dim_out, arch=self.arch)
 
     def _map(self) -> nn.Module:
         return self.module_
