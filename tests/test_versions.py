@@ -218,3 +218,150 @@ class TestBadInput:
             evaluate_version_states(**args, ks=(0,))
         with pytest.raises(ValueError, match="chunk_size must be at least 1"):
             evaluate_version_states(**args, chunk_size=0)
+
+
+# --- the multi-version layer (backfill_lib.versions) ------------------------------------------
+
+from backfill_lib.backfill import evaluate_backfill, rank_merge, reverse_transform  # noqa: E402
+from backfill_lib.versions import (MultiVersionStrategy, evaluate_versions, multi_rank_merge,  # noqa: E402
+                                   storage_states)
+
+
+def test_storage_states():
+    initial = np.array([0, 1, 1, 0, 1])
+    out = storage_states(initial, [4, 2, 0, 1, 3], [0.0, 0.4, 1.0], 2)
+    assert out.tolist() == [[0, 1, 1, 0, 1], [0, 1, 2, 0, 2], [2, 2, 2, 2, 2]]
+    with pytest.raises(ValueError, match=r"new_version=3 is not a version index in \[0, 2\]"):
+        storage_states(initial, np.arange(5), [0.5], 3, n_versions=3)
+    with pytest.raises(ValueError, match="order must be a permutation"):
+        storage_states(initial, [0, 0, 1, 2, 3], [0.5], 2)
+    with pytest.raises(ValueError, match="versions holds index 5"):
+        storage_states([0, 5, 0, 0, 0], np.arange(5), [0.5], 2, n_versions=3)
+
+
+@pytest.mark.parametrize("exclude_self", [True, False])
+def test_two_versions_give_evaluate_backfills_curve(exclude_self):
+    rng = np.random.default_rng(7)
+    old, new, psi = unit(rng.normal(size=(60, 4))), unit(rng.normal(size=(60, 6))), unit(rng.normal(size=(60, 4)))
+    y = rng.integers(0, 4, size=60)
+    order = rng.permutation(60)
+    for two, k in [(rank_merge(old, new), multi_rank_merge([old, new])),
+                   (reverse_transform(old, psi, new), MultiVersionStrategy("rt", (psi, new), (old, new),
+                                                                           queries_are_gallery=True))]:
+        a = evaluate_backfill(two, y, order=order, exclude_self=exclude_self)
+        b = evaluate_versions(k, y, order=order, exclude_self=exclude_self, device="numpy")
+        for field in ("map", "top1", "top5", "negative_flips"):
+            np.testing.assert_allclose(getattr(b, field), getattr(a, field), rtol=0, atol=1e-12)
+        assert b.backbone_passes == two.backbone_passes
+
+
+def test_curve_is_brute_force_for_three_versions():
+    rng = np.random.default_rng(11)
+    n = 40
+    spaces = [unit(rng.normal(size=(n, d))) for d in (3, 4, 5)]
+    queries = [unit(rng.normal(size=(n, d))) for d in (3, 4, 5)]
+    y = rng.integers(0, 3, size=n)
+    initial = storage_states(np.zeros(n, dtype=int), rng.permutation(n), [0.6], 1)[0]
+    order = rng.permutation(n)
+    ratios = [0.0, 0.3, 0.7, 1.0]
+    s = MultiVersionStrategy("x", queries, spaces, queries_are_gallery=True)
+    curve = evaluate_versions(s, y, initial=initial, ratios=ratios, order=order, device="numpy")
+    ap, hits = brute_force(queries, spaces, storage_states(initial, order, ratios, 2), y, y, True, (1, 5))
+    np.testing.assert_allclose(curve.map, np.nanmean(ap, axis=1), rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(curve.top1, hits[1].mean(axis=1))
+    flips = (hits[1][0][None, :] & ~hits[1]).mean(axis=1)  # right at r = 0, wrong at r
+    np.testing.assert_allclose(curve.negative_flips, flips, rtol=0, atol=1e-12)
+    assert multi_rank_merge(spaces).backbone_passes == 3
+
+
+class TestStrategyBadInput:
+    def test_non_unit_rows(self):
+        x = unit(np.random.default_rng(0).normal(size=(6, 3)))
+        with pytest.raises(ValueError, match=r"galleries\[1\]"):
+            MultiVersionStrategy("s", (x, x), (x, 2 * x))
+        with pytest.raises(ValueError, match=r"queries\[0\]"):
+            MultiVersionStrategy("s", (0.5 * x, x), (x, x))
+
+    def test_shapes(self):
+        rng = np.random.default_rng(0)
+        x, z = unit(rng.normal(size=(6, 3))), unit(rng.normal(size=(6, 4)))
+        with pytest.raises(ValueError, match=r"queries\[1\]"):
+            MultiVersionStrategy("s", (x, x), (x, z))
+        with pytest.raises(ValueError, match="one array per model version"):
+            MultiVersionStrategy("s", (x,), (x, z))
+        with pytest.raises(ValueError, match=r"galleries\[0\] has 6 items but galleries\[1\] has 5"):
+            MultiVersionStrategy("s", (x, z), (x, z[:5]))
+        with pytest.raises(ValueError, match="queries_are_gallery=True but there are 3 queries"):
+            MultiVersionStrategy("s", (x[:3], z[:3]), (x, z), queries_are_gallery=True)
+        with pytest.raises(TypeError, match="list \\(or tuple\\) of arrays"):
+            MultiVersionStrategy("s", x, (x,))
+
+    def test_evaluate_versions_arguments(self):
+        x = unit(np.random.default_rng(0).normal(size=(8, 3)))
+        s = multi_rank_merge([x, x, x])
+        y = np.arange(8) % 2
+        with pytest.raises(ValueError, match=r"new_version=3 is not a version index in \[0, 2\]"):
+            evaluate_versions(s, y, new_version=3)
+        with pytest.raises(ValueError, match=r"initial must hold one version index per gallery item \(8\)"):
+            evaluate_versions(s, y, initial=[0, 1])
+        with pytest.raises(ValueError, match="versions holds index 4"):
+            evaluate_versions(s, y, initial=[0, 1, 2, 4, 0, 0, 0, 0])
+        with pytest.raises(TypeError, match="strategy must be a MultiVersionStrategy"):
+            evaluate_versions(rank_merge(x, x), y)
+        sep = MultiVersionStrategy("sep", (x[:4], x[:4]), (x, x))
+        with pytest.raises(ValueError, match="exclude_self=True but strategy 'sep' has separate queries"):
+            evaluate_versions(sep, y[:4], y, exclude_self=True)
+        with pytest.raises(ValueError, match="gallery_labels is needed"):
+            evaluate_versions(sep, y[:4])
+
+
+# --- L_mc over K stored sets -----------------------------------------------------------------
+
+def test_multi_compatible_loss_with_two_sets_is_metric_compatible_loss():
+    torch = pytest.importorskip("torch")
+    from backfill_lib.losses import metric_compatible_loss, multi_compatible_loss
+
+    g = torch.Generator().manual_seed(0)
+    norm = torch.nn.functional.normalize
+    psi, old, rho = (norm(torch.randn(16, d, generator=g), dim=1) for d in (4, 4, 6))
+    y = torch.randint(0, 3, (16,), generator=g)
+    a = metric_compatible_loss(psi, old, rho, y, tau=0.2)
+    b = multi_compatible_loss([psi, rho], [old, rho], y, tau=0.2)
+    assert torch.allclose(a, b, atol=1e-6)
+    # A third set changes the loss; stored copies of the query set keep j = i only when told.
+    other = norm(torch.randn(16, 5, generator=g), dim=1)
+    c = multi_compatible_loss([psi, other, rho], [old, other.clone(), rho], y, tau=0.2)
+    assert not torch.allclose(b, c)
+    d = multi_compatible_loss([psi, other, rho], [old, other, rho], y, tau=0.2,
+                              exclude_self=[False, False, True])
+    assert torch.allclose(c, d, atol=1e-6)
+    with pytest.raises(ValueError, match="one tensor per version"):
+        multi_compatible_loss([psi], [old, rho], y)
+    with pytest.raises(ValueError, match="tau must be positive"):
+        multi_compatible_loss([psi], [old], y, tau=0)
+    with pytest.raises(ValueError, match=r"queries\[0\] \(16, 4\) and stored\[0\] \(16, 6\)"):
+        multi_compatible_loss([psi], [rho], y)
+
+
+def test_fit_multi_reverse_trains_maps_into_every_older_space():
+    pytest.importorskip("torch")
+    from backfill_lib.transforms import TRANSFORM_CONFIG, apply_transform
+    from backfill_lib.versions import fit_multi_reverse
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 4, size=200)
+    centres = [rng.normal(size=(4, d)) for d in (3, 5, 6)]
+    v1, v2, v3 = (unit(c[y] + 0.3 * rng.normal(size=(200, c.shape[1]))) for c in centres)
+    heads = fit_multi_reverse(v3, [v1, v2], y, steps=150, config=TRANSFORM_CONFIG)
+    assert len(heads) == 2
+    for head, target in zip(heads, (v1, v2)):
+        mapped = apply_transform(head, v3)
+        assert mapped.shape == target.shape
+        # Mapped queries find same-class stored items: top-1 over the target space well above chance (0.25).
+        scores = mapped @ target.T
+        np.fill_diagonal(scores, -np.inf)
+        assert (y[scores.argmax(axis=1)] == y).mean() > 0.8
+    with pytest.raises(ValueError, match="targets is empty"):
+        fit_multi_reverse(v3, [], y)
+    with pytest.raises(ValueError, match=r"new has 200 rows but targets\[1\] has 10"):
+        fit_multi_reverse(v3, [v1, v2[:10]], y)
