@@ -14,6 +14,7 @@ into :func:`backfill_lib.training.train` live next to it.
 from .bct import bct_influence_loss, bct_objective
 from .bct_pseudo import bct_pseudo_influence_loss, bct_pseudo_objective, pseudo_classifier
 from .metric_compatible import NEGATIVES, metric_compatible_loss
+from .multi_compatible import multi_compatible_loss
 from .ra_bct import ra_bct_loss, ra_bct_objective
 from .reverse import regression_loss, reverse_loss
 
