@@ -31,7 +31,8 @@ from .validation import as_embeddings, as_labels, check_choice, check_ratio, che
 #: The 11 ratios of METHOD §4.
 DEFAULT_RATIOS: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(11))
 
-ORDER_POLICIES = ("random", "uncertain_first")
+#: Backfill order policies of :func:`backfill_order` (METHOD §7; all but ``random`` are extensions).
+ORDER_POLICIES = ("random", "uncertain_first", "class_coverage")
 
 
 @dataclass(frozen=True)
@@ -430,31 +431,52 @@ def forward_transform(h_old, new, new_query=None, name: str = "forward_transform
                     queries_are_gallery=_queries_are_gallery(queries_are_gallery, new_query))
 
 
-def backfill_order(n: int, seed: int = 0, policy: str = "random", uncertainty=None) -> np.ndarray:
+def backfill_order(n: int, seed: int = 0, policy: str = "random", uncertainty=None, groups=None) -> np.ndarray:
     """The order ``π`` in which gallery items are re-extracted with the new model.
+
+    Every policy is a permutation fixed before the backfill starts.
+
+    * ``random`` (default): a uniform random permutation drawn with ``seed``.
+    * ``uncertain_first``: items with the largest ``uncertainty`` first (e.g. ``1 −`` the old
+      classifier's top probability): the items the old vectors serve worst are replaced first.
+    * ``class_coverage`` (ours): round-robin over ``groups`` (e.g. k-means clusters of the old
+      embeddings, see :func:`~backfill_lib.strategies.experiment_order`): one item of each group
+      in turn, in random order within a group, so that after ``k·G`` items each of the ``G``
+      groups holds ``k`` new vectors (or all of its items). The argument for it (to be
+      measured, not a result): a random order gives each region of the gallery new vectors in
+      proportion to its size, and by chance some regions lag; round-robin gives every region new
+      vectors from the first step, and so a small region — a class the old model packs into a
+      corner, a rare class — gets its share early instead of last, and is fully backfilled
+      soonest, after which its queries compare their relevant items in one space only.
 
     Parameters
     ----------
     n : int
         Gallery size.
     seed : int
-        Seed of the random order (ties of ``uncertain_first`` are broken at random too).
-    policy : {"random", "uncertain_first"}
-        ``uncertain_first`` backfills items with the largest ``uncertainty`` first (an extension).
+        Seed of the random order (also the tie-break of ``uncertain_first`` and the order within
+        and between groups of ``class_coverage``).
+    policy : {"random", "uncertain_first", "class_coverage"}
+        One of :data:`ORDER_POLICIES`.
     uncertainty : array of n floats, optional
         Needed by ``uncertain_first``, e.g. ``1 -`` the old model's top class probability;
-        ignored by ``random``.
+        ignored by the other policies.
+    groups : array of n ints, optional
+        Needed by ``class_coverage``: a group (cluster, predicted class) per gallery item;
+        ignored by the other policies.
 
     Returns
     -------
     order : array (n,) of int
-        A permutation of ``range(n)``: ``order[:round(r·n)]`` is ``B_r``.
+        A permutation of ``range(n)``: ``order[:round(r·n)]`` is ``B_r``. ``random`` gives the
+        same permutation for the same ``(n, seed)`` whatever the other arguments.
 
     Raises
     ------
     ValueError
         If ``n`` is not a positive integer, ``policy`` is unknown, or ``uncertain_first`` gets
-        no ``uncertainty`` or one that is not ``n`` finite values.
+        no ``uncertainty`` (or not ``n`` finite values), or ``class_coverage`` no ``groups``
+        (or not ``n`` integers).
 
     Examples
     --------
@@ -462,6 +484,9 @@ def backfill_order(n: int, seed: int = 0, policy: str = "random", uncertainty=No
     [0, 1, 2, 3]
     >>> backfill_order(3, policy="uncertain_first", uncertainty=[0.1, 0.9, 0.5]).tolist()
     [1, 2, 0]
+    >>> g = [0, 0, 0, 0, 1, 1]  # a big group and a small one: the small one is done after 4 items
+    >>> [g[i] for i in backfill_order(6, policy="class_coverage", groups=g)]
+    [0, 1, 0, 1, 0, 0]
     """
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise ValueError(f"n must be a positive integer (gallery size), got {n!r}")
@@ -470,6 +495,21 @@ def backfill_order(n: int, seed: int = 0, policy: str = "random", uncertainty=No
     perm = rng.permutation(n)
     if policy == "random":
         return perm
+    if policy == "class_coverage":
+        if groups is None:
+            raise ValueError("policy='class_coverage' needs groups (one group id per gallery item, e.g. k-means "
+                             "clusters of the old embeddings)")
+        g = np.asarray(groups)
+        if g.shape != (n,) or not np.issubdtype(g.dtype, np.integer):
+            raise ValueError(f"groups must hold {n} integers (one group id per gallery item), got shape {g.shape} "
+                             f"and dtype {g.dtype}")
+        _, first, gp = np.unique(g[perm], return_index=True, return_inverse=True)  # group of each item of perm
+        turn = np.empty(n, dtype=np.int64)                     # how many of its group come before it in perm
+        for k in range(len(first)):
+            at = np.flatnonzero(gp == k)
+            turn[at] = np.arange(len(at))
+        # Round k holds the k-th item of every group; within a round, groups in their order of first appearance.
+        return perm[np.lexsort((first[gp], turn))]
     if uncertainty is None:
         raise ValueError("policy='uncertain_first' needs uncertainty (one value per gallery item)")
     u = np.asarray(uncertainty, dtype=np.float64)

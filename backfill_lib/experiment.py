@@ -6,10 +6,10 @@ Example::
         --strategies old,offline,rank_merge --seeds 0,1,2 --out results/digits.json
 
 For each seed the old and new models are trained (or loaded from the checkpoint cache) with that
-seed, and the backfill order is drawn with it; the table reports mean ± std over seeds. When
-``results/query_cost.json`` (written by ``benchmarks/query_cost.py``) exists, its measured query
-costs join the results and the table. ``--table results/x.json`` rebuilds the tables from saved
-results without training anything.
+seed, and the backfill order is drawn with it (policy ``--order``, random by default); the table
+reports mean ± std over seeds. When ``results/query_cost.json`` (written by
+``benchmarks/query_cost.py``) exists, its measured query costs join the results and the table.
+``--table results/x.json`` rebuilds the tables from saved results without training anything.
 
 Every option is checked before any training (a typo fails at once, with a one-line ``error:``
 and exit status 2), and the output files are written atomically (a temporary file, then
@@ -35,12 +35,12 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .backfill import DEFAULT_RATIOS, evaluate_backfill, old_only
+from .backfill import DEFAULT_RATIOS, ORDER_POLICIES, evaluate_backfill, old_only
 from .context import SETTINGS, ExperimentContext, MethodParams, Preset, check_seed
 from .data import DATASETS, format_classes, load_dataset
-from .strategies import STRATEGY_REGISTRY, NotApplicable, build_strategy
+from .strategies import STRATEGY_REGISTRY, NotApplicable, build_strategy, experiment_order
 from .training import check_cache_dir, resolve_device
-from .validation import check_ratios
+from .validation import check_choice, check_ratios
 
 DEFAULT_STRATEGIES = ("old", "offline", "rank_merge")
 #: Written by ``benchmarks/query_cost.py``.
@@ -129,16 +129,17 @@ def _trained_stats(records: list[dict]) -> dict:
 def run_experiment(dataset: str = "digits", old_classes=None, strategies=DEFAULT_STRATEGIES, seeds=(0, 1, 2),
                    setting: str = "homogeneous", ratios=DEFAULT_RATIOS, device=None, cache=None, root=None,
                    progress: bool = True, data_kwargs: dict | None = None, preset=None,
-                   params: MethodParams | None = None, new_new: bool | None = None) -> dict:
+                   params: MethodParams | None = None, new_new: bool | None = None, order: str = "random") -> dict:
     """Run the backfill experiment and return the JSON-ready results (see module docstring).
 
     Every argument is checked before any training. For each seed, the models the strategies
     need are trained or loaded from the checkpoint cache (the old model φ_o on the old classes
     always: old/old is the reference of every curve), each strategy is built and evaluated along
-    the backfill (:func:`~backfill_lib.backfill.evaluate_backfill`, backfill order drawn with the
-    seed), and old/old and new/new retrieval are measured as references. A strategy that does
-    not apply to the setting (e.g. BCT with ``d_n ≠ d_o``) is reported as ``"n/a"`` with the
-    reason; so is a metric that cannot be measured (``{"status": "n/a", "reason": ...}``).
+    the backfill (:func:`~backfill_lib.backfill.evaluate_backfill`, backfill order of the policy
+    ``order`` drawn with the seed, the same for every strategy of the run), and old/old and
+    new/new retrieval are measured as references. A strategy that does not apply to the setting
+    (e.g. BCT with ``d_n ≠ d_o``) is reported as ``"n/a"`` with the reason; so is a metric that
+    cannot be measured (``{"status": "n/a", "reason": ...}``).
 
     Parameters
     ----------
@@ -176,12 +177,15 @@ def run_experiment(dataset: str = "digits", old_classes=None, strategies=DEFAULT
         Measure new/new retrieval (and so the relative gain). Default: when a strategy trains the
         plain new model anyway (``offline``, ``rank_merge``, the transformations, ...), else
         reported as n/a; True trains the new model for it; False never measures it.
+    order : str, default "random"
+        Backfill order policy, one of :data:`~backfill_lib.backfill.ORDER_POLICIES` (see
+        :func:`~backfill_lib.strategies.experiment_order`); recorded as ``result["order"]``.
 
     Returns
     -------
     dict
         JSON-ready results: the settings (``dataset``, ``setting``, ``old_classes``, ``seeds``,
-        ``ratios``, ``models``, ``input_shape``, ``method_params``), old/old and new/new mAP,
+        ``order``, ``ratios``, ``models``, ``input_shape``, ``method_params``), old/old and new/new mAP,
         top-1 and top-5 (``old_old``, ``new_new``; ``new_new`` may be n/a), and per strategy
         (``strategies``) the AUCs, relative gain (or n/a), largest negative-flip rate and mAP at
         r = 0, 0.5, 1 as ``{"mean", "std"}`` over seeds, the curves of every seed, and what was
@@ -192,7 +196,7 @@ def run_experiment(dataset: str = "digits", old_classes=None, strategies=DEFAULT
     Raises
     ------
     ValueError
-        If ``dataset``, a strategy name or ``setting`` is unknown, ``strategies`` or ``seeds``
+        If ``dataset``, a strategy name, ``setting`` or ``order`` is unknown, ``strategies`` or ``seeds``
         is empty or repeats an entry, a seed is negative, a ratio is outside [0, 1], ``ratios``
         lacks 0 or 1, ``device`` is not usable here, ``cache`` is not a writable folder, or the
         dataset loader rejects an argument.
@@ -212,6 +216,7 @@ def run_experiment(dataset: str = "digits", old_classes=None, strategies=DEFAULT
     if setting not in SETTINGS:
         raise ValueError(f"unknown setting {setting!r}; choose one of: {', '.join(SETTINGS)}")
     seeds = _check_seeds(seeds)
+    check_choice(order, ORDER_POLICIES, "order")
     ratios = _check_run_ratios(ratios)
     device = resolve_device(device)
     check_cache_dir(cache)
@@ -229,6 +234,7 @@ def run_experiment(dataset: str = "digits", old_classes=None, strategies=DEFAULT
                                 progress=progress, params=params)
         oo, ref_top1 = _point_metrics(old_only(ctx.embeddings("old")), labels)
         per_seed["old_old"].append(oo)
+        pi = experiment_order(ctx, order, seed)  # one order per seed, shared by every strategy
         for name in strategies:
             if runs[name].get("status") == "n/a":
                 continue  # does not apply to this setting: no need to train for it again
@@ -237,7 +243,7 @@ def run_experiment(dataset: str = "digits", old_classes=None, strategies=DEFAULT
             except NotApplicable as exc:
                 runs[name] = {"status": "n/a", "reason": str(exc)}
                 continue
-            curve = evaluate_backfill(strategy, labels, ratios=ratios, order_seed=seed, reference_top1=ref_top1)
+            curve = evaluate_backfill(strategy, labels, ratios=ratios, order=pi, reference_top1=ref_top1)
             trained = {k: ctx.trained[k] for k in STRATEGY_REGISTRY[name].trains if k in ctx.trained}
             runs[name]["curves"].append(curve)
             runs[name]["trained"].append(trained)
@@ -257,6 +263,7 @@ def run_experiment(dataset: str = "digits", old_classes=None, strategies=DEFAULT
         "setting": setting,
         "old_classes": format_classes(data.old_classes),
         "seeds": seeds,
+        "order": order,
         "ratios": ratios,
         "models": {"old": ctx.old_spec.to_dict(), "new": ctx.new_spec.to_dict(), "train": vars(ctx.train_config) | {"seed": "per run"}},
         "input_shape": list(data.input_shape),
@@ -340,7 +347,8 @@ def format_table(result: dict, markdown: bool = False) -> str:
     measured on instead), mAP at r = 0, 0.5, 1, AUC of mAP and of top-1, relative gain, largest
     negative-flip rate. Values are ``mean ± std`` over seeds; a value that could not be measured
     reads "n/a" (the notes under the table say why). A title line gives the dataset, setting, old
-    classes, seeds and the old/old and new/new references.
+    classes, seeds, backfill order (``random`` for results saved before orders were recorded) and
+    the old/old and new/new references.
 
     Parameters
     ----------
@@ -383,7 +391,7 @@ def format_table(result: dict, markdown: bool = False) -> str:
         notes.insert(0, f"new/new {nn_.get('reason', 'not measured')}.")
         nn_ = {"map": None, "top1": None}
     title = (f"{result['dataset']} ({result['setting']}, old classes {result['old_classes']}, "
-             f"seeds {','.join(map(str, result['seeds']))}): "
+             f"seeds {','.join(map(str, result['seeds']))}, backfill order {result.get('order', 'random')}): "
              f"old/old mAP {_pm(result['old_old']['map'])}, new/new mAP {_pm(nn_['map'])}, "
              f"old/old top-1 {_pm(result['old_old']['top1'])}, new/new top-1 {_pm(nn_['top1'])}")
     if markdown:
@@ -505,7 +513,7 @@ def main(argv=None) -> int:
     """The command line: ``python -m backfill_lib.experiment [options]``.
 
     Runs :func:`run_experiment` with the options (``--dataset``, ``--old-classes``,
-    ``--strategies``, ``--seeds``, ``--setting``, ``--ratios``, ``--root``, ``--cache``,
+    ``--strategies``, ``--seeds``, ``--setting``, ``--order``, ``--ratios``, ``--root``, ``--cache``,
     ``--device``, ``--new-new``, ``--quiet``), adds the measured query costs of ``--query-cost``
     when that file exists, prints the table, and writes the results JSON (``--out``) and the
     Markdown table (``--markdown``) when asked. ``--table JSON`` only rebuilds the tables from
@@ -534,6 +542,8 @@ def main(argv=None) -> int:
                         help=f"comma-separated, from: {', '.join(STRATEGY_REGISTRY)}")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds, e.g. 0,1,2")
     parser.add_argument("--setting", default="homogeneous", choices=SETTINGS)
+    parser.add_argument("--order", default="random",
+                        help=f"backfill order policy, one of: {', '.join(ORDER_POLICIES)} (default random)")
     parser.add_argument("--ratios", default=None, help="comma-separated backfill ratios (default 0,0.1,...,1)")
     parser.add_argument("--root", default=None, help="data folder (cifar100, imagefolder)")
     parser.add_argument("--cache", default=None, help="checkpoint folder (default $BACKFILL_CACHE or ~/.cache/backfill_lib)")
@@ -574,6 +584,7 @@ def _run_from_options(args) -> dict:
     except ValueError:
         raise _CliError(f"--seeds must be comma-separated non-negative integers, e.g. 0,1,2 (got {args.seeds!r})") from None
     seeds = _check_seeds(seeds, "--seeds")
+    order = check_choice(args.order, ORDER_POLICIES, "--order")
     ratios = DEFAULT_RATIOS
     if args.ratios is not None:
         try:
@@ -586,7 +597,7 @@ def _run_from_options(args) -> dict:
     check_cache_dir(args.cache, "--cache")
     return run_experiment(args.dataset, args.old_classes, strategies, seeds, args.setting, ratios, device=device,
                           cache=args.cache, root=args.root, progress=not args.quiet,
-                          new_new=True if args.new_new else None)
+                          new_new=True if args.new_new else None, order=order)
 
 
 def _write_outputs(result: dict, outputs: dict) -> int:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Callable
 
 from . import backfill as bf
+from .validation import check_choice
 
 if TYPE_CHECKING:
     from .context import ExperimentContext
@@ -296,3 +297,70 @@ def _forward_transform(ctx: ExperimentContext) -> bf.Strategy:
                                              device=ctx.device, progress=ctx.progress, arch=arch))
     old_test = ctx.embeddings("old")
     return bf.forward_transform(tf.apply_transform(h, old_test, "old"), ctx.embeddings("new"))
+
+
+# --- Backfill order of a run (METHOD §7) -----------------------------------------------------------
+
+def _old_uncertainty(ctx: ExperimentContext):
+    """``1 − max_c p_o(c | g)`` of every gallery item, the softmax over the old classes of the old model's own head."""
+    import torch
+
+    from .training import extract_embeddings
+
+    old_classes = list(ctx.data.old_classes)
+
+    def probs(model, x):
+        return torch.softmax(model.classifier(model.features(x))[:, old_classes], dim=1)
+
+    return 1.0 - extract_embeddings(ctx.model("old"), ctx.data.test, device=ctx.device, fn=probs).max(axis=1)
+
+
+def _old_regions(ctx: ExperimentContext, seed: int):
+    """k-means clusters (k = number of classes) of the old gallery embeddings: what is stored before the backfill."""
+    from sklearn.cluster import KMeans
+
+    old = ctx.embeddings("old")
+    k = min(ctx.data.num_classes, len(old))
+    return KMeans(n_clusters=k, n_init=4, random_state=seed).fit_predict(old.astype("float64"))
+
+
+def experiment_order(ctx: ExperimentContext, policy: str = "random", seed: int = 0):
+    """The backfill order ``π`` of a run: a permutation of the test split (the gallery).
+
+    Uses only what a real system has before its backfill starts: the old model and the stored old
+    vectors, never the test labels.
+
+    * ``random``: :func:`~backfill_lib.backfill.backfill_order` with ``seed`` (what every
+      experiment used before order policies existed, so the numbers are unchanged).
+    * ``uncertain_first``: items by decreasing ``1 − max_c p_o(c | g)``, the old model's own
+      classifier (its softmax over the old classes only) on the gallery item.
+    * ``class_coverage``: round-robin over the k-means clusters (``k`` = the number of classes,
+      seeded by ``seed``) of the stored old embeddings (see
+      :func:`~backfill_lib.backfill.backfill_order` for the argument).
+
+    Parameters
+    ----------
+    ctx : ExperimentContext
+        The run; the old model is trained (or loaded) if it is not yet.
+    policy : str, default "random"
+        One of :data:`~backfill_lib.backfill.ORDER_POLICIES`.
+    seed : int, default 0
+        Seed of the order (random order, ties, clustering).
+
+    Returns
+    -------
+    array (N,) of int
+        A permutation of ``range(N)``, ``N`` the size of the test split.
+
+    Raises
+    ------
+    ValueError
+        If ``policy`` is unknown.
+    """
+    check_choice(policy, bf.ORDER_POLICIES, "order")
+    n = len(ctx.data.test_labels)
+    if policy == "uncertain_first":
+        return bf.backfill_order(n, seed, policy, uncertainty=_old_uncertainty(ctx))
+    if policy == "class_coverage":
+        return bf.backfill_order(n, seed, policy, groups=_old_regions(ctx, seed))
+    return bf.backfill_order(n, seed, policy)

@@ -93,7 +93,35 @@ class TestBackfillOrder:
         np.testing.assert_array_equal(u[order], [0.9, 0.9, 0.5, 0.1, 0.0])
         assert set(order[:2].tolist()) == {1, 3}
 
+    def test_class_coverage_is_round_robin_over_groups(self, rng):
+        groups = rng.integers(0, 4, size=40)
+        groups[:3] = 4  # a small group of 3
+        order = backfill_order(40, seed=2, policy="class_coverage", groups=groups)
+        np.testing.assert_array_equal(np.sort(order), np.arange(40))
+        sizes = np.bincount(groups)
+        # Item k's round = how many of its group were backfilled before it: rounds never go back, and
+        # round t holds one item of every group with more than t items.
+        rounds = np.array([np.sum(groups[order[:k]] == groups[order[k]]) for k in range(40)])
+        assert (np.diff(rounds) >= 0).all()
+        np.testing.assert_array_equal(np.bincount(rounds), [(sizes > t).sum() for t in range(sizes.max())])
+        assert set(order[:15].tolist()) >= set(np.flatnonzero(groups == 4).tolist())  # small group done in round 3
+        np.testing.assert_array_equal(order, backfill_order(40, seed=2, policy="class_coverage", groups=groups))
+        assert not np.array_equal(order, backfill_order(40, seed=3, policy="class_coverage", groups=groups))
+
+    def test_policies_keep_the_random_order_backward_compatible(self):
+        np.testing.assert_array_equal(backfill_order(30, seed=5), np.random.default_rng(5).permutation(30))
+        np.testing.assert_array_equal(backfill_order(30, seed=5, policy="random", groups=np.zeros(30, int)),
+                                      backfill_order(30, seed=5))
+        one_group = backfill_order(30, seed=5, policy="class_coverage", groups=np.zeros(30, int))
+        np.testing.assert_array_equal(one_group, backfill_order(30, seed=5))  # one group: the random order
+
     def test_bad_input(self):
+        with pytest.raises(ValueError, match="needs groups"):
+            backfill_order(5, policy="class_coverage")
+        with pytest.raises(ValueError, match="groups must hold 5 integers"):
+            backfill_order(5, policy="class_coverage", groups=[0.5] * 5)
+        with pytest.raises(ValueError, match="groups must hold 5 integers"):
+            backfill_order(5, policy="class_coverage", groups=[0] * 4)
         with pytest.raises(ValueError, match="n must be a positive integer"):
             backfill_order(0)
         with pytest.raises(ValueError, match="unknown policy 'oldest'"):

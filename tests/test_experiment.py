@@ -499,3 +499,83 @@ def test_context_names_still_importable_from_strategies():
         assert name in dir(strategies)
     with pytest.raises(AttributeError, match="has no attribute 'nothing'"):
         strategies.nothing  # noqa: B018
+
+
+# --- Backfill order policies (issue 9) ---------------------------------------------------------------
+
+from backfill_lib.backfill import ORDER_POLICIES, backfill_order, evaluate_backfill  # noqa: E402
+from backfill_lib.strategies import experiment_order  # noqa: E402
+
+
+def test_order_is_recorded_and_shown(first, tmp_path):
+    _, result = first
+    assert result["order"] == "random" and "backfill order random" in format_table(result)
+    legacy = {k: v for k, v in result.items() if k != "order"}  # results saved before orders were recorded
+    assert "backfill order random" in format_table(legacy)
+    ordered = _run(tmp_path, seeds=(0,), strategies=("old", "rank_merge"), ratios=(0, 0.5, 1), order="uncertain_first")
+    assert ordered["order"] == "uncertain_first" and "backfill order uncertain_first" in format_table(ordered)
+    assert "backfill order uncertain_first" in format_table(ordered, markdown=True)
+
+
+def test_random_order_gives_the_numbers_of_before(first):
+    # order="random" must be the order every experiment used so far: backfill_order(N, seed).
+    cache, result = first
+    from backfill_lib.data import load_dataset
+
+    ctx = ExperimentContext(load_dataset("synthetic", **DATA), seed=1, preset=SMALL, device="cpu", progress=False,
+                            cache=cache)
+    np.testing.assert_array_equal(experiment_order(ctx, "random", 1), backfill_order(len(ctx.data.test_labels), 1))
+    curve = evaluate_backfill(build_strategy("rank_merge", ctx), ctx.data.test_labels, order_seed=1)
+    np.testing.assert_allclose(result["strategies"]["rank_merge"]["curve_map"][1], curve.map)
+
+
+@pytest.fixture(scope="module")
+def order_ctx(first):
+    from backfill_lib.data import load_dataset
+
+    return ExperimentContext(load_dataset("synthetic", **DATA), seed=0, preset=SMALL, device="cpu", progress=False,
+                             cache=first[0])
+
+
+def test_uncertain_first_follows_the_old_classifier(order_ctx):
+    ctx = order_ctx
+    order = experiment_order(ctx, "uncertain_first", 0)
+    np.testing.assert_array_equal(np.sort(order), np.arange(len(ctx.data.test_labels)))
+    model, old_classes = ctx.model("old"), list(ctx.data.old_classes)
+    x = torch.stack([ctx.data.test[i][0] for i in range(len(ctx.data.test))])
+    with torch.no_grad():
+        p = torch.softmax(model.classifier(model.features(x))[:, old_classes], dim=1).numpy()
+    u = 1 - p.max(axis=1)
+    assert np.all(np.diff(u[order]) <= 1e-6)  # most uncertain first (up to float32 rounding)
+
+
+def test_class_coverage_round_robins_over_old_embedding_clusters(order_ctx):
+    from sklearn.cluster import KMeans
+
+    ctx = order_ctx
+    order = experiment_order(ctx, "class_coverage", 0)
+    groups = KMeans(n_clusters=ctx.data.num_classes, n_init=4, random_state=0).fit_predict(
+        ctx.embeddings("old").astype("float64"))
+    np.testing.assert_array_equal(order, backfill_order(len(groups), 0, "class_coverage", groups=groups))
+    first_round = order[:ctx.data.num_classes]
+    assert len(set(groups[first_round].tolist())) == ctx.data.num_classes  # one item of every cluster first
+    np.testing.assert_array_equal(order, experiment_order(ctx, "class_coverage", 0))  # reproducible
+    with pytest.raises(ValueError, match="unknown order 'oldest'; choose one of: random, uncertain_first"):
+        experiment_order(ctx, "oldest", 0)
+    assert ORDER_POLICIES[:3] == ("random", "uncertain_first", "class_coverage")
+
+
+def test_order_is_checked_before_any_work(no_work, capsys, tmp_path):
+    err = _cli_error(capsys, ["--dataset", "synthetic", "--cache", str(tmp_path), "--order", "oldest"])
+    assert err.startswith("error: unknown --order 'oldest'; choose one of: random, uncertain_first, class_coverage")
+    with pytest.raises(ValueError, match="unknown order 'oldest'"):
+        _run(tmp_path, order="oldest")
+
+
+def test_cli_order_reaches_the_results(tmp_path, monkeypatch):
+    monkeypatch.setitem(strategies.PRESETS, "synthetic", SMALL)
+    out = tmp_path / "r.json"
+    code = main(["--dataset", "synthetic", "--strategies", "old,rank_merge", "--seeds", "0", "--ratios", "0,0.5,1",
+                 "--cache", str(tmp_path / "ck"), "--device", "cpu", "--order", "class_coverage", "--out", str(out),
+                 "--quiet"])
+    assert code == 0 and json.loads(out.read_text())["order"] == "class_coverage"
