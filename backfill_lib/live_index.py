@@ -13,14 +13,26 @@ stored new), ties broken by the smaller id.
 
 Index types. Each part is built by ``faiss.index_factory(dim, spec, METRIC_INNER_PRODUCT)``:
 
-* ``"Flat"`` (default): exact; supports removal.
+* ``"Flat"`` (default): exact; supports removal. Flat and the other flat-codes types (``"SQ8"``,
+  ``"PQ16"``, ...) are stored in chunks of at most ``chunk_rows`` vectors, each its own faiss
+  index; a search queries them one after the other and merges. One faiss flat index would keep
+  the largest size its storage ever had (removals do not shrink a ``std::vector``) and grow it
+  by doubling, so during a backfill the old part would keep the gallery's full size while the
+  new part doubles its own. In chunks, a removal compacts each chunk in place and then moves
+  rows from the last chunk into the room this left in the others (room already allocated, so
+  nothing is allocated), and a last chunk emptied that way is freed. Every chunk but the last
+  is then full: a part holds less than one chunk of spare rows, in whatever order the items
+  leave, and the memory of the old part shrinks as the backfill moves items out of it.
 * ``"IVF<nlist>,Flat"`` (and other IVF types): must be trained before vectors are stored, either
   with :meth:`OnlineBackfillIndex.train_old` / :meth:`~OnlineBackfillIndex.train_new` or on the
   first batch added to that part (it must then hold at least ``nlist`` vectors). Approximate:
-  raise ``nprobe`` with :meth:`~OnlineBackfillIndex.set_search_params`.
+  raise ``nprobe`` with :meth:`~OnlineBackfillIndex.set_search_params`. One faiss index per part
+  (chunks would multiply the coarse-quantizer work of every search): removals free vectors list
+  by list, but each inverted list is a ``std::vector`` that keeps its largest size.
 * ``"HNSW<M>"``: faiss cannot remove from an HNSW graph, so removed and backfilled items become
   *tombstones*, filtered out of every search with a faiss ``IDSelector``; :meth:`~backfill_lib.live_index.OnlineBackfillIndex.compact`
   rebuilds the part without them (and must run before a removed id is stored in that part again).
+  One graph per part, so the memory of an HNSW part is its largest size until ``compact()``.
 """
 
 from __future__ import annotations
@@ -41,8 +53,10 @@ from .validation import as_embeddings, check_k
 
 #: Marks a file written by :meth:`OnlineBackfillIndex.save` (with the format version below).
 FILE_MAGIC = "backfill_lib.OnlineBackfillIndex"
-FILE_VERSION = 1
+FILE_VERSION = 2  # 2: flat-codes parts saved chunk by chunk; version 1 files still load
 PARTS = ("old", "new")
+#: Default rows per storage chunk of a flat-codes part (``chunk_rows`` of :class:`OnlineBackfillIndex`).
+CHUNK_ROWS = 1 << 14
 
 
 class _RWLock:
@@ -84,16 +98,29 @@ class _RWLock:
                 self._cond.notify_all()
 
 
-class _Part:
-    """One sub-index: a faiss index with external ids, the sorted live ids and the tombstones."""
+def _build_base(name: str, dim: int, spec: str):
+    """``faiss.index_factory(dim, spec, inner product)``, with an error naming the argument."""
+    try:
+        return faiss.index_factory(dim, spec, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        raise ValueError(f"{name}_index={spec!r} is not a faiss factory string faiss can build for "
+                         f"dim {dim} (e.g. 'Flat', 'IVF256,Flat', 'HNSW32'): {_faiss_message(exc)}") from None
 
-    def __init__(self, name: str, dim: int, spec: str):
+
+def _make_part(name: str, dim: int, spec: str, chunk_rows: int):
+    """A chunked part for the flat-codes types (Flat, SQ, PQ, ...), one faiss index otherwise."""
+    base = _build_base(name, dim, spec)
+    if isinstance(base, faiss.IndexFlatCodes):
+        return _ChunkedPart(name, dim, spec, base, chunk_rows)
+    return _Part(name, dim, spec, base)
+
+
+class _Part:
+    """One sub-index held in one faiss index (IVF, HNSW, ...): external ids, live ids, tombstones."""
+
+    def __init__(self, name: str, dim: int, spec: str, base=None):
         self.name, self.dim, self.spec = name, dim, spec
-        try:
-            base = faiss.index_factory(dim, spec, faiss.METRIC_INNER_PRODUCT)
-        except RuntimeError as exc:
-            raise ValueError(f"{name}_index={spec!r} is not a faiss factory string faiss can build for "
-                             f"dim {dim} (e.g. 'Flat', 'IVF256,Flat', 'HNSW32'): {_faiss_message(exc)}") from None
+        base = _build_base(name, dim, spec) if base is None else base
         # IVF stores external ids itself; an IndexIDMap around it would lose track on removal
         # (IVF does not renumber what is left, the id map does). Other types get an IndexIDMap.
         self.index = base if faiss.try_extract_index_ivf(base) is not None else faiss.IndexIDMap(base)
@@ -101,9 +128,13 @@ class _Part:
         self.tombs = np.empty(0, dtype=np.int64)  # ids still in the faiss index but removed, sorted
         self._selector = None  # (IDSelectorNot, IDSelectorBatch) excluding self.tombs, built on demand
         self.params = {}  # search parameters set on the index, applied again when it is rebuilt
-        # Most vectors the faiss index has held since it was built: its storage (a std::vector)
+        # Most vectors the faiss index has held since it was built: a flat storage (a std::vector)
         # keeps that capacity after removals, which compact() gives back.
         self.peak = 0
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
 
     @property
     def is_trained(self) -> bool:
@@ -118,17 +149,13 @@ class _Part:
         return self._graph() is not None
 
     def train(self, x: np.ndarray) -> None:
-        try:
-            self.index.train(x)
-        except RuntimeError as exc:
-            raise ValueError(f"training the {self.name} part ({self.spec!r}) on {len(x)} vectors failed: "
-                             f"{_faiss_message(exc)}; give more training vectors (IVF needs at least nlist)") from None
+        _train(self.index, self.name, self.spec, x)
 
     def add(self, ids: np.ndarray, x: np.ndarray) -> None:
         if not self.is_trained:
             self.train(x)
         self.index.add_with_ids(x, ids)
-        self.ids = np.union1d(self.ids, ids)
+        self.ids = _insert_sorted(self.ids, ids)
         self.peak = max(self.peak, self.index.ntotal)
 
     def remove(self, ids: np.ndarray) -> None:
@@ -138,7 +165,11 @@ class _Part:
         else:
             removed = self.index.remove_ids(ids)
             assert removed == len(ids), "faiss removed another number of vectors than asked"
-        self.ids = np.setdiff1d(self.ids, ids, assume_unique=True)
+        self.ids = _delete_sorted(self.ids, ids)
+
+    def sources(self) -> list:
+        """What a merged search queries: ``[(searchable, number of live items)]``."""
+        return [(self, len(self.ids))]
 
     def search(self, q: np.ndarray, k: int):
         if not len(self.tombs):
@@ -154,11 +185,7 @@ class _Part:
         return self.index.search(q, k, params=params)
 
     def set_param(self, key: str, value) -> None:
-        try:
-            faiss.ParameterSpace().set_index_parameter(self.index, key, value)
-        except RuntimeError as exc:
-            raise ValueError(f"cannot set {key}={value!r} on the {self.name} part ({self.spec!r}): "
-                             f"{_faiss_message(exc)}") from None
+        _set_param(self.index, self.name, self.spec, key, value)
         self.params[key] = value
 
     def compact(self) -> None:
@@ -179,6 +206,237 @@ class _Part:
         self.index, self.ids, self.tombs, self.peak = fresh.index, fresh.ids, fresh.tombs, fresh.peak
         self._selector = None
 
+    def state(self) -> tuple[dict, dict]:
+        """``(header entries, arrays)`` that :meth:`OnlineBackfillIndex.save` writes for this part."""
+        return {"layout": "single"}, {"faiss": faiss.serialize_index(self.index), "tombs": self.tombs}
+
+    def restore(self, header: dict, arrays: dict, version: int) -> None:
+        """Set the part from what :meth:`state` wrote (``version`` of the file format)."""
+        self.index = faiss.deserialize_index(arrays["faiss"])
+        self.tombs = arrays["tombs"].astype(np.int64)
+        self.peak = self.index.ntotal  # a read index has no spare capacity
+
+
+class _Chunk:
+    """At most ``cap`` vectors in one faiss flat-codes index, with their ids in storage order.
+
+    The index's storage (a ``std::vector``) is reserved for ``cap`` rows when the chunk is made
+    (resizing a vector down keeps its capacity), so filling the chunk never reallocates it: a
+    chunk holds exactly ``cap`` rows of memory, whatever its adds and removals.
+    """
+
+    def __init__(self, template, cap: int, reserve: bool = True):
+        self.index = faiss.clone_index(template)
+        if reserve:  # not needed for a chunk filled by one add: that allocates exactly its rows
+            self.index.codes.resize(cap * self.index.code_size)
+            self.index.codes.resize(0)
+        self.ids = np.empty(cap, dtype=np.int64)
+        self.cap, self.n = cap, 0
+
+    def codes(self) -> np.ndarray:
+        """A view (no copy) of the stored codes, ``(n, code_size)`` uint8; valid until the next write."""
+        size = self.index.code_size
+        if not self.n:
+            return np.empty((0, size), dtype=np.uint8)
+        return faiss.rev_swig_ptr(self.index.codes.data(), self.n * size).reshape(self.n, size)
+
+    def append(self, ids: np.ndarray, x=None, codes=None) -> None:
+        """Store rows (vectors ``x`` or encoded ``codes``) within the reserved capacity."""
+        m = len(ids)
+        assert self.n + m <= self.cap, "a chunk was filled beyond its capacity"
+        if codes is not None:
+            self.index.add_sa_codes(codes)
+        else:
+            self.index.add(x)
+        self.ids[self.n:self.n + m] = ids
+        self.n += m
+
+    def remove(self, mask: np.ndarray) -> None:
+        """Remove the rows where ``mask`` (over the ``n`` stored rows) is true, in place."""
+        bitmap = np.packbits(mask, bitorder="little")
+        removed = self.index.remove_ids(faiss.IDSelectorBitmap(len(mask), faiss.swig_ptr(bitmap)))
+        assert removed == int(mask.sum()), "faiss removed another number of vectors than asked"
+        keep = self.ids[:self.n][~mask]  # faiss keeps the order of the rows it leaves
+        self.n = len(keep)
+        self.ids[:self.n] = keep
+
+    def truncate(self, n: int) -> None:
+        """Keep the first ``n`` rows."""
+        removed = self.index.remove_ids(faiss.IDSelectorRange(n, self.n))
+        assert removed == self.n - n, "faiss removed another number of vectors than asked"
+        self.n = n
+
+    def search(self, q: np.ndarray, k: int):
+        scores, rows = self.index.search(q, k)
+        return scores, np.where(rows >= 0, self.ids[np.maximum(rows, 0)], -1)
+
+
+class _ChunkedPart:
+    """A sub-index of a flat-codes type stored as chunks of at most ``chunk_rows`` vectors.
+
+    New rows fill the last chunk's reserved room, then new chunks. A removal compacts the chunks
+    it touches in place and refills them from the last chunk (:meth:`_refill`), so all chunks but
+    the last stay full: spare memory is under one chunk and no removal allocates. Searches query
+    every chunk and merge them (exact, ties by the id rule).
+    """
+
+    def __init__(self, name: str, dim: int, spec: str, template, chunk_rows: int):
+        self.name, self.dim, self.spec = name, dim, spec
+        self.template = template  # empty; trained once the part is
+        self.chunk_rows = chunk_rows
+        self.chunks: list[_Chunk] = []
+        self.ids = np.empty(0, dtype=np.int64)    # live ids, sorted
+        self.tombs = np.empty(0, dtype=np.int64)  # always empty: flat codes remove for real
+        self.params = {}
+        self.uses_tombstones = False
+
+    @property
+    def ntotal(self) -> int:
+        return sum(c.n for c in self.chunks)
+
+    @property
+    def capacity(self) -> int:
+        """Rows of memory the chunks hold (``ntotal`` plus spare rows)."""
+        return sum(c.cap for c in self.chunks)
+
+    @property
+    def is_trained(self) -> bool:
+        return bool(self.template.is_trained)
+
+    def train(self, x: np.ndarray) -> None:
+        _train(self.template, self.name, self.spec, x)
+
+    def _new_chunk(self, cap: int, reserve: bool = True) -> _Chunk:
+        chunk = _Chunk(self.template, cap, reserve)
+        for key, value in self.params.items():
+            _set_param(chunk.index, self.name, self.spec, key, value)
+        return chunk
+
+    def _fill(self, ids: np.ndarray, x=None, codes=None, exact: bool = False) -> None:
+        """Append rows: the last chunk's room first, then new chunks (``exact``: sized to fit)."""
+        last = self.chunks[-1] if self.chunks else None
+        room = last.cap - last.n if last is not None else 0
+        rest = len(ids) - room
+        # Every chunk is allocated before a row moves: if memory runs out, nothing has changed.
+        caps = []
+        while rest > 0:
+            caps.append(min(self.chunk_rows, rest) if exact else self.chunk_rows)
+            rest -= caps[-1]
+        # Reserved only if an add leaves it part-filled; filled by one add it is exactly its rows.
+        fresh = [self._new_chunk(cap, reserve=j == len(caps) - 1 and rest < 0) for j, cap in enumerate(caps)]
+        start = 0
+        for chunk in ([last] if room else []) + fresh:
+            stop = min(len(ids), start + chunk.cap - chunk.n)
+            if stop > start:
+                chunk.append(ids[start:stop], None if x is None else x[start:stop],
+                             None if codes is None else codes[start:stop])
+            start = stop
+        self.chunks += fresh
+
+    def add(self, ids: np.ndarray, x: np.ndarray) -> None:
+        if not self.is_trained:
+            self.train(x)
+        self._fill(ids, x=x)
+        self.ids = _insert_sorted(self.ids, ids)
+
+    def remove(self, ids: np.ndarray) -> None:
+        gone = np.sort(ids)
+        for chunk in self.chunks:
+            mask = _isin_sorted(chunk.ids[:chunk.n], gone)
+            if mask.any():
+                chunk.remove(mask)
+        self.ids = _delete_sorted(self.ids, gone)
+        self._refill()
+
+    def _refill(self) -> None:
+        """Fill the spare rows of every chunk but the last with rows moved from the last one.
+
+        No memory is allocated: rows are copied into room already reserved, and a last chunk
+        that this empties is freed. Afterwards every chunk but the last is full, so a part
+        holds less than one chunk of spare rows, whatever order the items left in.
+        """
+        j = 0
+        while j < len(self.chunks) - 1:
+            chunk, last = self.chunks[j], self.chunks[-1]
+            m = min(chunk.cap - chunk.n, last.n)
+            if m:
+                chunk.append(last.ids[last.n - m:last.n], codes=last.codes()[last.n - m:])
+                last.truncate(last.n - m)
+            if not last.n:
+                self.chunks.pop()  # freed
+            elif chunk.n == chunk.cap:
+                j += 1
+        if self.chunks and not self.chunks[-1].n:
+            self.chunks.pop()
+
+    def sources(self) -> list:
+        return [(c, c.n) for c in self.chunks if c.n]
+
+    def set_param(self, key: str, value) -> None:
+        for index in [self.template] + [c.index for c in self.chunks]:
+            _set_param(index, self.name, self.spec, key, value)
+        self.params[key] = value
+
+    def compact(self) -> None:
+        # Only the last chunk can have spare rows: rebuild it at its size.
+        last = self.chunks[-1] if self.chunks else None
+        if last is not None and last.cap > last.n:
+            fresh = self._new_chunk(last.n, reserve=False)
+            fresh.append(last.ids[:last.n], codes=last.codes())
+            self.chunks[-1] = fresh
+
+    def state(self) -> tuple[dict, dict]:
+        arrays = {"faiss": faiss.serialize_index(self.template), "tombs": self.tombs}
+        for j, chunk in enumerate(self.chunks):
+            arrays[f"chunk{j}_codes"] = chunk.codes()  # views: written while the caller holds the lock
+            arrays[f"chunk{j}_ids"] = chunk.ids[:chunk.n]
+        return {"layout": "chunks", "chunks": len(self.chunks), "chunk_rows": self.chunk_rows}, arrays
+
+    def restore(self, header: dict, arrays: dict, version: int) -> None:
+        stored = faiss.deserialize_index(arrays["faiss"])
+        if version == 1:
+            # Format 1 held the part in one IndexIDMap around a flat-codes index: split it.
+            inner = faiss.downcast_index(stored.index)
+            ids = faiss.vector_to_array(stored.id_map).astype(np.int64)
+            codes = np.empty((len(ids), inner.code_size), dtype=np.uint8)
+            if len(ids):
+                codes[:] = faiss.rev_swig_ptr(inner.codes.data(), codes.size).reshape(codes.shape)
+            inner.reset()
+            self.template = faiss.deserialize_index(faiss.serialize_index(inner))  # empty, no spare capacity
+            self._fill(ids, codes=codes, exact=True)
+            return
+        self.template = stored
+        for j in range(int(header["chunks"])):
+            ids = arrays[f"chunk{j}_ids"].astype(np.int64)
+            self._fill(ids, codes=np.ascontiguousarray(arrays[f"chunk{j}_codes"], dtype=np.uint8), exact=True)
+
+
+def _train(index, name: str, spec: str, x: np.ndarray) -> None:
+    try:
+        index.train(x)
+    except RuntimeError as exc:
+        raise ValueError(f"training the {name} part ({spec!r}) on {len(x)} vectors failed: "
+                         f"{_faiss_message(exc)}; give more training vectors (IVF needs at least nlist)") from None
+
+
+def _set_param(index, name: str, spec: str, key: str, value) -> None:
+    try:
+        faiss.ParameterSpace().set_index_parameter(index, key, value)
+    except RuntimeError as exc:
+        raise ValueError(f"cannot set {key}={value!r} on the {name} part ({spec!r}): "
+                         f"{_faiss_message(exc)}") from None
+
+
+def _insert_sorted(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """``np.union1d`` for new ids, with one new array (no temporary copies of the long one)."""
+    ids = np.sort(ids)
+    return np.insert(sorted_ids, np.searchsorted(sorted_ids, ids), ids)
+
+
+def _delete_sorted(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """``np.setdiff1d`` for stored ids, with one new array."""
+    return sorted_ids[~_isin_sorted(sorted_ids, np.sort(ids))]
+
 
 def _faiss_message(exc: Exception) -> str:
     """The first line of a faiss exception without its C++ file and line."""
@@ -187,9 +445,9 @@ def _faiss_message(exc: Exception) -> str:
     return line.split("Error: ")[-1].strip()
 
 
-def _check_dim(name: str, d) -> int:
+def _check_dim(name: str, d, what: str = "embedding dimension") -> int:
     if isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 1:
-        raise ValueError(f"{name} must be a positive integer (embedding dimension), got {d!r}")
+        raise ValueError(f"{name} must be a positive integer ({what}), got {d!r}")
     return int(d)
 
 
@@ -219,7 +477,81 @@ def _merge_by_score_then_id(results, k: int) -> tuple[np.ndarray, np.ndarray]:
     return _sorted_topk(np.where(ids < 0, -np.inf, scores), ids, k)
 
 
-class OnlineBackfillIndex:
+def _merged_topk(sources, k: int, clean=None) -> tuple[np.ndarray, np.ndarray]:
+    """The exact merged top ``k`` of several searchable lists, ties by the smaller id.
+
+    ``sources`` holds ``(search, size, queries)``: ``search(queries, width)`` returns the best
+    ``width`` ``(scores, ids)`` of one list (``-1`` ids where it has fewer), ``size`` is how many
+    items it holds (``None``: unknown, e.g. a remote collection). ``clean(ids, scores, k)``, if
+    given, rewrites each merge (the Qdrant backend drops an id seen twice).
+    """
+    def width_of(width, size):
+        return width if size is None else min(width, size)
+
+    # While a list's last fetched score ties the k-th merged score, items it did not return
+    # could still enter the top k by the id rule: fetch twice as many. One more than k at first,
+    # so that a list holding the whole top k does not tie with itself.
+    fetched = [search(q, width_of(k + 1, size)) for search, size, q in sources]
+    while True:
+        scores, ids = _merge_by_score_then_id(fetched, k)
+        if clean is not None:
+            ids, scores = clean(ids, scores, k)
+        kth = scores[:, -1]
+        done = True
+        for j, (search, size, q) in enumerate(sources):
+            s, i = fetched[j]
+            width = s.shape[1]
+            if size is not None and width >= size:
+                continue
+            rows = np.nonzero((i[:, -1] >= 0) & (s[:, -1] >= kth))[0]
+            if not len(rows):
+                continue
+            done = False
+            wider = width_of(2 * width, size)
+            s2, i2 = search(q[rows], wider)
+            s = np.pad(s, ((0, 0), (0, wider - width)), constant_values=-np.inf)
+            i = np.pad(i, ((0, 0), (0, wider - width)), constant_values=-1)
+            s[rows], i[rows] = s2, i2
+            fetched[j] = (s, i)
+        if done:
+            return scores, ids
+
+
+_ADD_DOC = """Store items as {what} vectors ({when}).
+
+        Parameters
+        ----------
+        ids : array of n non-negative ints
+            New ids, none already in the index.
+        {arg} : array (n, {dim})
+            Their {what} vectors, unit-norm rows.
+
+        Raises
+        ------
+        TypeError
+            If ``ids`` is not integer or ``{arg}`` is not numeric.
+        ValueError
+            If ``{arg}`` is not ``n`` finite unit-norm rows of width ``{dim}``, or ``ids``
+            repeats an id, holds one already stored, or a negative one.
+        """
+
+
+class _TwoPartWrites:
+    """``add_old`` and ``add`` of both backends: checked vectors handed to ``self._add(part, ids, x)``."""
+
+    def add_old(self, ids, vectors) -> None:
+        self._add("old", ids, as_embeddings(vectors, "vectors", dim=self.dim_old, unit_norm=True))
+
+    def add(self, ids, new_vectors) -> None:
+        self._add("new", ids, as_embeddings(new_vectors, "new_vectors", dim=self.dim_new, unit_norm=True))
+
+    add_old.__doc__ = _ADD_DOC.format(what="old", when="items that arrived before the switch to the new model",
+                                      arg="vectors", dim="dim_old")
+    add.__doc__ = _ADD_DOC.format(what="new", when="items that arrive during the backfill go straight to new",
+                                  arg="new_vectors", dim="dim_new")
+
+
+class OnlineBackfillIndex(_TwoPartWrites):
     """A gallery being backfilled while it serves: items stored old or new, one merged search.
 
     Every item is stored in exactly one part: *old* (a ``dim_old`` vector of the old model) or
@@ -252,6 +584,11 @@ class OnlineBackfillIndex:
         ``(n, dim_new)`` rows to unit-norm ``(n, dim_old)`` float32 rows, such as
         :class:`backfill_lib.transforms.ReverseTransform`. Saved with the index if it also has
         ``save(path)`` and a class method ``load(path)``.
+    chunk_rows : int, default 16384
+        Rows per storage chunk of a flat-codes part (``"Flat"``, ``"SQ8"``, ``"PQ16"``, ...):
+        such a part is a list of faiss indices of at most this many vectors, so that the memory
+        a backfill moves out of the old part is given back as it goes (see the module docstring).
+        Each part then holds less than one chunk of spare rows.
 
     Attributes
     ----------
@@ -281,11 +618,13 @@ class OnlineBackfillIndex:
     array([[10, 11]])
     """
 
-    def __init__(self, dim_old: int, dim_new: int, old_index: str = "Flat", new_index: str = "Flat", psi=None):
+    def __init__(self, dim_old: int, dim_new: int, old_index: str = "Flat", new_index: str = "Flat", psi=None,
+                 chunk_rows: int = CHUNK_ROWS):
         self.dim_old = _check_dim("dim_old", dim_old)
         self.dim_new = _check_dim("dim_new", dim_new)
-        self._parts = {"old": _Part("old", self.dim_old, _check_spec("old_index", old_index)),
-                       "new": _Part("new", self.dim_new, _check_spec("new_index", new_index))}
+        self.chunk_rows = _check_dim("chunk_rows", chunk_rows, "rows per storage chunk")
+        self._parts = {"old": _make_part("old", self.dim_old, _check_spec("old_index", old_index), self.chunk_rows),
+                       "new": _make_part("new", self.dim_new, _check_spec("new_index", new_index), self.chunk_rows)}
         self.psi = _check_psi(psi)
         self._lock = _RWLock()
 
@@ -376,8 +715,8 @@ class OnlineBackfillIndex:
     def _train(self, name: str, x: np.ndarray) -> None:
         with self._lock.write():
             part = self._parts[name]
-            if part.index.ntotal:
-                raise ValueError(f"the {name} part already holds {part.index.ntotal} vectors: train it before adding")
+            if part.ntotal:
+                raise ValueError(f"the {name} part already holds {part.ntotal} vectors: train it before adding")
             part.train(x)
 
     def set_search_params(self, part: str = "both", **params) -> None:
@@ -408,10 +747,10 @@ class OnlineBackfillIndex:
 
         HNSW parts keep tombstones (removed or backfilled items): searches skip them anyway;
         compacting frees their memory, speeds up searches of a part that has lost most of its
-        items, and lets a removed id be stored in that part again. A flat part frees removed
-        vectors, but its storage keeps its largest size; compacting gives the rest back (worth it
-        once the backfill is done, for the emptied old part). Parts of types that need training
-        (IVF, PQ) are left as they are. Writes wait while it runs; searches too.
+        items, and lets a removed id be stored in that part again. A flat-codes part (Flat, SQ,
+        PQ) gives memory back by itself as it loses items; compacting frees the spare rows of
+        its last chunk (less than one chunk). IVF parts are left as they are (they
+        free removed vectors list by list). Writes wait while it runs; searches too.
         """
         with self._lock.write():
             for part in self._parts.values():
@@ -435,46 +774,6 @@ class OnlineBackfillIndex:
         if len(dead):
             raise ValueError(f"{name} {dead[:5].tolist()} were removed from the {part} part ({self._parts[part].spec!r}), "
                              "which keeps tombstones: call compact() before storing them there again")
-
-    def add_old(self, ids, vectors) -> None:
-        """Store items as old vectors (items that arrived before the switch to the new model).
-
-        Parameters
-        ----------
-        ids : array of n non-negative ints
-            New ids, none already in the index.
-        vectors : array (n, dim_old)
-            Their old vectors, unit-norm rows.
-
-        Raises
-        ------
-        TypeError
-            If ``ids`` is not integer or ``vectors`` is not numeric.
-        ValueError
-            If ``vectors`` is not ``n`` finite unit-norm rows of width ``dim_old``, or ``ids``
-            repeats an id, holds one already stored, or a negative one.
-        """
-        self._add("old", ids, as_embeddings(vectors, "vectors", dim=self.dim_old, unit_norm=True))
-
-    def add(self, ids, new_vectors) -> None:
-        """Store items as new vectors (items that arrive during the backfill go straight to new).
-
-        Parameters
-        ----------
-        ids : array of n non-negative ints
-            New ids, none already in the index.
-        new_vectors : array (n, dim_new)
-            Their new vectors, unit-norm rows.
-
-        Raises
-        ------
-        TypeError
-            If ``ids`` is not integer or ``new_vectors`` is not numeric.
-        ValueError
-            If ``new_vectors`` is not ``n`` finite unit-norm rows of width ``dim_new``, or
-            ``ids`` repeats an id, holds one already stored, or a negative one.
-        """
-        self._add("new", ids, as_embeddings(new_vectors, "new_vectors", dim=self.dim_new, unit_norm=True))
 
     def _add(self, part: str, ids, x: np.ndarray) -> None:
         ids = _as_ids(ids, len(x))
@@ -606,31 +905,8 @@ class OnlineBackfillIndex:
             return self._merged_search([(self._parts[n], queries[n]) for n in PARTS if len(self._parts[n].ids)], k)
 
     def _merged_search(self, parts, k: int):
-        # While a part's last fetched score ties the k-th merged score, items it did not return
-        # could still enter the top k by the id rule: fetch twice as many. One more than k at
-        # first, so that a part holding the whole top k does not tie with itself.
-        fetched = [part.search(q, min(k + 1, len(part.ids))) for part, q in parts]
-        while True:
-            scores, ids = _merge_by_score_then_id(fetched, k)
-            kth = scores[:, -1]
-            done = True
-            for j, (part, q) in enumerate(parts):
-                s, i = fetched[j]
-                width = s.shape[1]
-                if width >= len(part.ids):
-                    continue
-                rows = np.nonzero((i[:, -1] >= 0) & (s[:, -1] >= kth))[0]
-                if not len(rows):
-                    continue
-                done = False
-                wider = min(2 * width, len(part.ids))
-                s2, i2 = part.search(q[rows], wider)
-                s = np.pad(s, ((0, 0), (0, wider - width)), constant_values=-np.inf)
-                i = np.pad(i, ((0, 0), (0, wider - width)), constant_values=-1)
-                s[rows], i[rows] = s2, i2
-                fetched[j] = (s, i)
-            if done:
-                return scores, ids
+        # Each part is one faiss index or a list of chunks: one top-k list per index, all merged.
+        return _merged_topk([(src.search, size, q) for part, q in parts for src, size in part.sources()], k)
 
     # ---- persistence ---------------------------------------------------------------------------
 
@@ -659,17 +935,19 @@ class OnlineBackfillIndex:
         with self._lock.read():
             arrays = {}
             header = {"magic": FILE_MAGIC, "version": FILE_VERSION, "dim_old": self.dim_old,
-                      "dim_new": self.dim_new, "psi_class": psi_class}
+                      "dim_new": self.dim_new, "chunk_rows": self.chunk_rows, "psi_class": psi_class}
             for name, part in self._parts.items():
                 header[f"{name}_index"] = part.spec
                 header[f"{name}_params"] = part.params
-                arrays[f"{name}_faiss"] = faiss.serialize_index(part.index)
+                part_header, part_arrays = part.state()
+                header.update({f"{name}_{key}": value for key, value in part_header.items()})
+                arrays.update({f"{name}_{key}": value for key, value in part_arrays.items()})
                 arrays[f"{name}_ids"] = part.ids
-                arrays[f"{name}_tombs"] = part.tombs
-        arrays["header"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
-        if psi_bytes is not None:
-            arrays["psi"] = np.frombuffer(psi_bytes, dtype=np.uint8)
-        _atomic_write(path, lambda f: np.savez(f, **arrays))
+            arrays["header"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
+            if psi_bytes is not None:
+                arrays["psi"] = np.frombuffer(psi_bytes, dtype=np.uint8)
+            # Inside the lock: chunk codes are views of the faiss storage, not copies.
+            _atomic_write(path, lambda f: np.savez(f, **arrays))
 
     def _psi_bytes(self, directory: str):
         psi = self.psi
@@ -722,19 +1000,25 @@ class OnlineBackfillIndex:
             raise ValueError(f"{not_index}: {type(exc).__name__}: {exc}") from None
         if not isinstance(header, dict) or header.get("magic") != FILE_MAGIC:
             raise ValueError(not_index)
-        if header.get("version") != FILE_VERSION:
-            raise ValueError(f"{path!r} has index format version {header.get('version')}; this library reads {FILE_VERSION}")
-        index = cls(header["dim_old"], header["dim_new"], header["old_index"], header["new_index"])
+        version = header.get("version")
+        if version not in (1, FILE_VERSION):
+            raise ValueError(f"{path!r} has index format version {version}; this library reads 1 and {FILE_VERSION}")
+        index = cls(header["dim_old"], header["dim_new"], header["old_index"], header["new_index"],
+                    chunk_rows=header.get("chunk_rows", CHUNK_ROWS))
         for name, part in index._parts.items():
+            part_header = {key[len(name) + 1:]: value for key, value in header.items() if key.startswith(f"{name}_")}
+            part_arrays = {key[len(name) + 1:]: value for key, value in arrays.items() if key.startswith(f"{name}_")}
+            if version > 1 and part_header.get("layout") != ("chunks" if isinstance(part, _ChunkedPart) else "single"):
+                raise ValueError(f"{not_index}: the {name} part's layout {part_header.get('layout')!r} does not "
+                                 f"fit its index type {part.spec!r}")
+            part.params = dict(part_header.get("params", {}))  # set on the chunks that restore() makes
             try:
-                part.index = faiss.deserialize_index(arrays[f"{name}_faiss"])
-            except (RuntimeError, KeyError) as exc:
-                raise ValueError(f"{not_index}: the {name} part cannot be read ({exc})") from None
-            part.ids, part.tombs = arrays[f"{name}_ids"].astype(np.int64), arrays[f"{name}_tombs"].astype(np.int64)
-            part.params = dict(header.get(f"{name}_params", {}))
-            part.peak = part.index.ntotal  # a read index has no spare capacity
-            if part.index.ntotal != len(part.ids) + len(part.tombs):
-                raise ValueError(f"{not_index}: the {name} part holds {part.index.ntotal} vectors for "
+                part.restore(part_header, part_arrays, version)
+                part.ids = part_arrays["ids"].astype(np.int64)
+            except (RuntimeError, KeyError, ValueError, AttributeError) as exc:
+                raise ValueError(f"{not_index}: the {name} part cannot be read ({type(exc).__name__}: {exc})") from None
+            if part.ntotal != len(part.ids) + len(part.tombs):
+                raise ValueError(f"{not_index}: the {name} part holds {part.ntotal} vectors for "
                                  f"{len(part.ids)} ids and {len(part.tombs)} tombstones")
         if header.get("psi_class"):
             index.psi = _load_psi(header["psi_class"], arrays["psi"].tobytes(), os.path.dirname(os.path.abspath(path)))

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .live_index import _merge_by_score_then_id, _check_psi, _check_dim, _RWLock
+from .live_index import _check_dim, _check_psi, _merged_topk, _RWLock, _TwoPartWrites
 from .retrieval import _as_ids
 from .validation import as_embeddings
 
@@ -38,7 +38,7 @@ def _models():
     return models
 
 
-class QdrantBackfillIndex:
+class QdrantBackfillIndex(_TwoPartWrites):
     """A Qdrant collection being backfilled while it serves: points stored old or new.
 
     Parameters
@@ -205,46 +205,6 @@ class QdrantBackfillIndex:
                                  "(or backfill them, to replace an old vector)")
             self._upsert(ids, x, part)
 
-    def add_old(self, ids, vectors) -> None:
-        """Store points with their old vector (items that arrived before the switch).
-
-        Parameters
-        ----------
-        ids : array of n non-negative ints
-            New point ids, none already in the collection.
-        vectors : array (n, dim_old)
-            Their old vectors, unit-norm rows.
-
-        Raises
-        ------
-        TypeError
-            If ``ids`` is not integer or ``vectors`` is not numeric.
-        ValueError
-            If ``vectors`` is not ``n`` finite unit-norm rows of width ``dim_old``, or ``ids``
-            repeats an id, holds one already stored, or a negative one.
-        """
-        self._add("old", ids, as_embeddings(vectors, "vectors", dim=self.dim_old, unit_norm=True))
-
-    def add(self, ids, new_vectors) -> None:
-        """Store points with their new vector (items that arrive during the backfill).
-
-        Parameters
-        ----------
-        ids : array of n non-negative ints
-            New point ids, none already in the collection.
-        new_vectors : array (n, dim_new)
-            Their new vectors, unit-norm rows.
-
-        Raises
-        ------
-        TypeError
-            If ``ids`` is not integer or ``new_vectors`` is not numeric.
-        ValueError
-            If ``new_vectors`` is not ``n`` finite unit-norm rows of width ``dim_new``, or
-            ``ids`` repeats an id, holds one already stored, or a negative one.
-        """
-        self._add("new", ids, as_embeddings(new_vectors, "new_vectors", dim=self.dim_new, unit_norm=True))
-
     def backfill(self, ids, new_vectors) -> None:
         """Rewrite points stored old with their new vector (the old one is deleted), in one upsert.
 
@@ -375,28 +335,10 @@ class QdrantBackfillIndex:
         return scores, ids
 
     def _merged_search(self, parts, k: int):
-        # As in OnlineBackfillIndex: while a part's last returned score ties the k-th merged score
-        # and the part may hold more points, fetch twice as many (exact top-k under the id rule).
-        fetched = [self._query(part, q, k + 1) for part, q in parts]  # k + 1: see OnlineBackfillIndex
-        while True:
-            scores, ids = _merge_by_score_then_id(fetched, k)
-            # A point moved by another process between the two queries would appear twice.
-            ids, scores = _drop_repeats(ids, scores, k)
-            done = True
-            for j, (part, q) in enumerate(parts):
-                s, i = fetched[j]
-                width = s.shape[1]
-                rows = np.nonzero((i[:, -1] >= 0) & (s[:, -1] >= scores[:, -1]))[0]
-                if not len(rows):
-                    continue
-                done = False
-                s2, i2 = self._query(part, q[rows], 2 * width)
-                s = np.pad(s, ((0, 0), (0, width)), constant_values=-np.inf)
-                i = np.pad(i, ((0, 0), (0, width)), constant_values=-1)
-                s[rows], i[rows] = s2, i2
-                fetched[j] = (s, i)
-            if done:
-                return scores, ids
+        # The merge of OnlineBackfillIndex; a point moved by another process between the two
+        # queries would appear twice, so each merge drops repeats.
+        sources = [(lambda q, width, part=part: self._query(part, q, width), None, q) for part, q in parts]
+        return _merged_topk(sources, k, clean=_drop_repeats)
 
 
 def _drop_repeats(ids: np.ndarray, scores: np.ndarray, k: int):

@@ -39,7 +39,8 @@ import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
-from backfill_lib.live_index import OnlineBackfillIndex
+from backfill_lib.live_index import CHUNK_ROWS, OnlineBackfillIndex
+from backfill_lib.validation import as_embeddings
 
 
 def unit(rng: np.random.Generator, n: int, d: int, chunk: int = 100_000) -> np.ndarray:
@@ -67,16 +68,29 @@ def paired_median_seconds(fa, fb, repeats: int) -> tuple[float, float]:
     return float(np.median(ta)), float(np.median(tb))
 
 
-def held_bytes(index: OnlineBackfillIndex) -> int:
-    """Bytes held by the structures: codes, faiss id maps, our sorted id arrays, tombstones."""
+def peak_rss_bytes() -> int:
+    """Peak resident memory since the last :func:`reset_peak_rss` (``VmHWM``)."""
+    with open("/proc/self/status") as f:
+        line = next(t for t in f if t.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+
+
+def reset_peak_rss() -> None:
+    """Set the peak resident memory to the current one (Linux: ``5`` into ``clear_refs``)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def held_bytes(index: OnlineBackfillIndex, capacity: bool = False) -> int:
+    """Bytes held by the structures: codes, id arrays, tombstones (``capacity``: reserved rows too)."""
     total = 0
     for part in index._parts.values():
-        inner = part.index.index if isinstance(part.index, faiss.IndexIDMap) else part.index
-        total += inner.sa_code_size() * inner.ntotal
-        if isinstance(part.index, faiss.IndexIDMap):
-            total += 8 * part.index.id_map.size()
-        else:  # IVF keeps one 8-byte id per stored vector in its lists
-            total += 8 * inner.ntotal
+        if hasattr(part, "chunks"):  # chunked flat-codes part: codes and ids of every chunk
+            rows = part.capacity if capacity else part.ntotal
+            total += rows * (part.template.sa_code_size() + 8)
+        else:
+            inner = part.index.index if isinstance(part.index, faiss.IndexIDMap) else part.index
+            total += (inner.sa_code_size() + 8) * inner.ntotal  # codes, and an id map (or IVF's ids)
         total += part.ids.nbytes + part.tombs.nbytes
     return total
 
@@ -117,14 +131,24 @@ def flat_section(args, old, ids, order, q_old, q_new) -> dict:
     flat_rss = rss_bytes() - rss0
     flat_bytes = flat.sa_code_size() * flat.ntotal
 
+    # The working set of one batch outside the index: the job's new vectors (made here by unit())
+    # and the checked copy backfill() makes of them (as_embeddings, norms in float64).
+    rss_b = rss_bytes()
+    reset_peak_rss()
+    batch_vectors = as_embeddings(unit(np.random.default_rng(0), args.batch, d), "x", dim=d, unit_norm=True)
+    batch_peak = peak_rss_bytes() - rss_b
+    del batch_vectors
+
     rss1 = rss_bytes()
-    index = OnlineBackfillIndex(d, d)
+    index = OnlineBackfillIndex(d, d, chunk_rows=args.chunk_rows)
     index.add_old(ids, old)
     rss_r0 = rss_bytes() - rss1
+    reset_peak_rss()  # the peak during the backfill (not during the first add_old)
     bytes_r0 = held_bytes(index)
     seconds, moved = backfill_half(index, ids, order, d, args.batch, args.seed + 1, "backfill (flat)")
     rss_r05 = rss_bytes() - rss1
-    bytes_r05 = held_bytes(index)
+    peak_r05 = peak_rss_bytes() - rss1
+    bytes_r05, reserved_r05 = held_bytes(index), held_bytes(index, capacity=True)
     t_flat, t_merged = paired_median_seconds(lambda: flat.search(q_new, k),
                                              lambda: index.search(q_new, k, query_old=q_old), args.repeats)
 
@@ -136,11 +160,13 @@ def flat_section(args, old, ids, order, q_old, q_new) -> dict:
     # Finish the backfill, then give the emptied old part's storage back.
     rest = order[n // 2:]
     rng = np.random.default_rng(args.seed + 2)
+    reset_peak_rss()
     for start in tqdm(range(0, len(rest), args.batch), desc="backfill rest", leave=False):
         chunk = ids[rest[start:start + args.batch]]
         index.backfill(chunk, unit(rng, len(chunk), d))
     gc.collect()
     rss_r1 = rss_bytes() - rss1
+    peak_r1 = peak_rss_bytes() - rss1
     index.compact()
     rss_r1_compact = rss_bytes() - rss1
     bytes_r1 = held_bytes(index)
@@ -159,6 +185,11 @@ def flat_section(args, old, ids, order, q_old, q_new) -> dict:
         "rss_ratio_r0.5": rss_r05 / flat_rss,
         "rss_ratio_r1": rss_r1 / flat_rss,
         "rss_ratio_r1_compacted": rss_r1_compact / flat_rss,
+        "peak_rss_ratio_r0_to_r0.5": peak_r05 / flat_rss,
+        "peak_rss_ratio_r0.5_to_r1": peak_r1 / flat_rss,
+        "batch_working_set_ratio": batch_peak / flat_rss,
+        "memory_reserved_ratio_r0.5": reserved_r05 / flat_bytes,
+        "chunk_rows": args.chunk_rows,
         "baseline_rss_mb": flat_rss / 2**20,
         "backfill_vectors_per_s": moved / seconds,
         "qps_1_thread": qps1, "qps_2_threads": qps2, "two_thread_speedup": qps2 / qps1,
@@ -244,6 +275,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=10, help="results per query")
     parser.add_argument("--queries", type=int, default=256, help="queries per search call")
     parser.add_argument("--batch", type=int, default=10_000, help="items per backfill batch")
+    parser.add_argument("--chunk-rows", type=int, default=CHUNK_ROWS, help="rows per chunk of the flat parts")
     parser.add_argument("--nlist", type=int, default=1024, help="IVF lists")
     parser.add_argument("--nprobe", type=int, default=16, help="IVF lists probed per query")
     parser.add_argument("--qdrant-n", type=int, default=100_000, help="points in the Qdrant local benchmark")
@@ -300,8 +332,14 @@ def markdown(results: dict) -> str:
                   f"| memory held / baseline at r = 0, 0.5, 1 (compacted) | {f['memory_held_ratio_r0']:.3f}x, "
                   f"{f['memory_held_ratio_r0.5']:.3f}x, {f['memory_held_ratio_r1_compacted']:.3f}x |",
                   f"| resident memory growth / baseline's ({f['baseline_rss_mb']:.0f} MB) at r = 0, 0.5, 1, 1 compacted | "
-                  f"{f['rss_ratio_r0']:.2f}x, {f['rss_ratio_r0.5']:.2f}x, {f['rss_ratio_r1']:.2f}x, "
-                  f"{f['rss_ratio_r1_compacted']:.2f}x |",
+                  f"{f['rss_ratio_r0']:.3f}x, {f['rss_ratio_r0.5']:.3f}x, {f['rss_ratio_r1']:.3f}x, "
+                  f"{f['rss_ratio_r1_compacted']:.3f}x |",
+                  f"| peak resident memory growth / baseline's, r = 0 to 0.5 and 0.5 to 1 | "
+                  f"{f['peak_rss_ratio_r0_to_r0.5']:.3f}x, {f['peak_rss_ratio_r0.5_to_r1']:.3f}x |",
+                  f"| of which one batch's working set outside the index ({s['batch']:,} new vectors and their "
+                  f"checked copy) | {f['batch_working_set_ratio']:.3f}x |",
+                  f"| rows the chunks reserve (codes and ids, spare rows included) / baseline at r = 0.5 | "
+                  f"{f['memory_reserved_ratio_r0.5']:.3f}x |",
                   f"| backfill throughput | {f['backfill_vectors_per_s']:,.0f} vectors/s |",
                   f"| 2 searching threads / 1 | {f['two_thread_speedup']:.2f}x "
                   f"({f['qps_2_threads']:.0f} vs {f['qps_1_thread']:.0f} queries/s) |", ""]
@@ -322,11 +360,15 @@ def markdown(results: dict) -> str:
                   f"| merged search at r = 0.5 | {q['merged_qps_r0.5']:.1f} queries/s "
                   f"({q['search_throughput_ratio_vs_faiss_flat']:.4f}x a faiss flat index of the same size) |", ""]
     lines += ["## Reading the numbers", "",
-              "- *Memory held* counts what the structures store: the vectors of both parts, faiss's id maps "
-              "and our sorted id arrays (16 bytes per item over 512 for d = 128). *Resident memory* is what "
-              "the process grew by. In the middle of a backfill it is larger: a faiss flat index keeps its "
-              "storage's largest size after `remove_ids`, and the new part's storage grows by doubling, so "
-              "both parts have spare capacity until `compact()` after the backfill gives it back.",
+              "- *Memory held* counts what the structures store: the vectors of both parts, the chunks' id arrays "
+              "and our sorted id arrays (16 bytes per item over 512 for d = 128). *Resident memory* is what the "
+              f"process grew by; its *peak* is the high-water mark (`VmHWM`) over each half of the backfill. Flat "
+              f"parts are stored in chunks of {results.get('flat', {}).get('chunk_rows', 0):,} rows: a removal "
+              "compacts the chunks in place and refills them from the last one, which is freed when empty, so "
+              "each part holds less than one chunk of spare rows and the old part shrinks as the backfill moves "
+              "items out (one faiss flat index would keep its largest size and the new one would grow by "
+              "doubling: 1.61x at r = 0.5 and 2.13x at r = 1 before the chunks). The peak adds what a batch "
+              "needs while it is written: its new vectors and the copy `backfill` checks (the row above).",
               "- IVF: each part is searched with its own `nprobe` lists; recall against exact search is not "
               "measured here, only throughput.",
               "- Qdrant local mode is qdrant-client's embedded pure-Python engine (numpy brute force; it "

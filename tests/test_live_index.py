@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -16,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from backfill_lib.live_index import OnlineBackfillIndex
+from backfill_lib.live_index import CHUNK_ROWS, FILE_MAGIC, OnlineBackfillIndex
 from backfill_lib.retrieval import MixedGallery
 from backfill_lib.validation import normalize_rows
 from live_helpers import PsiStandIn, brute_force_merged, grid_unit
@@ -25,11 +26,11 @@ D_OLD, D_NEW = 6, 8
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
 
-def build(rng, n, specs=("Flat", "Flat"), psi=None):
+def build(rng, n, specs=("Flat", "Flat"), psi=None, chunk_rows=CHUNK_ROWS):
     """An index of ``n`` items with random ids, all stored old, and the vectors behind it."""
     ids = rng.choice(10**6, size=n, replace=False).astype(np.int64)
     old, new = grid_unit(rng, n, D_OLD), grid_unit(rng, n, D_NEW)
-    index = OnlineBackfillIndex(D_OLD, D_NEW, *specs, psi=psi)
+    index = OnlineBackfillIndex(D_OLD, D_NEW, *specs, psi=psi, chunk_rows=chunk_rows)
     if specs[0].startswith("IVF"):
         index.train_old(grid_unit(rng, 64, D_OLD))
     if specs[1].startswith("IVF"):
@@ -42,11 +43,14 @@ def build(rng, n, specs=("Flat", "Flat"), psi=None):
 
 @settings(max_examples=40)
 @given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 40), n_batches=st.integers(0, 5),
-       use_psi=st.booleans(), spec=st.sampled_from(["Flat", "IVF4,Flat"]), data=st.data())
-def test_merged_search_equals_brute_force(seed, n, n_batches, use_psi, spec, data):
+       use_psi=st.booleans(), spec=st.sampled_from(["Flat", "IVF4,Flat"]),
+       chunk_rows=st.sampled_from([1, 3, 7, CHUNK_ROWS]), data=st.data())
+def test_merged_search_equals_brute_force(seed, n, n_batches, use_psi, spec, chunk_rows, data):
+    # chunk_rows: flat parts stored in chunks of 1, 3, 7 rows (many chunks, rebuilt, freed and
+    # refilled as items leave) or in one chunk; IVF parts ignore it.
     rng = np.random.default_rng(seed)
     psi = PsiStandIn(D_NEW, D_OLD, seed) if use_psi else None
-    index, ids, old, new = build(rng, n, (spec, spec), psi)
+    index, ids, old, new = build(rng, n, (spec, spec), psi, chunk_rows)
     stored_new = np.zeros(n, dtype=bool)
     # Backfill a random order in random batch sizes, up to a random point.
     order = rng.permutation(n)
@@ -83,6 +87,72 @@ def test_merged_search_equals_brute_force(seed, n, n_batches, use_psi, spec, dat
     want_s, want_i = brute_force_merged(qo, qn, all_ids, all_old, all_new, all_stored_new, k)
     np.testing.assert_array_equal(got, want_i)
     np.testing.assert_allclose(scores, want_s, atol=1e-6)
+    if spec == "Flat":
+        assert_chunk_bounds(index)
+
+
+def assert_chunk_bounds(index):
+    """Every live id in exactly one chunk of its part, and the spare rows within the bound."""
+    for part in index._parts.values():
+        stored = np.concatenate([c.ids[:c.n] for c in part.chunks] or [np.empty(0, np.int64)])
+        np.testing.assert_array_equal(np.sort(stored), part.ids)
+        assert all(c.n for c in part.chunks), "an emptied chunk was kept"
+        assert all(c.n == c.cap for c in part.chunks[:-1]), "a chunk other than the last has spare rows"
+        assert part.capacity - part.ntotal < part.chunk_rows
+
+
+def test_chunked_parts_give_memory_back_during_a_backfill():
+    # 2,000 items in chunks of 64: as a random order moves them, the old part shrinks with them
+    # (holes refilled from the last chunk, emptied chunks freed) and the new part grows chunk by chunk.
+    rng = np.random.default_rng(3)
+    index, ids, old, new = build(rng, 2000, chunk_rows=64)
+    order = rng.permutation(2000)
+    old_part, new_part = index._parts["old"], index._parts["new"]
+    for start in range(0, 2000, 100):
+        batch = order[start:start + 100]
+        index.backfill(ids[batch], new[batch])
+        assert_chunk_bounds(index)
+        assert old_part.capacity + new_part.capacity < 2000 + 2 * 64
+    assert old_part.chunks == [] and old_part.capacity == 0
+    index.compact()
+    assert new_part.capacity == 2000
+    q = grid_unit(rng, 3, D_NEW)
+    _, got = index.search(q, 5)
+    _, want = brute_force_merged(q[:, :D_OLD], q, ids, old, new, np.ones(2000, bool), 5)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_a_version_1_file_still_loads(tmp_path):
+    # The format before chunked parts: one IndexIDMap(flat) per part, written here by hand.
+    import faiss
+
+    rng = np.random.default_rng(4)
+    ids, old = np.array([7, 3, 11, 5]), grid_unit(rng, 4, D_OLD)
+    new = grid_unit(rng, 1, D_NEW)
+    parts = {}
+    for name, dim, x, i in (("old", D_OLD, old[[0, 1, 3]], ids[[0, 1, 3]]), ("new", D_NEW, new, ids[[2]])):
+        flat = faiss.IndexIDMap(faiss.IndexFlatIP(dim))
+        flat.add_with_ids(x, i)
+        parts[name] = (flat, np.sort(i))
+    header = {"magic": FILE_MAGIC, "version": 1, "dim_old": D_OLD, "dim_new": D_NEW, "psi_class": None,
+              "old_index": "Flat", "new_index": "Flat", "old_params": {}, "new_params": {}}
+    arrays = {"header": np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)}
+    for name, (flat, live) in parts.items():
+        arrays.update({f"{name}_faiss": faiss.serialize_index(flat), f"{name}_ids": live,
+                       f"{name}_tombs": np.empty(0, np.int64)})
+    with open(tmp_path / "v1.idx", "wb") as f:
+        np.savez(f, **arrays)
+    loaded = OnlineBackfillIndex.load(tmp_path / "v1.idx")
+    np.testing.assert_array_equal(loaded.old_ids(), [3, 5, 7])
+    np.testing.assert_array_equal(loaded.new_ids(), [11])
+    qo, qn = grid_unit(rng, 2, D_OLD), grid_unit(rng, 2, D_NEW)
+    stored_new = np.array([False, False, True, False])
+    all_new = np.zeros((4, D_NEW), np.float32)
+    all_new[2] = new[0]
+    _, want = brute_force_merged(qo, qn, ids, old, all_new, stored_new, 4)
+    np.testing.assert_array_equal(loaded.search(qn, 4, query_old=qo)[1], want)
+    loaded.backfill([3], grid_unit(rng, 1, D_NEW))  # and it goes on working
+    assert loaded.progress == 0.5
 
 
 def test_ties_go_to_the_smaller_id_even_beyond_the_first_fetch():
