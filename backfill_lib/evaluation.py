@@ -101,6 +101,37 @@ def _count_ge_within_rows(keys: np.ndarray) -> np.ndarray:
     return out
 
 
+class _RelevantItems:
+    """The gallery items of each query's class, in ascending index, padded on the right."""
+
+    def __init__(self, qy: np.ndarray, gy: np.ndarray):
+        n = len(gy)
+        classes, g_class = np.unique(gy, return_inverse=True)
+        q_class = np.searchsorted(classes, qy)
+        known = (q_class < len(classes)) & (classes[np.minimum(q_class, len(classes) - 1)] == qy)
+        self.class_of = np.where(known, q_class, len(classes))  # a query label absent from the gallery: no item
+        per_class = np.bincount(g_class, minlength=len(classes) + 1)
+        self.members = np.zeros((len(classes) + 1, max(int(per_class.max()), 1)), dtype=np.int64)
+        self.valid = np.zeros(self.members.shape, dtype=bool)
+        by_class = np.argsort(g_class, kind="stable")
+        slot = np.arange(n) - np.repeat(np.cumsum(per_class) - per_class, per_class)
+        self.members[g_class[by_class], slot], self.valid[g_class[by_class], slot] = by_class, True
+
+    def of(self, rows: slice, exclude_self: bool):
+        """``(ids, valid)`` of the query rows ``rows``; leave-one-out drops query ``i``'s own item ``i``."""
+        ids, valid = self.members[self.class_of[rows]], self.valid[self.class_of[rows]]
+        if exclude_self:
+            valid &= ids != np.arange(rows.start, rows.stop)[:, None]
+        return ids, valid
+
+
+def _average_precision(key, ge_all, valid, has_rel, n_rel):
+    """AP of each row: at each relevant item, relevant items scoring ``>=`` over all items scoring ``>=``."""
+    precision = np.where(valid, _count_ge_within_rows(key) / np.maximum(ge_all, 1), 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(has_rel, precision.sum(axis=1) / n_rel, np.nan)
+
+
 class _NumpyOps:
     """The heavy operations of the engine on numpy arrays."""
 
@@ -420,17 +451,7 @@ def evaluate_states(query_old, gallery_old, query_new, gallery_new, query_labels
     arrays = (query_old, gallery_old[layout], query_new, gallery_new[layout])
     ops = _NumpyOps(*arrays) if device == "numpy" else _TorchOps(device, *arrays)
 
-    # Gallery items of each class (ascending index, padded): the relevant items of a query.
-    classes, g_class = np.unique(gy, return_inverse=True)
-    q_class = np.searchsorted(classes, qy)
-    known = (q_class < len(classes)) & (classes[np.minimum(q_class, len(classes) - 1)] == qy)
-    class_of = np.where(known, q_class, len(classes))  # a query label absent from the gallery: no item
-    per_class = np.bincount(g_class, minlength=len(classes) + 1)
-    members = np.zeros((len(classes) + 1, max(int(per_class.max()), 1)), dtype=np.int64)
-    member_valid = np.zeros(members.shape, dtype=bool)
-    by_class = np.argsort(g_class, kind="stable")
-    slot = np.arange(n) - np.repeat(np.cumsum(per_class) - per_class, per_class)
-    members[g_class[by_class], slot], member_valid[g_class[by_class], slot] = by_class, True
+    relevant_items = _RelevantItems(qy, gy)
 
     ap = np.full((n_states, n_q), np.nan)
     hits = {k: np.zeros((n_states, n_q), dtype=bool) for k in ks}
@@ -441,11 +462,7 @@ def evaluate_states(query_old, gallery_old, query_new, gallery_new, query_labels
         arange_c = np.arange(c)
         self_cols = position[rows.start:rows.stop] if exclude_self else None
 
-        # The relevant items of each row, in ascending gallery index, padded on the right.
-        ids, valid = members[class_of[rows]], member_valid[class_of[rows]]
-        if exclude_self:
-            self_at = valid & (ids == np.arange(rows.start, rows.stop)[:, None])
-            valid &= ~self_at
+        ids, valid = relevant_items.of(rows, exclude_self)
         n_rel = valid.sum(axis=1)
         has_rel = n_rel > 0
         if not has_rel.any():
@@ -491,9 +508,7 @@ def evaluate_states(query_old, gallery_old, query_new, gallery_new, query_labels
             is_new = item_slice <= s
             key = np.where(is_new, key_new, key_old)
             ge_all = np.take_along_axis(ge, np.where(is_new, at_new, at_old), axis=1)
-            precision = np.where(valid, _count_ge_within_rows(key) / np.maximum(ge_all, 1), 0.0)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                ap[s, rows] = np.where(has_rel, precision.sum(axis=1) / n_rel, np.nan)
+            ap[s, rows] = _average_precision(key, ge_all, valid, has_rel, n_rel)
 
             # The best relevant item (ties: the smaller index, first in its row) and the items ahead.
             best = np.argmax(key, axis=1)
@@ -699,22 +714,22 @@ def evaluate_version_states(queries, galleries, versions, query_labels, gallery_
     bounds = np.concatenate([[0], np.cumsum(sizes)])
     used = sorted(set(np.unique(versions).tolist()))  # versions stored somewhere: the only ones scored
     used_arr = np.array(used, dtype=np.int64)
+    slot_of = {v: i for i, v in enumerate(used)}
+    # States as bits (up to 62 states): in which states each item / group is stored under each used
+    # version, so that a group's counts are searched only for the needles read while it is stored so.
+    state_bits = (np.int64(1) << np.arange(n_states, dtype=np.int64)) if n_states <= 62 else None
+    if state_bits is not None:
+        item_states = [np.bitwise_or.reduce(np.where(versions == v, state_bits[:, None], 0), axis=0) for v in used]
+        group_states = np.stack([np.bitwise_or.reduce(np.where(history == v, state_bits[None, :], 0), axis=1)
+                                 for v in used], axis=1)  # (n_groups, n_used)
+    last_use = np.stack([np.where((history == v).any(axis=1), n_states - 1 - np.argmax((history == v)[:, ::-1], axis=1),
+                                  -1) for v in used], axis=1)  # (n_groups, n_used): last state stored so
     col_versions = versions[:, layout]  # (n_states, N): the version of each column in each state
     arrays = [queries[v] for v in used] + [galleries[v][layout] for v in used]
     ops = _NumpyOps(*arrays) if device == "numpy" else _TorchOps(device, *arrays)
     n_used = len(used)
 
-    # Gallery items of each class (ascending index, padded): the relevant items of a query.
-    classes, g_class = np.unique(gy, return_inverse=True)
-    q_class = np.searchsorted(classes, qy)
-    known = (q_class < len(classes)) & (classes[np.minimum(q_class, len(classes) - 1)] == qy)
-    class_of = np.where(known, q_class, len(classes))
-    per_class = np.bincount(g_class, minlength=len(classes) + 1)
-    members = np.zeros((len(classes) + 1, max(int(per_class.max()), 1)), dtype=np.int64)
-    member_valid = np.zeros(members.shape, dtype=bool)
-    by_class = np.argsort(g_class, kind="stable")
-    slot = np.arange(n) - np.repeat(np.cumsum(per_class) - per_class, per_class)
-    members[g_class[by_class], slot], member_valid[g_class[by_class], slot] = by_class, True
+    relevant_items = _RelevantItems(qy, gy)
 
     ap = np.full((n_states, n_q), np.nan)
     hits = {k: np.zeros((n_states, n_q), dtype=bool) for k in ks}
@@ -724,9 +739,7 @@ def evaluate_version_states(queries, galleries, versions, query_labels, gallery_
         c = rows.stop - rows.start
         arange_c = np.arange(c)
         self_cols = position[rows.start:rows.stop] if exclude_self else None
-        ids, valid = members[class_of[rows]], member_valid[class_of[rows]]
-        if exclude_self:
-            valid &= ids != np.arange(rows.start, rows.stop)[:, None]
+        ids, valid = relevant_items.of(rows, exclude_self)
         n_rel = valid.sum(axis=1)
         has_rel = n_rel > 0
         if not has_rel.any():
@@ -742,7 +755,10 @@ def evaluate_version_states(queries, galleries, versions, query_labels, gallery_
         prepared = ops.needles(np.take_along_axis(needles, needle_order, axis=1))
         unsort = np.argsort(needle_order, axis=1)  # unsort[:, u·width + a]: where item a's version-u key went
         needle_valid = np.take_along_axis(np.tile(valid, n_used), needle_order, axis=1)
-        blocks = {}
+        if state_bits is not None:  # the states in which each needle is read (its item stored under its version)
+            needle_states = np.take_along_axis(np.concatenate([item_states[u][ids] for u in range(n_used)], axis=1),
+                                               needle_order, axis=1)
+        blocks, counts = {}, {}
 
         def block(j, v):
             if (j, v) not in blocks:
@@ -750,7 +766,13 @@ def evaluate_version_states(queries, galleries, versions, query_labels, gallery_
             return blocks[j, v]
 
         def count(j, v):
-            return ops.count_ge(block(j, v), prepared, needle_valid).astype(np.int32)
+            # Group j's count under version v is only needed for the needles read in a state where
+            # group j is stored under v (the other entries stay 0); kept until its last such state.
+            if (j, v) not in counts:
+                select = needle_valid if state_bits is None else \
+                    needle_valid & ((needle_states & group_states[j, slot_of[v]]) != 0)
+                counts[j, v] = ops.count_ge(block(j, v), prepared, select).astype(np.int32)
+            return counts[j, v]
 
         ge = np.zeros((c, n_used * width), dtype=np.int32)
         for j in range(len(history)):
@@ -759,14 +781,14 @@ def evaluate_version_states(queries, galleries, versions, query_labels, gallery_
             if s:
                 for j in np.flatnonzero(history[:, s] != history[:, s - 1]):
                     ge += count(j, history[j, s]) - count(j, history[j, s - 1])
-                    blocks.pop((j, history[j, s - 1]), None)  # memory: a group rarely goes back
+                    if last_use[j, slot_of[history[j, s - 1]]] < s:  # memory: never needed again
+                        counts.pop((j, history[j, s - 1]), None)
+                        blocks.pop((j, history[j, s - 1]), None)
             slots = np.searchsorted(used_arr, versions[s, ids])  # (c, width): slot of each item's version
             key = np.take_along_axis(item_keys, slots[None], axis=0)[0]
             ge_all = np.take_along_axis(ge, np.take_along_axis(unsort, slots * width + np.arange(width), axis=1),
                                         axis=1)
-            precision = np.where(valid, _count_ge_within_rows(key) / np.maximum(ge_all, 1), 0.0)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                ap[s, rows] = np.where(has_rel, precision.sum(axis=1) / n_rel, np.nan)
+            ap[s, rows] = _average_precision(key, ge_all, valid, has_rel, n_rel)
 
             best = np.argmax(key, axis=1)
             best_key = key[arange_c, best]

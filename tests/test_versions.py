@@ -146,6 +146,21 @@ def test_two_versions_equal_the_two_version_engine(seed, tied, exclude_self):
         np.testing.assert_array_equal(k_ver.hits[k], two.hits[k])
 
 
+@pytest.mark.parametrize("n_states", [62, 63, 70])
+def test_many_states(n_states):
+    # Up to 62 states the engine tracks states as bits; beyond, it counts every needle (the same numbers).
+    rng = np.random.default_rng(n_states)
+    n = 12
+    spaces = [_DYADIC[rng.integers(len(_DYADIC), size=n)] for _ in range(3)]
+    versions = rng.integers(0, 3, size=(n_states, n))
+    y = rng.integers(0, 3, size=n)
+    got = evaluate_version_states(spaces, spaces, versions, y, y, exclude_self=True, ks=(1, 5), device="numpy")
+    ap, hits = brute_force(spaces, spaces, versions, y, y, True, (1, 5))
+    np.testing.assert_allclose(got.ap, ap, rtol=0, atol=1e-12)
+    for k in (1, 5):
+        np.testing.assert_array_equal(got.hits[k], hits[k])
+
+
 def test_hand_computed_three_spaces():
     # Items 0..3; item g stored under version g % 3. Query = item 0 (left out), label 0; items 2, 3 relevant.
     e = np.eye(3, dtype=np.float32)
