@@ -23,7 +23,9 @@ Usage::
 
 writes ``results/paper_scale.json`` and ``results/paper_scale.md`` (about 5 minutes; ``--quick``:
 one timed step each at small batches, a smoke test; ``--table results/paper_scale.json`` rebuilds
-the Markdown without timing anything).
+the Markdown without timing anything). ``--forward-maps`` adds the digits comparison of the two
+forward maps (``MethodParams.forward_arch`` "mlp" and "fct", 3 seeds) to the JSON, keeping the
+timings.
 """
 
 from __future__ import annotations
@@ -172,6 +174,29 @@ def cifar_download() -> dict:
     }
 
 
+def forward_maps(result: dict) -> str:
+    """The Markdown section on the two forward maps (empty before ``--forward-maps`` ran)."""
+    fm = result.get("forward_map_digits")
+    if not fm:
+        return ""
+    rows = []
+    for key, r in fm["results"].items():
+        setting, arch = key.split("/")
+        g, f = r["relative_gain"], r["max_negative_flip"]
+        rows.append(f"| {setting} | `{arch}` | {g['mean']:.3f} ± {g['std']:.3f} | {100 * f['mean']:.1f} % ± {100 * f['std']:.1f} |")
+    return f"""
+## The forward map at paper scale: `MethodParams(forward_arch="fct")`
+
+`forward_arch="fct"` replaces our forward map (an MLP) by ml-fct's two-branch transformation,
+the old feature feeding both branches (no side information): pass
+`ExperimentContext(..., params=MethodParams(forward_arch="fct"))`. On digits (`{fm['command']}`,
+seeds {', '.join(map(str, fm['seeds']))}; ours, not the paper's):
+
+| setting | forward map | relative gain | worst negative-flip rate |
+|---|---|---|---|
+""" + "\n".join(rows) + "\n"
+
+
 def markdown(result: dict) -> str:
     """The Markdown note for chapter 7 (see results/paper_scale.md)."""
     m = result["machine"]
@@ -275,7 +300,27 @@ compute with our recipe and {bt2['old_plus_new_days_this_cpu']['cpu']:.0f} days 
 
 Our recipe differs from BT²'s (table above), so even a complete run with `cifar100` would not be a
 reproduction of those numbers; `cifar100_bt2` is the closer one.
-"""
+{forward_maps(result)}"""
+
+
+def forward_maps_on_digits(seeds=(0, 1, 2)) -> dict:
+    """``forward_transform`` on digits with each forward map (``MethodParams.forward_arch``), both settings.
+
+    The experiment's own protocol (:func:`~backfill_lib.experiment.run_experiment`, random order,
+    11 ratios); models and heads come from the checkpoint cache when they are there.
+    """
+    from backfill_lib.context import MethodParams
+    from backfill_lib.experiment import run_experiment
+
+    out = {"command": "OMP_NUM_THREADS=1 python benchmarks/paper_scale.py --forward-maps", "dataset": "digits",
+           "seeds": list(seeds), "strategy": "forward_transform", "results": {}}
+    for setting in ("homogeneous", "heterogeneous"):
+        for arch in ("mlp", "fct"):
+            print(f"forward_transform on digits, {setting}, forward_arch={arch} ...", flush=True)
+            r = run_experiment("digits", strategies=("forward_transform",), seeds=seeds, setting=setting,
+                               progress=False, params=MethodParams(forward_arch=arch))["strategies"]["forward_transform"]
+            out["results"][f"{setting}/{arch}"] = {k: r[k] for k in ("relative_gain", "max_negative_flip")}
+    return out
 
 
 def main(argv=None) -> dict:
@@ -285,7 +330,17 @@ def main(argv=None) -> dict:
     parser.add_argument("--markdown", default=str(ROOT / "results" / "paper_scale.md"))
     parser.add_argument("--quick", action="store_true", help="one timed step, small batches (smoke test)")
     parser.add_argument("--table", metavar="JSON", help="only rebuild the Markdown from this results JSON")
+    parser.add_argument("--forward-maps", action="store_true",
+                        help="only (re)measure forward_transform on digits with both forward maps and store it "
+                             "in --out under 'forward_map_digits' (the timings are kept)")
     args = parser.parse_args(argv)
+    if args.forward_maps:
+        result = json.loads(Path(args.out).read_text())
+        result["forward_map_digits"] = forward_maps_on_digits()
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        Path(args.markdown).write_text(markdown(result))
+        print(f"wrote {args.out} and {args.markdown}")
+        return result
     if args.table:
         result = json.loads(Path(args.table).read_text())
         Path(args.markdown).write_text(markdown(result))

@@ -336,5 +336,7 @@ def test_committed_result_is_labelled_as_this_cpu():
     assert result["download"]["md5"] == torchvision.datasets.CIFAR100.tgz_md5
     for r in result["recipes"].values():
         assert r["measured"] and all(m["timed_steps"] >= 1 for m in r["measured"])
+    fm = result["forward_map_digits"]["results"]
+    assert set(fm) == {f"{s}/{a}" for s in ("homogeneous", "heterogeneous") for a in FORWARD_ARCHS}
     md = (ROOT / "results" / "paper_scale.md").read_text()
-    assert "measured on this" in md and 'DATASET = "cifar100"' in md
+    assert "measured on this" in md and 'DATASET = "cifar100"' in md and 'forward_arch="fct"' in md
