@@ -26,7 +26,7 @@ import numpy as np
 
 from .evaluation import check_chunk_size, check_order, evaluate_states
 from .metrics import auc, negative_flip_rate, relative_gain
-from .validation import as_embeddings, as_labels, check_choice, check_ratio, check_ratios
+from .validation import as_embeddings, as_labels, check_choice, check_positive_int, check_ratio, check_ratios
 
 #: The 11 ratios of METHOD §4.
 DEFAULT_RATIOS: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(11))
@@ -473,8 +473,10 @@ def backfill_order(n: int, seed: int = 0, policy: str = "random", uncertainty=No
 
     Raises
     ------
+    TypeError
+        If ``n`` is not an integer.
     ValueError
-        If ``n`` is not a positive integer, ``policy`` is unknown, or ``uncertain_first`` gets
+        If ``n < 1``, ``policy`` is unknown, or ``uncertain_first`` gets
         no ``uncertainty`` (or not ``n`` finite values), or ``class_coverage`` no ``groups``
         (or not ``n`` integers).
 
@@ -488,8 +490,7 @@ def backfill_order(n: int, seed: int = 0, policy: str = "random", uncertainty=No
     >>> [g[i] for i in backfill_order(6, policy="class_coverage", groups=g)]
     [0, 1, 0, 1, 0, 0]
     """
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise ValueError(f"n must be a positive integer (gallery size), got {n!r}")
+    n = check_positive_int(n, "n", "gallery size")
     check_choice(policy, ORDER_POLICIES, "policy")
     rng = np.random.default_rng(seed)
     perm = rng.permutation(n)

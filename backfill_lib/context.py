@@ -30,7 +30,7 @@ from .data import BackfillData
 from .models import EmbeddingModel, ModelSpec, build_model
 from .training import (TrainConfig, cache_key, check_cache_dir, extract_embeddings, resolve_device, train,
                        train_or_load)
-from .validation import check_choice
+from .validation import check_choice, check_positive_int
 
 
 @dataclass(frozen=True)
@@ -132,8 +132,9 @@ class MethodParams:
     Raises
     ------
     ValueError
-        If ``calibration`` or ``forward_arch`` is unknown or ``ra_bct_topk`` is neither None nor
-        a positive integer.
+        If ``calibration`` or ``forward_arch`` is unknown or ``ra_bct_topk < 1``.
+    TypeError
+        If ``ra_bct_topk`` is neither None nor an integer.
     """
 
     bct_lambda: float = 1.0
@@ -151,10 +152,7 @@ class MethodParams:
     def __post_init__(self):
         check_choice(self.calibration, CALIBRATIONS, "calibration")
         check_choice(self.forward_arch, tf.FORWARD_ARCHS, "forward_arch")
-        k = self.ra_bct_topk
-        if k is not None and (isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1):
-            raise ValueError(f"ra_bct_topk must be a positive integer (negatives kept per anchor and set) or None "
-                             f"(all negatives), got {k!r}")
+        check_positive_int(self.ra_bct_topk, "ra_bct_topk", "negatives kept per anchor and set", allow_none=True)
 
 
 def init_seed(name: str, seed: int) -> int:

@@ -229,6 +229,52 @@ def check_ratios(ratios: Iterable[float], name: str = "ratios") -> np.ndarray:
     return np.array(sorted(set(vals)), dtype=np.float64)
 
 
+def check_positive_int(value, name: str, what: str = "", allow_none: bool = False) -> int | None:
+    """Check that ``value`` is a positive integer (a count, a size, a number of steps).
+
+    Parameters
+    ----------
+    value : int or None
+        The value given (a Python or numpy integer; ``bool`` is refused).
+    name : str
+        Argument name used in the error message.
+    what : str, default ""
+        What the number counts, added to the message in brackets (e.g. ``"gallery size"``).
+    allow_none : bool, default False
+        Accept ``None`` (returned as it is), for options where None means "no limit" or "all".
+
+    Returns
+    -------
+    int or None
+        ``value`` as a Python int (None when given None and allowed).
+
+    Raises
+    ------
+    TypeError
+        If ``value`` is not an integer (or is None when not allowed).
+    ValueError
+        If ``value < 1``.
+
+    Examples
+    --------
+    >>> check_positive_int(3, "steps")
+    3
+    >>> check_positive_int(0, "n", "gallery size")
+    Traceback (most recent call last):
+    ...
+    ValueError: n must be a positive integer (gallery size), got 0
+    """
+    if value is None and allow_none:
+        return None
+    message = f"{name} must be a positive integer{f' ({what})' if what else ''}{' or None' if allow_none else ''}, " \
+              f"got {value!r}"
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(message)
+    if value < 1:
+        raise ValueError(message)
+    return int(value)
+
+
 def check_k(k, n_gallery: int, name: str = "k") -> int:
     """Check that ``k`` is a positive integer no larger than the gallery.
 

@@ -122,8 +122,10 @@ class TestBackfillOrder:
             backfill_order(5, policy="class_coverage", groups=[0.5] * 5)
         with pytest.raises(ValueError, match="groups must hold 5 integers"):
             backfill_order(5, policy="class_coverage", groups=[0] * 4)
-        with pytest.raises(ValueError, match="n must be a positive integer"):
+        with pytest.raises(ValueError, match=r"n must be a positive integer \(gallery size\), got 0"):
             backfill_order(0)
+        with pytest.raises(TypeError, match="n must be a positive integer"):
+            backfill_order(2.5)
         with pytest.raises(ValueError, match="unknown policy 'oldest'"):
             backfill_order(5, policy="oldest")
         with pytest.raises(ValueError, match="needs uncertainty"):

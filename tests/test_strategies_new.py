@@ -269,10 +269,13 @@ def test_ra_bct_topk_none_or_large_is_the_published_loss_and_small_is_smaller():
     assert ra_bct_loss(new, old, y, topk=2).item() < full.item()  # fewer terms in the denominator
     with pytest.raises(ValueError, match="topk must be a positive integer"):
         ra_bct_loss(new, old, y, topk=0)
-    with pytest.raises(ValueError, match="topk must be a positive integer"):
+    with pytest.raises(TypeError, match="topk must be a positive integer"):
         ra_bct_objective(torch.nn.Linear(2, 2), topk=1.5)
-    with pytest.raises(ValueError, match="ra_bct_topk must be a positive integer"):
+    with pytest.raises(ValueError, match=r"ra_bct_topk must be a positive integer \(negatives kept per anchor and "
+                                         r"set\) or None, got 0"):
         MethodParams(ra_bct_topk=0)
+    with pytest.raises(TypeError, match="ra_bct_topk must be a positive integer"):
+        MethodParams(ra_bct_topk=True)
 
 
 def test_ra_bct_topk_is_part_of_the_checkpoint_key(data, tmp_path):
@@ -284,3 +287,21 @@ def test_ra_bct_topk_is_part_of_the_checkpoint_key(data, tmp_path):
     assert not top.trained["new_ra_bct"]["cached"] and "top-2 negatives" in top.trained["new_ra_bct"]["what"]
     assert not np.array_equal(s.gallery_new, default.embeddings("new_ra_bct"))
     assert top._keys["new_ra_bct"] != default._keys["new_ra_bct"]
+
+
+# --- validation.check_positive_int (the shared positive-int check; here because this helper owns
+# no test file of validation.py) --------------------------------------------------------------------
+
+from backfill_lib.validation import check_positive_int  # noqa: E402
+
+
+def test_check_positive_int():
+    assert check_positive_int(3, "steps") == 3 and type(check_positive_int(np.int64(2), "k")) is int
+    assert check_positive_int(None, "topk", allow_none=True) is None
+    with pytest.raises(ValueError, match=r"^n must be a positive integer \(gallery size\), got 0$"):
+        check_positive_int(0, "n", "gallery size")
+    with pytest.raises(ValueError, match=r"^k must be a positive integer or None, got -2$"):
+        check_positive_int(-2, "k", allow_none=True)
+    for bad in (1.5, True, "3", None):
+        with pytest.raises(TypeError, match="steps must be a positive integer"):
+            check_positive_int(bad, "steps")

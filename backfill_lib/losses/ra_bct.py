@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..validation import check_positive_int
+
 
 def _hardest(logits: torch.Tensor, topk: int | None) -> torch.Tensor:
     """The ``topk`` largest logits of each row (all of them when None or when a row is shorter)."""
@@ -42,12 +44,14 @@ def ra_bct_loss(new: torch.Tensor, old: torch.Tensor, y: torch.Tensor, tau: floa
     Raises
     ------
     ValueError
-        If ``new`` and ``old`` differ in shape, or ``topk`` is not a positive integer.
+        If ``new`` and ``old`` differ in shape, or ``topk < 1``.
+    TypeError
+        If ``topk`` is neither None nor an integer.
     """
     if new.shape != old.shape:
         raise ValueError(f"new {tuple(new.shape)} and old {tuple(old.shape)} must have the same shape: "
                          "RA-BCT compares new and old embeddings directly (d_n = d_o)")
-    _check_topk(topk)
+    topk = check_positive_int(topk, "topk", "negatives kept per anchor and set", allow_none=True)
     old = old.detach()
     s_old = new @ old.T / tau                                     # s^o_ij = φ_n(x_i)·φ_o(x_j)/τ
     s_new = new @ new.T / tau                                     # s^n_ij = φ_n(x_i)·φ_n(x_j)/τ
@@ -57,11 +61,6 @@ def ra_bct_loss(new: torch.Tensor, old: torch.Tensor, y: torch.Tensor, tau: floa
                         _hardest(s_old.masked_fill(~other_class, float("-inf")), topk),
                         _hardest(s_new.masked_fill(~other_class, float("-inf")), topk)], dim=1)
     return (torch.logsumexp(logits, dim=1) - positive).mean()     # logsumexp subtracts the row max
-
-
-def _check_topk(topk) -> None:
-    if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int) or topk < 1):
-        raise ValueError(f"topk must be a positive integer (negatives kept per anchor and set) or None, got {topk!r}")
 
 
 def ra_bct_objective(old_model: nn.Module, lam: float = 1.0, tau: float = 0.05, topk: int | None = None):
@@ -87,11 +86,13 @@ def ra_bct_objective(old_model: nn.Module, lam: float = 1.0, tau: float = 0.05, 
     Raises
     ------
     ValueError
-        If ``lam`` is negative, ``tau`` not positive or ``topk`` not a positive integer.
+        If ``lam`` is negative, ``tau`` not positive or ``topk < 1``.
+    TypeError
+        If ``topk`` is neither None nor an integer.
     """
     if lam < 0 or tau <= 0:
         raise ValueError(f"lam must be non-negative and tau positive, got lam={lam}, tau={tau}")
-    _check_topk(topk)
+    topk = check_positive_int(topk, "topk", "negatives kept per anchor and set", allow_none=True)
     old_model.eval().requires_grad_(False)
 
     def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
