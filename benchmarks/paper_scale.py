@@ -233,9 +233,13 @@ data = load_dataset("cifar100", image_size=224)
 ctx = ExperimentContext(data, preset=PRESETS["cifar100_bt2"])
 ```
 
-In Colab: *Runtime → Change runtime type → GPU*, run the book's bootstrap cell, set the variable, and
-run the notebook. The library picks the GPU when there is one (`default_device()`); checkpoints go to
-`$BACKFILL_CACHE`, so a second run of the chapter loads the trained models instead of training again.
+In Colab: open the chapter from its *Open in Colab* badge, choose *Runtime → Change runtime type →
+GPU*, run the first code cell (in Colab it installs faiss, qdrant-client and backfill_lib), set
+`DATASET = "cifar100"` in the scale cell, and run the notebook. The library trains on the GPU when
+there is one (`default_device()`). Checkpoints go to `$BACKFILL_CACHE` (default
+`~/.cache/backfill_lib/checkpoints`), so a second run loads the trained models instead of training
+again; Colab's disk is emptied when the session ends, so point `BACKFILL_CACHE` (and `BACKFILL_DATA`)
+at a mounted Google Drive folder to keep them.
 
 ## What is downloaded
 
