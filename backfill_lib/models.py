@@ -189,9 +189,12 @@ class NormalizedClassifier(nn.Module):
         Returns
         -------
         Tensor (batch, out_features)
-            ``ẑ Wᵀ``.
+            ``ẑ Wᵀ`` (``s · ẑ · Ŵᵀ`` for :class:`CosineClassifier`).
         """
-        return F.linear(F.normalize(z, dim=1), self.weight)
+        return F.linear(F.normalize(z, dim=1), self._class_weights())
+
+    def _class_weights(self) -> torch.Tensor:
+        return self.weight
 
 
 class CosineClassifier(NormalizedClassifier):
@@ -218,20 +221,8 @@ class CosineClassifier(NormalizedClassifier):
             raise ValueError(f"classifier_scale must be positive, got {scale}")
         self.scale = float(scale)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        """Scaled cosine logits.
-
-        Parameters
-        ----------
-        z : Tensor (batch, in_features)
-            Un-normalised embeddings.
-
-        Returns
-        -------
-        Tensor (batch, out_features)
-            ``s · ẑ · Ŵᵀ``.
-        """
-        return self.scale * F.linear(F.normalize(z, dim=1), F.normalize(self.weight, dim=1))
+    def _class_weights(self) -> torch.Tensor:
+        return self.scale * F.normalize(self.weight, dim=1)
 
 
 def _classifier(spec: ModelSpec, num_classes: int) -> nn.Module:
