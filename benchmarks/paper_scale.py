@@ -282,11 +282,12 @@ Times are wall-clock seconds (what you wait), with the process's CPU time in bra
 was shared with other jobs (load average {m['load_average_before']} on {m['cores']} cores), so wall
 time exceeds CPU time; the CPU time is the better guide to a quiet core. ResNet-50 at 224 px takes
 {bt2_per_image} CPU seconds per image here, so its real batch of 128 was not timed:
-{bt2['seconds_per_step_how']}; the per-image CPU cost at the two measured batches shows how close to
-linear it is. The old model trains on the 25,000 images of
+{bt2['seconds_per_step_how']}. The per-image CPU cost fell a little from the smaller to the larger
+measured batch, so the linear extrapolation is more likely high than low. The old model trains on the 25,000 images of
 classes 0–49 ({ours['steps_per_epoch']['old']} steps per epoch at batch
 128); "old + new" is both models' epochs. BCT, RA-BCT and `bct_pseudo` train one more new model each
-(about the new model's time again per method). The heads (ψ, ρ, h) train on cached embeddings; the
+(at least the new model's time again per method; RA-BCT also runs the frozen old model on every
+batch). Times are for one thread; more cores would shorten them. The heads (ψ, ρ, h) train on cached embeddings; the
 embedding passes over the 60,000 images (once per model) were not timed.
 
 In short: on this CPU one old + new pair would take {ours['old_plus_new_days_this_cpu']['cpu']:.0f} days of
