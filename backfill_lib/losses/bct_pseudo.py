@@ -14,11 +14,15 @@ the new feature through that classifier, on **every** sample:
 
 Each new feature is pulled towards the old model's class mean of its class, so a new query lands
 where the old gallery keeps that class, including the classes the old model never saw. Needs
-``d_n = d_o``. ``λ = 1`` is our default (as for BCT); BT² trains this variant with ``α = 10``
-(BT² README), the value the book's quoted BT² figures come from.
+``d_n = d_o``. ``λ = 1`` is our default (as for BCT); BT²'s public code trains this variant with
+``alpha: 10`` (its ``configs/cifar100_BCT.yaml``), the setting of the BT² figures the book quotes.
 
-The logits ``W_p z`` use the un-normalised new feature ``z`` (where the classifiers act, as in
-:mod:`.bct`); the class means are unit vectors (ours: the mean of unit vectors, normalised).
+Where ours differs from BT²'s code (``train_BCT.py``, ``trainers/bct_trainer.py``), as read there:
+BT² averages the old features over its (augmented) training loader and does not re-normalise the
+means, and it uses its main criterion (label smoothing 0.1) for both terms. Ours averages the
+un-augmented training embeddings, normalises each mean to a unit vector, applies ``W_p`` to the
+un-normalised new feature ``z`` (where the classifiers act, as in :mod:`.bct`) and uses plain
+cross-entropy.
 """
 
 from __future__ import annotations
