@@ -304,8 +304,8 @@ class ExperimentContext:
     @property
     def train_config(self) -> TrainConfig:
         """The preset's schedule with this run's seed (old, new, BCT and RA-BCT models)."""
-        c = self.preset.train
-        return TrainConfig(c.epochs, c.batch_size, c.lr, c.weight_decay, c.optimizer, seed=self.seed)
+        # replace() keeps every field (label smoothing, warm-up, ...), not only the first six.
+        return replace(self.preset.train, seed=self.seed)
 
     def _data_key(self) -> dict:
         return {"dataset": self.data.name, "info": {k: v for k, v in self.data.info.items() if k != "root"},

@@ -263,9 +263,8 @@ start from random weights.
 
 Label smoothing reaches the plain cross-entropy of the old and new models; the BCT, RA-BCT and
 `bct_pseudo` objectives compute their own cross-entropy and train without it (the training loop
-warns). Until `ExperimentContext.train_config` keeps every field of the preset's `TrainConfig`
-(requested from the lead), a context drops the recipe's label smoothing and warm-up: check
-`ctx.train_config` before a long run.
+warns). `ExperimentContext.train_config` keeps every field of the preset's `TrainConfig`, the
+label smoothing and warm-up included.
 
 How our linear classifier was chosen: on the digits *test* split, in the library's first version,
 by its effect on the rank-merge baseline; it was never validated on a validation split nor on

@@ -294,9 +294,6 @@ class TestBt2Preset:
         ctx = ExperimentContext(d, preset=PRESETS["cifar100_bt2"], cache=tmp_path / "ck", progress=False, device="cpu")
         assert ctx.new_spec.stem == "imagenet" and ctx.old_spec.classifier == "normalized"
 
-    @pytest.mark.xfail(strict=True, reason="ExperimentContext.train_config rebuilds TrainConfig from six positional "
-                                           "fields and drops label_smoothing/warmup_epochs (context.py, not ours: "
-                                           "asked the lead for `replace(self.preset.train, seed=self.seed)`)")
     def test_context_keeps_the_recipes_schedule(self, fake_cifar, tmp_path):
         d = load_dataset("cifar100", root=fake_cifar, download=False, image_size=224)
         ctx = ExperimentContext(d, preset=PRESETS["cifar100_bt2"], cache=tmp_path / "ck", progress=False, device="cpu", seed=3)
