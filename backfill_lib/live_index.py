@@ -27,8 +27,9 @@ Index types. Each part is built by ``faiss.index_factory(dim, spec, METRIC_INNER
   with :meth:`OnlineBackfillIndex.train_old` / :meth:`~OnlineBackfillIndex.train_new` or on the
   first batch added to that part (it must then hold at least ``nlist`` vectors). Approximate:
   raise ``nprobe`` with :meth:`~OnlineBackfillIndex.set_search_params`. One faiss index per part
-  (chunks would multiply the coarse-quantizer work of every search): removals free vectors list
-  by list, but each inverted list is a ``std::vector`` that keeps its largest size.
+  (chunks would multiply the coarse-quantizer work of every search). A removal compacts the
+  inverted lists, but each list is a ``std::vector`` that keeps its largest size and grows by
+  doubling, so an IVF part's memory is not bounded like a flat part's during a backfill.
 * ``"HNSW<M>"``: faiss cannot remove from an HNSW graph, so removed and backfilled items become
   *tombstones*, filtered out of every search with a faiss ``IDSelector``; :meth:`~backfill_lib.live_index.OnlineBackfillIndex.compact`
   rebuilds the part without them (and must run before a removed id is stored in that part again).
@@ -537,13 +538,36 @@ _ADD_DOC = """Store items as {what} vectors ({when}).
 
 
 class _TwoPartWrites:
-    """``add_old`` and ``add`` of both backends: checked vectors handed to ``self._add(part, ids, x)``."""
+    """``add_old``, ``add`` and ``remove`` of both backends, checked, then ``self._add`` / ``self._remove``."""
 
     def add_old(self, ids, vectors) -> None:
         self._add("old", ids, as_embeddings(vectors, "vectors", dim=self.dim_old, unit_norm=True))
 
     def add(self, ids, new_vectors) -> None:
         self._add("new", ids, as_embeddings(new_vectors, "new_vectors", dim=self.dim_new, unit_norm=True))
+
+    def remove(self, ids) -> None:
+        """Remove items from the index, wherever they are stored.
+
+        Parameters
+        ----------
+        ids : int or array of ints
+            Ids of stored items, each once.
+
+        Raises
+        ------
+        TypeError
+            If ``ids`` is not integer.
+        ValueError
+            If ``ids`` repeats an id or names an item that is not in the index (nothing is
+            removed then).
+        """
+        arr = np.atleast_1d(np.asarray(ids))
+        ids = _as_ids(arr, arr.size)
+        with self._lock.write():
+            if len(np.unique(ids)) != len(ids):
+                raise ValueError("ids must not repeat")
+            self._remove(ids)
 
     add_old.__doc__ = _ADD_DOC.format(what="old", when="items that arrived before the switch to the new model",
                                       arg="vectors", dim="dim_old")
@@ -822,34 +846,14 @@ class OnlineBackfillIndex(_TwoPartWrites):
                 new.remove(ids)
                 raise
 
-    def remove(self, ids) -> None:
-        """Remove items from the index, wherever they are stored.
-
-        Parameters
-        ----------
-        ids : int or array of ints
-            Ids of stored items, each once.
-
-        Raises
-        ------
-        TypeError
-            If ``ids`` is not integer.
-        ValueError
-            If ``ids`` repeats an id or names an item that is not in the index (nothing is
-            removed then).
-        """
-        arr = np.atleast_1d(np.asarray(ids))
-        ids = _as_ids(arr, arr.size)
-        with self._lock.write():
-            if len(np.unique(ids)) != len(ids):
-                raise ValueError("ids must not repeat")
-            in_old, in_new = self._where(ids)
-            unknown = ids[~(in_old | in_new)]
-            if len(unknown):
-                raise ValueError(f"ids {unknown[:5].tolist()} are not in the index")
-            for name, mask in zip(PARTS, (in_old, in_new)):
-                if mask.any():
-                    self._parts[name].remove(ids[mask])
+    def _remove(self, ids: np.ndarray) -> None:
+        in_old, in_new = self._where(ids)
+        unknown = ids[~(in_old | in_new)]
+        if len(unknown):
+            raise ValueError(f"ids {unknown[:5].tolist()} are not in the index")
+        for name, mask in zip(PARTS, (in_old, in_new)):
+            if mask.any():
+                self._parts[name].remove(ids[mask])
 
     # ---- search --------------------------------------------------------------------------------
 

@@ -240,33 +240,13 @@ class QdrantBackfillIndex(_TwoPartWrites):
                 raise ValueError(f"ids {again[:5]} are already backfilled (stored new)")
             self._upsert(ids, x, "new", [stored[int(i)][1] for i in ids])
 
-    def remove(self, ids) -> None:
-        """Delete points from the collection.
-
-        Parameters
-        ----------
-        ids : int or array of ints
-            Ids of stored points, each once.
-
-        Raises
-        ------
-        TypeError
-            If ``ids`` is not integer.
-        ValueError
-            If ``ids`` repeats an id or names a point that is not in the collection (nothing is
-            deleted then).
-        """
+    def _remove(self, ids: np.ndarray) -> None:
         models = _models()
-        arr = np.atleast_1d(np.asarray(ids))
-        ids = _as_ids(arr, arr.size)
-        with self._lock.write():
-            if len(np.unique(ids)) != len(ids):
-                raise ValueError("ids must not repeat")
-            stored = self._stored(ids)
-            unknown = [int(i) for i in ids if int(i) not in stored]
-            if unknown:
-                raise ValueError(f"ids {unknown[:5]} are not in the index")
-            self.client.delete(self.collection, points_selector=models.PointIdsList(points=ids.tolist()), wait=True)
+        stored = self._stored(ids)
+        unknown = [int(i) for i in ids if int(i) not in stored]
+        if unknown:
+            raise ValueError(f"ids {unknown[:5]} are not in the index")
+        self.client.delete(self.collection, points_selector=models.PointIdsList(points=ids.tolist()), wait=True)
 
     # ---- search --------------------------------------------------------------------------------
 

@@ -474,3 +474,33 @@ def test_with_the_real_reverse_transform_saved_and_loaded_with_the_index(tmp_pat
     assert isinstance(loaded.psi, ReverseTransform)
     for a, b in zip(loaded.search(q, 10), (scores, got)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_trained_flat_codes_parts_are_chunked_and_equal_one_faiss_index(tmp_path):
+    # SQ8 parts, trained on the first batch, in chunks of 37: the old part's results are those of
+    # one faiss SQ8 index trained on the same vectors; a save and load keep them.
+    import faiss
+
+    rng = np.random.default_rng(5)
+    n, d = 500, 16
+    x = normalize_rows(rng.standard_normal((n, d)).astype(np.float32))
+    ids = rng.choice(10**6, n, replace=False).astype(np.int64)
+    index = OnlineBackfillIndex(d, d, "SQ8", "SQ8", chunk_rows=37)
+    index.add_old(ids, x)
+    assert len(index._parts["old"].chunks) == -(-n // 37)
+    reference = faiss.index_factory(d, "SQ8", faiss.METRIC_INNER_PRODUCT)
+    reference.train(x)
+    reference = faiss.IndexIDMap(reference)
+    reference.add_with_ids(x, ids)
+    q = x[:5]
+    scores, got = index.search(q, 10, query_old=q)
+    want_s, want_i = reference.search(q, 10)
+    np.testing.assert_array_equal(got, want_i)
+    np.testing.assert_allclose(scores, want_s, rtol=1e-6)
+    index.backfill(ids[:300], x[:300])
+    index.remove(ids[300:350])
+    index.save(tmp_path / "sq8.idx")
+    loaded = OnlineBackfillIndex.load(tmp_path / "sq8.idx")
+    for a, b in zip(loaded.search(q, 10, query_old=q), index.search(q, 10, query_old=q)):
+        np.testing.assert_array_equal(a, b)
+    assert (loaded.n_old, loaded.n_new) == (150, 300)
