@@ -193,6 +193,11 @@ def write_markdown(result: dict, path: Path) -> None:
         lines.append(f"| {name} | {s['backbone_passes']} | {c[0]:.3f} | {c[5]:.3f} | {c[-1]:.3f} | "
                      f"{s['relative_gain']['mean']:.3f} ± {s['relative_gain']['std']:.3f} | {s['max_sag']['mean']:.3f} | "
                      f"{100 * s['max_negative_flip']['mean']:.1f} % | {100 * s['max_negative_flip_vs_start']['mean']:.1f} % |")
+    lines += ["", "mAP curves of the second backfill (mean over seeds; per-seed curves in the JSON):", "",
+              "| strategy | " + " | ".join(f"r = {r:g}" for r in result["ratios"]) + " |",
+              "|---|" + "---|" * len(result["ratios"])]
+    for name, s in result["strategies"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{m:.3f}" for m in s["curve_map_mean"]) + " |")
     lines += ["", "## The maps into older spaces (test split)", "",
               "Cosine: mean of ψ̂(·) · target over test items. mAP: the mapped query against the whole target-"
               "version gallery, leave-one-out.", "", "| map | variant | cosine to target | mAP |", "|---|---|---|---|"]
@@ -200,6 +205,10 @@ def write_markdown(result: dict, path: Path) -> None:
         for name, m in variants.items():
             lines.append(f"| {key.replace('_', ' → ')} | {name} | {m['cosine']['mean']:.3f} ± {m['cosine']['std']:.3f} | "
                          f"{m['map']['mean']:.3f} ± {m['map']['std']:.3f} |")
+    c = result["compute"]
+    lines += ["", f"Compute: {c['seconds']:.0f} s for this run on a shared 2-core CPU, one thread; "
+                  f"{c['cached_parts']} of {c['parts']} models and heads came from the checkpoint cache, whose "
+                  f"original training took {c['original_training_seconds']:.0f} s in all."]
     sp = result.get("engine_speed")
     if sp:
         lines += ["", f"Engine speed (synthetic, N = {sp['n']:,}, 3 versions, {sp['states']} states, leave-one-out, "
@@ -254,7 +263,12 @@ def main(argv=None) -> int:
                            for name in variants} for key, variants in per_seed[0]["psi"].items()}
     result["psi_v3_v1"] = result["psi"]["v3_v1"]  # the contract's name
     result["trained"] = {str(s): p["trained"] for s, p in zip(seeds, per_seed)}
-    result["compute_seconds"] = time.perf_counter() - start
+    records = [r for p in per_seed for r in p["trained"].values()]
+    result["compute"] = {"seconds": time.perf_counter() - start, "parts": len(records),
+                         "cached_parts": sum(bool(r["cached"]) for r in records),
+                         "original_training_seconds": float(sum(r["seconds"] or 0.0 for r in records)),
+                         "note": "seconds: this run (models and heads from the cache are loaded, not trained); "
+                                 "original_training_seconds: sum of the recorded training times of every part"}
     if not args.no_speed:
         result["engine_speed"] = engine_speed()
     result["machine"] = {"python": sys.version.split()[0], "numpy": np.__version__}
