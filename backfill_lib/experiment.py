@@ -36,10 +36,11 @@ import numpy as np
 
 from . import __version__
 from .backfill import DEFAULT_RATIOS, ORDER_POLICIES, evaluate_backfill, old_only
-from .context import SETTINGS, ExperimentContext, MethodParams, Preset, check_seed
+from .context import PRESETS, SETTINGS, ExperimentContext, MethodParams, Preset, check_seed
 from .data import DATASETS, format_classes, load_dataset
 from .strategies import STRATEGY_REGISTRY, NotApplicable, build_strategy, experiment_order
 from .training import check_cache_dir, resolve_device
+from .transforms import FORWARD_ARCHS
 from .validation import check_choice, check_ratios
 
 DEFAULT_STRATEGIES = ("old", "offline", "rank_merge")
@@ -514,7 +515,8 @@ def main(argv=None) -> int:
 
     Runs :func:`run_experiment` with the options (``--dataset``, ``--old-classes``,
     ``--strategies``, ``--seeds``, ``--setting``, ``--order``, ``--ratios``, ``--root``, ``--cache``,
-    ``--device``, ``--new-new``, ``--quiet``), adds the measured query costs of ``--query-cost``
+    ``--device``, ``--new-new``, ``--order``, ``--preset``, ``--image-size``, ``--forward-arch``,
+    ``--quiet``), adds the measured query costs of ``--query-cost``
     when that file exists, prints the table, and writes the results JSON (``--out``) and the
     Markdown table (``--markdown``) when asked. ``--table JSON`` only rebuilds the tables from
     saved results. ``--help`` lists every option.
@@ -551,6 +553,13 @@ def main(argv=None) -> int:
     parser.add_argument("--new-new", action="store_true",
                         help="train the new model for the new/new reference and the relative gain even when no "
                              "strategy asked needs it")
+    parser.add_argument("--preset", default=None,
+                        help=f"models and schedule, from: {', '.join(PRESETS)} (default: the dataset's own; "
+                             "cifar100_bt2 is the BT² recipe, ResNet-50 at 224 px)")
+    parser.add_argument("--image-size", default=None, type=int,
+                        help="image side in pixels for cifar100 (default 32; 224 with --preset cifar100_bt2)")
+    parser.add_argument("--forward-arch", default="mlp",
+                        help="forward map h: mlp (ours, default) or fct (ml-fct's two-branch map)")
     parser.add_argument("--out", default=None, help="write the results JSON here")
     parser.add_argument("--markdown", default=None, help="also write the Markdown table here")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -593,11 +602,36 @@ def _run_from_options(args) -> dict:
             raise _CliError(f"--ratios must be comma-separated numbers in [0, 1], e.g. 0,0.5,1 "
                             f"(got {args.ratios!r})") from None
         ratios = _check_run_ratios(ratios, "--ratios")
+    preset, data_kwargs = _preset_from_options(args)
+    params = MethodParams(forward_arch=check_choice(args.forward_arch, FORWARD_ARCHS, "--forward-arch"))
     device = resolve_device(args.device, "--device")
     check_cache_dir(args.cache, "--cache")
     return run_experiment(args.dataset, args.old_classes, strategies, seeds, args.setting, ratios, device=device,
                           cache=args.cache, root=args.root, progress=not args.quiet,
-                          new_new=True if args.new_new else None, order=order)
+                          new_new=True if args.new_new else None, order=order, preset=preset,
+                          data_kwargs=data_kwargs, params=params)
+
+
+def _preset_from_options(args) -> tuple[Preset | None, dict]:
+    """``--preset`` and ``--image-size``: the preset must be one of the dataset's own."""
+    preset = None
+    if args.preset is not None:
+        check_choice(args.preset, tuple(PRESETS), "--preset")
+        if args.preset.split("_")[0] != args.dataset:
+            raise _CliError(f"--preset {args.preset} is a recipe for {args.preset.split('_')[0]}, not for "
+                            f"--dataset {args.dataset}: choose one of "
+                            f"{', '.join(p for p in PRESETS if p.split('_')[0] == args.dataset)}")
+        preset = PRESETS[args.preset]
+    size = args.image_size
+    if size is None and args.preset == "cifar100_bt2":
+        size = 224  # the BT² recipe's ResNet-50 sees ImageNet-sized inputs
+    if size is None:
+        return preset, {}
+    if args.dataset != "cifar100":
+        raise _CliError(f"--image-size applies to --dataset cifar100 only (got --dataset {args.dataset})")
+    if size < 32:
+        raise _CliError(f"--image-size must be at least 32 (32 = CIFAR's own size, 224 = the BT² recipe), got {size}")
+    return preset, {"image_size": size}
 
 
 def _write_outputs(result: dict, outputs: dict) -> int:

@@ -579,3 +579,31 @@ def test_cli_order_reaches_the_results(tmp_path, monkeypatch):
                  "--cache", str(tmp_path / "ck"), "--device", "cpu", "--order", "class_coverage", "--out", str(out),
                  "--quiet"])
     assert code == 0 and json.loads(out.read_text())["order"] == "class_coverage"
+
+
+def test_preset_image_size_and_forward_arch_are_checked_before_any_work(no_work, capsys, tmp_path):
+    base = ["--cache", str(tmp_path)]
+    err = _cli_error(capsys, ["--dataset", "digits", "--preset", "cifar100_bt2", *base])
+    assert "--preset cifar100_bt2 is a recipe for cifar100, not for --dataset digits" in err
+    err = _cli_error(capsys, ["--dataset", "digits", "--preset", "nope", *base])
+    assert "--preset" in err and "cifar100_bt2" in err
+    err = _cli_error(capsys, ["--dataset", "digits", "--image-size", "224", *base])
+    assert "--image-size applies to --dataset cifar100 only" in err
+    err = _cli_error(capsys, ["--dataset", "cifar100", "--image-size", "16", *base])
+    assert "--image-size must be at least 32" in err
+    err = _cli_error(capsys, ["--dataset", "digits", "--forward-arch", "resnet", *base])
+    assert "--forward-arch" in err and "mlp, fct" in err
+
+
+def test_bt2_preset_reaches_the_run_with_224_px_images(monkeypatch, tmp_path):
+    seen = {}
+    monkeypatch.setattr(experiment, "run_experiment", lambda *a, **kw: seen.update(kw) or {})
+    monkeypatch.setattr(experiment, "_write_outputs", lambda result, outputs: 0)
+    assert main(["--dataset", "cifar100", "--preset", "cifar100_bt2", "--forward-arch", "fct",
+                 "--cache", str(tmp_path), "--device", "cpu", "--quiet"]) == 0
+    assert seen["preset"] is strategies.PRESETS["cifar100_bt2"]
+    assert seen["data_kwargs"] == {"image_size": 224} and seen["params"].forward_arch == "fct"
+    seen.clear()
+    assert main(["--dataset", "cifar100", "--image-size", "64", "--cache", str(tmp_path), "--device", "cpu"]) == 0
+    assert seen["preset"] is None and seen["data_kwargs"] == {"image_size": 64}
+    assert seen["params"].forward_arch == "mlp"
