@@ -6,6 +6,7 @@
 * :mod:`.ra_bct` — RA-BCT / Hot-Refresh InfoNCE towards the old feature (§3.3).
 * :mod:`.reverse` — ``L_rt``, the reverse transformation's regression loss (§3.4).
 * :mod:`.metric_compatible` — ``L_mc``, one softmax over old- and new-stored items (§3.5).
+* :mod:`.multi_compatible` — ``L_mc`` over K stored sets (several upgrades in a row).
 
 Each function takes embeddings and labels and returns a scalar; the closures that plug a loss
 into :func:`backfill_lib.training.train` live next to it.
@@ -19,5 +20,5 @@ from .ra_bct import ra_bct_loss, ra_bct_objective
 from .reverse import regression_loss, reverse_loss
 
 __all__ = ["NEGATIVES", "bct_influence_loss", "bct_objective", "bct_pseudo_influence_loss", "bct_pseudo_objective",
-           "metric_compatible_loss", "pseudo_classifier", "ra_bct_loss", "ra_bct_objective", "regression_loss",
-           "reverse_loss"]
+           "metric_compatible_loss", "multi_compatible_loss", "pseudo_classifier", "ra_bct_loss", "ra_bct_objective",
+           "regression_loss", "reverse_loss"]
