@@ -743,6 +743,35 @@ def evaluate_backfill(strategy: Strategy, query_labels, gallery_labels=None, rat
     """
     if not isinstance(strategy, Strategy):
         raise TypeError(f"strategy must be a Strategy, got {type(strategy).__name__}")
+    run = _prepare_evaluation(strategy, query_labels, gallery_labels, ratios, order, order_seed, exclude_self,
+                              reference_top1, chunk_size)
+    n = strategy.n_gallery
+    n_new = [(n if r == 1.0 else 0) if strategy.offline else int(round(r * n)) for r in run.eval_ratios]
+    m = evaluate_states(strategy.query_old, strategy.gallery_old, strategy.query_new, strategy.gallery_new,
+                        run.query_labels, run.gallery_labels, run.order, n_new, exclude_self=run.leave_one_out,
+                        ks=(1, 5), chunk_size=run.chunk_size, device=device)
+    return _curve_from_states(strategy, run, m)
+
+
+@dataclass(frozen=True)
+class _Evaluation:
+    """The checked inputs of one evaluation along a backfill (shared by the two- and K-version paths)."""
+    ratios: np.ndarray          # the ratios asked for
+    eval_ratios: np.ndarray     # ... with r = 0 first when it is needed for negative flips
+    leave_one_out: bool
+    query_labels: np.ndarray
+    gallery_labels: np.ndarray
+    order: np.ndarray
+    reference_top1: np.ndarray | None
+    chunk_size: int
+
+
+def _prepare_evaluation(strategy, query_labels, gallery_labels, ratios, order, order_seed, exclude_self,
+                        reference_top1, chunk_size) -> _Evaluation:
+    """Check the arguments of :func:`evaluate_backfill` (or of ``versions.evaluate_versions``) once.
+
+    ``strategy`` needs ``name``, ``n_gallery``, ``n_queries`` and ``queries_are_gallery``.
+    """
     ratios = check_ratios(ratios)
     chunk_size = check_chunk_size(chunk_size)
     n, n_q = strategy.n_gallery, strategy.n_queries
@@ -761,9 +790,7 @@ def evaluate_backfill(strategy: Strategy, query_labels, gallery_labels=None, rat
         gy = as_labels(gallery_labels, "gallery_labels", n=n)
     if n - int(loo) < 5:
         raise ValueError(f"the gallery needs at least 5 searchable items for top-5, got {n - int(loo)}")
-    if order is None:
-        order = backfill_order(n, order_seed)
-    order = check_order(order, n)
+    order = check_order(backfill_order(n, order_seed) if order is None else order, n)
     if reference_top1 is not None:
         reference_top1 = np.asarray(reference_top1, dtype=bool)
         if reference_top1.shape != (n_q,):
@@ -771,17 +798,18 @@ def evaluate_backfill(strategy: Strategy, query_labels, gallery_labels=None, rat
     # Negative flips are counted against r = 0 by default: evaluate it even when not asked for.
     add_zero = reference_top1 is None and ratios[0] != 0.0
     eval_ratios = np.concatenate([[0.0], ratios]) if add_zero else ratios
-    n_new = [(n if r == 1.0 else 0) if strategy.offline else int(round(r * n)) for r in eval_ratios]
+    return _Evaluation(ratios, eval_ratios, loo, qy, gy, order, reference_top1, chunk_size)
 
-    m = evaluate_states(strategy.query_old, strategy.gallery_old, strategy.query_new, strategy.gallery_new,
-                        qy, gy, order, n_new, exclude_self=loo, ks=(1, 5), chunk_size=chunk_size, device=device)
+
+def _curve_from_states(strategy, run: _Evaluation, m) -> BackfillCurve:
+    """The :class:`BackfillCurve` of the engine's per-state metrics ``m`` (``ap``, ``hits[1]``, ``hits[5]``)."""
     ap, hit1, hit5 = m.ap, m.hits[1], m.hits[5]
-    ref = hit1[0] if reference_top1 is None else reference_top1
-    if add_zero:
+    ref = hit1[0] if run.reference_top1 is None else run.reference_top1
+    if len(run.eval_ratios) > len(run.ratios):  # r = 0 was added for the negative flips only
         ap, hit1, hit5 = ap[1:], hit1[1:], hit5[1:]
     return BackfillCurve(
         strategy=strategy.name,
-        ratios=ratios,
+        ratios=run.ratios,
         map=np.nanmean(ap, axis=1),
         top1=hit1.mean(axis=1),
         top5=hit5.mean(axis=1),

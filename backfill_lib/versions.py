@@ -26,9 +26,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .backfill import DEFAULT_RATIOS, BackfillCurve, _leave_one_out, backfill_order
-from .evaluation import check_chunk_size, check_order, check_versions, evaluate_version_states
-from .metrics import negative_flip_rate
+from .backfill import DEFAULT_RATIOS, BackfillCurve, _curve_from_states, _prepare_evaluation
+from .evaluation import check_order, check_versions, evaluate_version_states
 from .validation import as_embeddings, as_labels, check_ratios
 
 __all__ = ["MultiVersionStrategy", "evaluate_versions", "fit_multi_reverse", "multi_rank_merge",
@@ -297,42 +296,18 @@ def evaluate_versions(strategy: MultiVersionStrategy, query_labels, gallery_labe
     """
     if not isinstance(strategy, MultiVersionStrategy):
         raise TypeError(f"strategy must be a MultiVersionStrategy, got {type(strategy).__name__}")
-    ratios = check_ratios(ratios)
-    chunk_size = check_chunk_size(chunk_size)
-    n, n_q, k = strategy.n_gallery, strategy.n_queries, strategy.n_versions
-    loo = _leave_one_out(strategy, exclude_self)
-    if loo and n_q != n:
-        raise ValueError(f"exclude_self=True needs one query per gallery item, got {n_q} queries for {n} items")
-    qy = as_labels(query_labels, "query_labels", n=n_q)
-    if gallery_labels is None:
-        if not (loo or strategy.queries_are_gallery):
-            raise ValueError(f"gallery_labels is needed: strategy {strategy.name!r} has separate queries")
-        gy = as_labels(qy, "query_labels", n=n)
-    else:
-        gy = as_labels(gallery_labels, "gallery_labels", n=n)
-    if n - int(loo) < 5:
-        raise ValueError(f"the gallery needs at least 5 searchable items for top-5, got {n - int(loo)}")
+    run = _prepare_evaluation(strategy, query_labels, gallery_labels, ratios, order, order_seed, exclude_self,
+                              reference_top1, chunk_size)
+    n, k = strategy.n_gallery, strategy.n_versions
     initial = np.zeros(n, dtype=np.int64) if initial is None else np.asarray(initial)
     if initial.shape != (n,):
         raise ValueError(f"initial must hold one version index per gallery item ({n}), got shape {initial.shape}")
     new_version = k - 1 if new_version is None else new_version
-    order = backfill_order(n, order_seed) if order is None else check_order(order, n)
-    if reference_top1 is not None:
-        reference_top1 = np.asarray(reference_top1, dtype=bool)
-        if reference_top1.shape != (n_q,):
-            raise ValueError(f"reference_top1 must hold one bool per query ({n_q}), got shape {reference_top1.shape}")
-    add_zero = reference_top1 is None and ratios[0] != 0.0
-    eval_ratios = np.concatenate([[0.0], ratios]) if add_zero else ratios
-    versions = storage_states(initial, order, eval_ratios, new_version, n_versions=k)
-    m = evaluate_version_states(list(strategy.queries), list(strategy.galleries), versions, qy, gy, exclude_self=loo,
-                                ks=(1, 5), chunk_size=chunk_size, device=device)
-    ap, hit1, hit5 = m.ap, m.hits[1], m.hits[5]
-    ref = hit1[0] if reference_top1 is None else reference_top1
-    if add_zero:
-        ap, hit1, hit5 = ap[1:], hit1[1:], hit5[1:]
-    return BackfillCurve(strategy=strategy.name, ratios=ratios, map=np.nanmean(ap, axis=1), top1=hit1.mean(axis=1),
-                         top5=hit5.mean(axis=1), negative_flips=np.array([negative_flip_rate(ref, h) for h in hit1]),
-                         backbone_passes=strategy.backbone_passes, per_query_top1=hit1)
+    versions = storage_states(initial, run.order, run.eval_ratios, new_version, n_versions=k)
+    m = evaluate_version_states(list(strategy.queries), list(strategy.galleries), versions, run.query_labels,
+                                run.gallery_labels, exclude_self=run.leave_one_out, ks=(1, 5),
+                                chunk_size=run.chunk_size, device=device)
+    return _curve_from_states(strategy, run, m)
 
 
 def multi_reverse_heads(d_new: int, d_targets):
