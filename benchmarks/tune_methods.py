@@ -436,7 +436,9 @@ def main(argv=None) -> int:
             for m in tuning["methods"]:
                 tuning["skipped"].pop(m, None)
             tuning["per_strategy"] = {m: v["chosen"] for m, v in tuning["methods"].items()}
-            tuning["command"] += " (methods re-run: " + ",".join(methods) + ")"
+            # The searches of different methods are independent: a run in parts equals one full run.
+            tuning["parts"] = old.get("parts", []) + [f"{tuning['command']} --methods {','.join(methods)}"]
+            tuning["elapsed_seconds"] = round(tuning["elapsed_seconds"] + old.get("elapsed_seconds", 0.0), 1)
             fixed = _merge_params(tuning["per_strategy"])
             tuning["method_params"], tuning["conflicts"] = fixed
         _write(out / "tuning.json", json.dumps(tuning, indent=1) + "\n")
