@@ -29,7 +29,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tune_methods import RESULTS, _supports_order, _write, params_for, run_tuned_experiment  # noqa: E402
+from tune_methods import RESULTS, _stats, _supports_order, _write, params_for, run_tuned_experiment  # noqa: E402
 
 from backfill_lib import strategies as st  # noqa: E402
 from backfill_lib.data import load_dataset  # noqa: E402
@@ -119,11 +119,6 @@ def linear_probe(train_x, train_y, test_x, test_y, seed: int = 0) -> float:
     probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000, random_state=seed))
     probe.fit(train_x, train_y)
     return float(probe.score(test_x, test_y))
-
-
-def _stats(values) -> dict:
-    v = np.asarray(values, dtype=np.float64)
-    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0}
 
 
 def per_seed_gains(result: dict, name: str) -> list[float]:
