@@ -57,8 +57,11 @@ def main(argv=None) -> int:
 
     def gains(name: str, params: MethodParams) -> list[float]:
         out = []
-        for ctx, (oo, nn_, ref) in zip(contexts, refs):
-            ctx.params = params
+        for seed, (oo, nn_, ref) in zip(seeds, refs):
+            # A fresh context per setting: a context keeps the heads it fitted by name, so reusing one
+            # would return the first setting's head for every setting (the backbones come from the cache).
+            ctx = ExperimentContext(data, seed=seed, preset=PRESETS["digits"], cache=args.cache, progress=False,
+                                    params=params)
             curve = evaluate_backfill(build_strategy(name, ctx), labels, order_seed=ctx.seed, reference_top1=ref)
             out.append(curve.relative_gain(oo, nn_))
         return out
