@@ -297,7 +297,7 @@ compute with our recipe and {bt2['old_plus_new_days_this_cpu']['cpu']:.0f} days 
 
 - CIFAR-100, ResNet-50 at 224 px, old model on classes 0–49, as the BT² repository's README reports
   them (top-1 / top-5 / mAP; their BCT is the pseudo-classifier variant with α = 10): old/old
-  33.6 / 55.4 / 24.4, new/new 62.7 / 74.6 / 49.9, BCT new/old 25.0 / 62.1 / 24.7 (BT², paper).
+  33.6 / 55.4 / 24.4, new/new 62.7 / 74.6 / 49.9, BCT new/old 25.0 / 62.1 / 24.7 (BT² README).
 - Share of the new model's gain, over four benchmarks, read through a secondary source (paper):
   distance rank merge 36–45 %, BCT 4–27 %, BiCT 16–36 %, FCT on ImageNet 62 % with side information
   and 28 % without (paper). The paper's own figures for the full method are not available here.
