@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 import zlib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable
 
@@ -153,6 +153,57 @@ class MethodParams:
         check_choice(self.calibration, CALIBRATIONS, "calibration")
         check_choice(self.forward_arch, tf.FORWARD_ARCHS, "forward_arch")
         check_positive_int(self.ra_bct_topk, "ra_bct_topk", "negatives kept per anchor and set", allow_none=True)
+
+
+#: Strategies that take another strategy's tuned values (the ablations of ``mct`` take ``mct``'s).
+TUNING_FAMILY = {"mct_old_neg": "mct", "mct_new_neg": "mct", "mct_no_rho": "mct"}
+
+
+def tuned_params(strategy: str, tuning: dict) -> MethodParams:
+    """The tuned :class:`MethodParams` of one strategy, from ``results/tuning.json``.
+
+    Every method was tuned with the same validation budget (``benchmarks/tune_methods.py``); the
+    methods chose different values of fields they share (e.g. ``transform_steps``: ψ, ρ and h),
+    so the tuned parameters are per strategy.
+
+    Parameters
+    ----------
+    strategy : str
+        A strategy name, e.g. ``"reverse_transform"``.
+    tuning : dict
+        The content of ``results/tuning.json`` (``method_params``: fields every method chose
+        alike; ``per_strategy``: each strategy's own choice), e.g.
+        ``backfill_lib.book.load_result("tuning.json")``.
+
+    Returns
+    -------
+    MethodParams
+        The published defaults, overridden by ``method_params``, then by the strategy's own entry
+        of ``per_strategy`` (the ``mct`` ablations take ``mct``'s, see :data:`TUNING_FAMILY`).
+
+    Raises
+    ------
+    TypeError
+        If ``tuning`` is not a dict.
+    ValueError
+        If ``tuning`` holds a field that ``MethodParams`` does not have.
+
+    Examples
+    --------
+    >>> tuning = {"method_params": {"mct_tau": 0.2}, "per_strategy": {"mct": {"transform_steps": 500}}}
+    >>> p = tuned_params("mct_no_rho", tuning)
+    >>> (p.mct_tau, p.transform_steps, tuned_params("bct", tuning).transform_steps == MethodParams().transform_steps)
+    (0.2, 500, True)
+    """
+    if not isinstance(tuning, dict):
+        raise TypeError(f"tuning must be the dict of results/tuning.json, got {type(tuning).__name__}")
+    own = tuning.get("per_strategy", {}).get(TUNING_FAMILY.get(strategy, strategy), {})
+    values = {**tuning.get("method_params", {}), **own}
+    unknown = sorted(set(values) - {f.name for f in fields(MethodParams)})
+    if unknown:
+        raise ValueError(f"tuning holds {', '.join(unknown)}, which this library's MethodParams does not have: "
+                         "update backfill_lib or re-run benchmarks/tune_methods.py")
+    return MethodParams(**values)
 
 
 def init_seed(name: str, seed: int) -> int:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .validation import as_labels, check_ratio
+from .validation import as_embeddings, as_labels, check_ratio
 
 
 def _check_scores(scores, relevant) -> tuple[np.ndarray, np.ndarray]:
@@ -325,3 +325,49 @@ def same_label(query_labels, gallery_labels) -> np.ndarray:
     q = as_labels(query_labels, "query_labels")
     g = as_labels(gallery_labels, "gallery_labels")
     return q[:, None] == g[None, :]
+
+
+def linear_probe(train_x, train_y, test_x, test_y, seed: int = 0) -> float:
+    """Test accuracy of a linear probe: a logistic regression on standardised embeddings, fitted on train.
+
+    How much class information an embedding holds, whether or not it is arranged well for
+    retrieval (the book probes the old embedding on all classes, also those it never saw).
+
+    Parameters
+    ----------
+    train_x, test_x : array (n, d)
+        Embeddings of the training and test items.
+    train_y, test_y : array (n,) of int
+        Their labels (all classes).
+    seed : int, default 0
+        Seed of the solver.
+
+    Returns
+    -------
+    float
+        Share of test items whose class the probe predicts.
+
+    Raises
+    ------
+    ValueError
+        If the arrays do not match in length or width (the message names the argument).
+    TypeError
+        If an array is not numeric.
+
+    Examples
+    --------
+    >>> x = np.repeat(np.eye(3), 4, axis=0) + 0.01 * np.arange(12)[:, None]
+    >>> linear_probe(x, np.repeat([0, 1, 2], 4), x, np.repeat([0, 1, 2], 4))
+    1.0
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    train_x = as_embeddings(train_x, "train_x").astype(np.float64)
+    test_x = as_embeddings(test_x, "test_x", dim=train_x.shape[1]).astype(np.float64)
+    train_y = as_labels(train_y, "train_y", n=len(train_x))
+    test_y = as_labels(test_y, "test_y", n=len(test_x))
+    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000, random_state=seed))
+    probe.fit(train_x, train_y)
+    return float(probe.score(test_x, test_y))

@@ -39,6 +39,7 @@ from validation_sweep import validation_data  # noqa: E402  (the validation prot
 from backfill_lib import strategies as st  # noqa: E402
 from backfill_lib.backfill import evaluate_backfill, old_only  # noqa: E402
 from backfill_lib.experiment import format_table, run_experiment  # noqa: E402
+from backfill_lib.context import tuned_params  # noqa: E402
 from backfill_lib.strategies import PRESETS, ExperimentContext, MethodParams, NotApplicable, build_strategy  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
@@ -176,39 +177,8 @@ def _merge_params(per_strategy: dict) -> tuple[dict, dict]:
 
 
 #: Strategies that use another strategy's tuned values (the ablations of ``mct``).
-FAMILY = {"mct_old_neg": "mct", "mct_new_neg": "mct", "mct_no_rho": "mct"}
-
-
-def params_for(strategy: str, tuning: dict) -> MethodParams:
-    """The tuned ``MethodParams`` of one strategy.
-
-    Parameters
-    ----------
-    strategy : str
-        A strategy name.
-    tuning : dict
-        The content of ``results/tuning.json`` (``method_params`` and ``per_strategy``).
-
-    Returns
-    -------
-    MethodParams
-        Published defaults, overridden by every tuned field that is the same for all methods
-        (``method_params``), then by the strategy's own choice (``per_strategy``, e.g. its heads'
-        ``transform_steps``; the ``mct`` ablations take ``mct``'s).
-
-    Raises
-    ------
-    ValueError
-        If ``tuning`` holds a field ``MethodParams`` does not have.
-    """
-    fields = {f.name for f in dataclasses.fields(MethodParams)}
-    own = tuning.get("per_strategy", {}).get(FAMILY.get(strategy, strategy), {})
-    values = {**tuning.get("method_params", {}), **own}
-    unknown = sorted(set(values) - fields)
-    if unknown:
-        raise ValueError(f"tuning holds {', '.join(unknown)}, which this library's MethodParams does not have: "
-                         "update backfill_lib or re-run benchmarks/tune_methods.py")
-    return MethodParams(**values)
+#: The tuned MethodParams of one strategy: now in the library (the chapters use it too).
+params_for = tuned_params
 
 
 def _stats(values) -> dict:

@@ -33,7 +33,7 @@ from tune_methods import RESULTS, _stats, _supports_order, _write, params_for, r
 
 from backfill_lib import strategies as st  # noqa: E402
 from backfill_lib.data import load_dataset  # noqa: E402
-from backfill_lib.metrics import auc, relative_gain  # noqa: E402
+from backfill_lib.metrics import auc, linear_probe, relative_gain  # noqa: E402
 from backfill_lib.models import ModelSpec  # noqa: E402
 from backfill_lib.strategies import PRESETS, ExperimentContext, Preset  # noqa: E402
 
@@ -82,43 +82,6 @@ def point_preset(point: dict) -> Preset:
     """
     base = PRESETS["digits"]
     return Preset(ModelSpec(**point["old_spec"]), base.new, base.new_heterogeneous, base.train)
-
-
-def linear_probe(train_x, train_y, test_x, test_y, seed: int = 0) -> float:
-    """Test accuracy of a logistic regression on standardised embeddings (fitted on train).
-
-    Parameters
-    ----------
-    train_x, test_x : array (n, d)
-        Embeddings of the training and test items.
-    train_y, test_y : array (n,) of int
-        Their labels (all classes).
-    seed : int, default 0
-        Seed of the solver.
-
-    Returns
-    -------
-    float
-        Share of test items whose class the probe predicts.
-
-    Raises
-    ------
-    ValueError
-        If the arrays do not match in length or width.
-    """
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    train_x, test_x = np.asarray(train_x, dtype=np.float64), np.asarray(test_x, dtype=np.float64)
-    if len(train_x) != len(train_y) or len(test_x) != len(test_y):
-        raise ValueError(f"train_x/train_y ({len(train_x)}/{len(train_y)}) or test_x/test_y "
-                         f"({len(test_x)}/{len(test_y)}) differ in length: give one label per embedding")
-    if train_x.ndim != 2 or test_x.ndim != 2 or train_x.shape[1] != test_x.shape[1]:
-        raise ValueError(f"train_x {train_x.shape} and test_x {test_x.shape} must be 2-D with the same width")
-    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000, random_state=seed))
-    probe.fit(train_x, train_y)
-    return float(probe.score(test_x, test_y))
 
 
 def per_seed_gains(result: dict, name: str) -> list[float]:

@@ -63,9 +63,9 @@ def test_linear_probe_separates_clusters_and_not_noise():
 
 def test_linear_probe_rejects_mismatched_inputs():
     x = np.zeros((5, 3))
-    with pytest.raises(ValueError, match="differ in length"):
+    with pytest.raises(ValueError, match="train_y has 4 labels but there are 5 items"):
         wmw.linear_probe(x, np.arange(4), x, np.arange(5))
-    with pytest.raises(ValueError, match="same width"):
+    with pytest.raises(ValueError, match="test_x has dimension 4 but 3 is expected"):
         wmw.linear_probe(x, np.arange(5) % 2, np.zeros((5, 4)), np.arange(5) % 2)
 
 
