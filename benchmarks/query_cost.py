@@ -4,7 +4,10 @@ For a batch of CIFAR-sized queries (3×32×32) and CIFAR-style ResNet-18 old and
 strategy embeds the batch with the backbones it needs, applies its heads (``ψ``, ``ρ``), and
 searches a gallery half backfilled (``r = 0.5``): one faiss index for single-space strategies
 (BCT, RA-BCT, forward transformation), a :class:`~backfill_lib.retrieval.MixedGallery` (two
-indexes, merged top-k) for rank merge and the reverse transformation. Every time is the median
+indexes, merged top-k) for rank merge and the reverse transformation; calibrated rank merge
+searches the same mixed gallery with each space's affine score map folded into the vectors (one
+extra column per space, :func:`~backfill_lib.backfill.fold_affine_scores`), and appends that
+column to its two query vectors. Every time is the median
 of several runs measured in this one process; only the ratios are meant to travel.
 
     python benchmarks/query_cost.py [--batch 64] [--gallery 10000] [--repeats 7]
@@ -23,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from backfill_lib.backfill import fold_affine_scores
 from backfill_lib.models import ModelSpec, build_model
 from backfill_lib.retrieval import Gallery, MixedGallery
 from backfill_lib.transforms import ResidualEmbedding, reverse_transformation
@@ -33,9 +37,11 @@ PIPELINES = {
     "offline": (("old",), (), "single"),          # old/old until r = 1
     "new_on_old": (("new",), (), "single"),
     "bct": (("new",), (), "single"),
+    "bct_pseudo": (("new",), (), "single"),
     "ra_bct": (("new",), (), "single"),
     "forward_transform": (("new",), (), "single"),
     "rank_merge": (("old", "new"), (), "mixed"),
+    "rank_merge_calibrated": (("old", "new"), ("calibration",), "mixed_calibrated"),
     "reverse_transform": (("new",), ("psi",), "mixed"),
     "mct_no_rho": (("new",), ("psi",), "mixed"),
     "mct": (("new",), ("psi", "rho"), "mixed"),
@@ -52,6 +58,11 @@ def _median_seconds(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return float(np.median(times))
+
+
+def _fold(x: np.ndarray, theta: float) -> np.ndarray:
+    """``[cos θ · x, sin θ]`` per row: a unit vector whose inner products carry an affine score map."""
+    return np.hstack([np.cos(theta) * x, np.full((len(x), 1), np.sin(theta), dtype=x.dtype)]).astype(np.float32)
 
 
 def _unit(rng, n, d) -> np.ndarray:
@@ -72,7 +83,13 @@ def measure(batch: int = 64, gallery: int = 10_000, dim: int = 128, k: int = 10,
     single.add(_unit(rng, gallery, dim))
     mixed = MixedGallery(_unit(rng, gallery, dim), new_dim=dim)
     half = rng.permutation(gallery)[: gallery // 2]
-    mixed.backfill(half, _unit(rng, len(half), dim))
+    new_half = _unit(rng, len(half), dim)
+    mixed.backfill(half, new_half)
+    # Calibrated rank merge: maps of the size the Platt fits give on digits (the cost does not
+    # depend on their values); the stored vectors are folded once, offline.
+    (tq_old, tg_old), (tq_new, tg_new) = fold_affine_scores([(9.0, -4.0), (97.0, -80.0)])
+    mixed_cal = MixedGallery(_fold(_unit(np.random.default_rng(seed + 1), gallery, dim), tg_old), new_dim=dim + 1)
+    mixed_cal.backfill(half, _fold(new_half, tg_new))
 
     def pipeline(name: str):
         models, head_names, index = PIPELINES[name]
@@ -81,6 +98,8 @@ def measure(batch: int = 64, gallery: int = 10_000, dim: int = 128, k: int = 10,
             z = {role: backbones[role].embed(images) for role in models}
             if index == "single":
                 return single.search(z[models[0]].numpy(), k)
+            if index == "mixed_calibrated":
+                return mixed_cal.search(_fold(z["old"].numpy(), tq_old), _fold(z["new"].numpy(), tq_new), k)
             q_new = z["new"]
             q_old = z["old"] if "old" in z else heads["psi"](q_new)
             if "rho" in head_names:
