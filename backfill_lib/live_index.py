@@ -642,6 +642,9 @@ class OnlineBackfillIndex(_TwoPartWrites):
     array([[10, 11]])
     """
 
+    # One implementation for both backends (_TwoPartWrites); bound here so each class documents them.
+    add_old, add, remove = _TwoPartWrites.add_old, _TwoPartWrites.add, _TwoPartWrites.remove
+
     def __init__(self, dim_old: int, dim_new: int, old_index: str = "Flat", new_index: str = "Flat", psi=None,
                  chunk_rows: int = CHUNK_ROWS):
         self.dim_old = _check_dim("dim_old", dim_old)

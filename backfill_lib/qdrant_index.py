@@ -85,6 +85,9 @@ class QdrantBackfillIndex(_TwoPartWrites):
         If a dimension is not a positive integer or an existing collection has other vectors.
     """
 
+    # One implementation for both backends (_TwoPartWrites); bound here so each class documents them.
+    add_old, add, remove = _TwoPartWrites.add_old, _TwoPartWrites.add, _TwoPartWrites.remove
+
     def __init__(self, client, collection: str, dim_old: int, dim_new: int, psi=None, search_params=None):
         models = _models()
         if not isinstance(collection, str) or not collection:

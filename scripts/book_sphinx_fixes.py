@@ -22,6 +22,10 @@
 5. A dataclass field with ``default_factory`` shows as ``= <factory>`` in the generated
    signature, which Sphinx cannot parse: the whole signature then prints as raw text (with
    ``~torch...`` prefixes, no line breaks). It is written ``= ...`` instead.
+
+6. A private base class that only shares code between public classes (``live_index._TwoPartWrites``)
+   is not part of the API: ``Bases:`` lists its own bases instead, so the reference does not point
+   at a page that does not exist. The classes bind the shared methods themselves, so they are listed.
 """
 
 from __future__ import annotations
@@ -100,11 +104,26 @@ def _factory_defaults(app, what, name, obj, options, signature, return_annotatio
     return None
 
 
+def _public_bases(app, name, obj, options, bases: list) -> None:
+    # Replace private bases by their own bases (recursively), in place, keeping the order.
+    out = []
+    for base in bases:
+        stack = [base]
+        while stack:
+            b = stack.pop(0)
+            if b.__name__.startswith("_") and b.__module__.startswith("backfill_lib"):
+                stack = list(b.__bases__) + stack
+            elif b not in out:
+                out.append(b)
+    bases[:] = [b for b in out if b is not object] or [object]
+
+
 def setup(app):
     # After every other html-page-context handler (myst-nb adds the widget scripts there).
     app.connect("html-page-context", _drop_duplicate_scripts, priority=900)
     app.connect("autodoc-skip-member", _skip_undocumented_data)
     app.connect("autodoc-process-signature", _factory_defaults)
+    app.connect("autodoc-process-bases", _public_bases)
     app.connect("autodoc-process-docstring", _no_inline_attribute_type, priority=400)
     app.add_autodocumenter(ShortValueDataDocumenter, override=True)
     app.add_autodocumenter(ShortValueAttributeDocumenter, override=True)
