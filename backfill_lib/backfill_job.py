@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from .backfill import backfill_order
 from .live_index import _atomic_write
+from .validation import repeated
 
 STATE_VERSION = 1
 
@@ -102,8 +103,9 @@ def _plan(index, state_path: str, order, seed: int):
         if order.ndim != 1 or (order.size and not np.issubdtype(order.dtype, np.integer)):
             raise ValueError(f"order must be a 1-D array of item ids, got shape {order.shape} and dtype {order.dtype}")
         order = order.astype(np.int64)
-        if len(np.unique(order)) != len(order):
-            raise ValueError("order repeats an id: each item is backfilled once")
+        dup = repeated(order)
+        if len(dup):
+            raise ValueError(f"order repeats ids {dup[:5].tolist()}: each item is backfilled once")
         missing = np.setdiff1d(old, order)
         if len(missing):
             raise ValueError(f"order misses {len(missing)} item(s) stored old, e.g. {missing[:5].tolist()}: it must "

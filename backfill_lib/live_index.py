@@ -23,6 +23,9 @@ Index types. Each part is built by ``faiss.index_factory(dim, spec, METRIC_INNER
   nothing is allocated), and a last chunk emptied that way is freed. Every chunk but the last
   is then full: a part holds less than one chunk of spare rows, in whatever order the items
   leave, and the memory of the old part shrinks as the backfill moves items out of it.
+  Which items exist, and in which part, is kept once for the whole index (every id, sorted, with
+  a stored-new flag): a backfill batch flips flags in place, so moving items allocates nothing
+  of the gallery's size.
 * ``"IVF<nlist>,Flat"`` (and other IVF types): must be trained before vectors are stored, either
   with :meth:`OnlineBackfillIndex.train_old` / :meth:`~OnlineBackfillIndex.train_new` or on the
   first batch added to that part (it must then hold at least ``nlist`` vectors). Approximate:
@@ -50,14 +53,14 @@ import faiss
 import numpy as np
 
 from .retrieval import _as_ids, _sorted_topk
-from .validation import as_embeddings, check_k
+from .validation import as_embeddings, check_k, repeated
 
 #: Marks a file written by :meth:`OnlineBackfillIndex.save` (with the format version below).
 FILE_MAGIC = "backfill_lib.OnlineBackfillIndex"
 FILE_VERSION = 2  # 2: flat-codes parts saved chunk by chunk; version 1 files still load
 PARTS = ("old", "new")
 #: Default rows per storage chunk of a flat-codes part (``chunk_rows`` of :class:`OnlineBackfillIndex`).
-CHUNK_ROWS = 1 << 14
+CHUNK_ROWS = 1 << 13
 
 
 class _RWLock:
@@ -125,7 +128,7 @@ class _Part:
         # IVF stores external ids itself; an IndexIDMap around it would lose track on removal
         # (IVF does not renumber what is left, the id map does). Other types get an IndexIDMap.
         self.index = base if faiss.try_extract_index_ivf(base) is not None else faiss.IndexIDMap(base)
-        self.ids = np.empty(0, dtype=np.int64)    # live ids, sorted
+        self.count = 0  # live items (the index's sorted ids say which: OnlineBackfillIndex._ids)
         self.tombs = np.empty(0, dtype=np.int64)  # ids still in the faiss index but removed, sorted
         self._selector = None  # (IDSelectorNot, IDSelectorBatch) excluding self.tombs, built on demand
         self.params = {}  # search parameters set on the index, applied again when it is rebuilt
@@ -156,7 +159,7 @@ class _Part:
         if not self.is_trained:
             self.train(x)
         self.index.add_with_ids(x, ids)
-        self.ids = _insert_sorted(self.ids, ids)
+        self.count += len(ids)
         self.peak = max(self.peak, self.index.ntotal)
 
     def remove(self, ids: np.ndarray) -> None:
@@ -166,11 +169,11 @@ class _Part:
         else:
             removed = self.index.remove_ids(ids)
             assert removed == len(ids), "faiss removed another number of vectors than asked"
-        self.ids = _delete_sorted(self.ids, ids)
+        self.count -= len(ids)
 
     def sources(self) -> list:
         """What a merged search queries: ``[(searchable, number of live items)]``."""
-        return [(self, len(self.ids))]
+        return [(self, self.count)]
 
     def search(self, q: np.ndarray, k: int):
         if not len(self.tombs):
@@ -204,7 +207,7 @@ class _Part:
         if len(keep):
             vectors = self.index.index.reconstruct_n(0, self.index.ntotal)[keep]
             fresh.add(id_map[keep], np.ascontiguousarray(vectors))
-        self.index, self.ids, self.tombs, self.peak = fresh.index, fresh.ids, fresh.tombs, fresh.peak
+        self.index, self.count, self.tombs, self.peak = fresh.index, fresh.count, fresh.tombs, fresh.peak
         self._selector = None
 
     def state(self) -> tuple[dict, dict]:
@@ -215,6 +218,7 @@ class _Part:
         """Set the part from what :meth:`state` wrote (``version`` of the file format)."""
         self.index = faiss.deserialize_index(arrays["faiss"])
         self.tombs = arrays["tombs"].astype(np.int64)
+        self.count = self.index.ntotal - len(self.tombs)
         self.peak = self.index.ntotal  # a read index has no spare capacity
 
 
@@ -286,7 +290,6 @@ class _ChunkedPart:
         self.template = template  # empty; trained once the part is
         self.chunk_rows = chunk_rows
         self.chunks: list[_Chunk] = []
-        self.ids = np.empty(0, dtype=np.int64)    # live ids, sorted
         self.tombs = np.empty(0, dtype=np.int64)  # always empty: flat codes remove for real
         self.params = {}
         self.uses_tombstones = False
@@ -294,6 +297,11 @@ class _ChunkedPart:
     @property
     def ntotal(self) -> int:
         return sum(c.n for c in self.chunks)
+
+    @property
+    def count(self) -> int:
+        """Live items: every stored row (a removal removes the row)."""
+        return self.ntotal
 
     @property
     def capacity(self) -> int:
@@ -338,7 +346,6 @@ class _ChunkedPart:
         if not self.is_trained:
             self.train(x)
         self._fill(ids, x=x)
-        self.ids = _insert_sorted(self.ids, ids)
 
     def remove(self, ids: np.ndarray) -> None:
         gone = np.sort(ids)
@@ -346,7 +353,6 @@ class _ChunkedPart:
             mask = _isin_sorted(chunk.ids[:chunk.n], gone)
             if mask.any():
                 chunk.remove(mask)
-        self.ids = _delete_sorted(self.ids, gone)
         self._refill()
 
     def _refill(self) -> None:
@@ -426,17 +432,6 @@ def _set_param(index, name: str, spec: str, key: str, value) -> None:
     except RuntimeError as exc:
         raise ValueError(f"cannot set {key}={value!r} on the {name} part ({spec!r}): "
                          f"{_faiss_message(exc)}") from None
-
-
-def _insert_sorted(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """``np.union1d`` for new ids, with one new array (no temporary copies of the long one)."""
-    ids = np.sort(ids)
-    return np.insert(sorted_ids, np.searchsorted(sorted_ids, ids), ids)
-
-
-def _delete_sorted(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """``np.setdiff1d`` for stored ids, with one new array."""
-    return sorted_ids[~_isin_sorted(sorted_ids, np.sort(ids))]
 
 
 def _faiss_message(exc: Exception) -> str:
@@ -565,8 +560,9 @@ class _TwoPartWrites:
         arr = np.atleast_1d(np.asarray(ids))
         ids = _as_ids(arr, arr.size)
         with self._lock.write():
-            if len(np.unique(ids)) != len(ids):
-                raise ValueError("ids must not repeat")
+            dup = repeated(ids)
+            if len(dup):
+                raise ValueError(f"ids must not repeat: {dup[:5].tolist()} appear more than once")
             self._remove(ids)
 
     add_old.__doc__ = _ADD_DOC.format(what="old", when="items that arrived before the switch to the new model",
@@ -608,7 +604,7 @@ class OnlineBackfillIndex(_TwoPartWrites):
         ``(n, dim_new)`` rows to unit-norm ``(n, dim_old)`` float32 rows, such as
         :class:`backfill_lib.transforms.ReverseTransform`. Saved with the index if it also has
         ``save(path)`` and a class method ``load(path)``.
-    chunk_rows : int, default 16384
+    chunk_rows : int, default 8192
         Rows per storage chunk of a flat-codes part (``"Flat"``, ``"SQ8"``, ``"PQ16"``, ...):
         such a part is a list of faiss indices of at most this many vectors, so that the memory
         a backfill moves out of the old part is given back as it goes (see the module docstring).
@@ -654,18 +650,24 @@ class OnlineBackfillIndex(_TwoPartWrites):
                        "new": _make_part("new", self.dim_new, _check_spec("new_index", new_index), self.chunk_rows)}
         self.psi = _check_psi(psi)
         self._lock = _RWLock()
+        # Which items exist and where: every stored id once, ascending, and whether it is stored
+        # new. A backfill only flips flags in place, so moving items allocates nothing of the
+        # gallery's size (two sorted id arrays, one per part, were rewritten by every batch).
+        self._ids = np.empty(0, dtype=np.int64)
+        self._in_new = np.empty(0, dtype=bool)
+        self._n_new = 0
 
     # ---- state -------------------------------------------------------------------------------
 
     @property
     def n_old(self) -> int:
         """Number of items stored old."""
-        return len(self._parts["old"].ids)
+        return len(self._ids) - self._n_new
 
     @property
     def n_new(self) -> int:
         """Number of items stored new."""
-        return len(self._parts["new"].ids)
+        return self._n_new
 
     @property
     def ntotal(self) -> int:
@@ -691,7 +693,7 @@ class OnlineBackfillIndex(_TwoPartWrites):
             A copy; later writes do not change it.
         """
         with self._lock.read():
-            return self._parts["old"].ids.copy()
+            return self._ids[~self._in_new]
 
     def new_ids(self) -> np.ndarray:
         """Ids of the items stored new, ascending.
@@ -702,7 +704,7 @@ class OnlineBackfillIndex(_TwoPartWrites):
             A copy; later writes do not change it.
         """
         with self._lock.read():
-            return self._parts["new"].ids.copy()
+            return self._ids[self._in_new]
 
     # ---- training and parameters ---------------------------------------------------------------
 
@@ -776,8 +778,9 @@ class OnlineBackfillIndex(_TwoPartWrites):
         compacting frees their memory, speeds up searches of a part that has lost most of its
         items, and lets a removed id be stored in that part again. A flat-codes part (Flat, SQ,
         PQ) gives memory back by itself as it loses items; compacting frees the spare rows of
-        its last chunk (less than one chunk). IVF parts are left as they are (they
-        free removed vectors list by list). Writes wait while it runs; searches too.
+        its last chunk (less than one chunk). IVF parts are left as they are: a removal
+        compacts each inverted list in place, but faiss keeps the largest allocation of every
+        list (and offers no way to shrink one). Writes wait while it runs; searches too.
         """
         with self._lock.write():
             for part in self._parts.values():
@@ -785,14 +788,22 @@ class OnlineBackfillIndex(_TwoPartWrites):
 
     # ---- writes --------------------------------------------------------------------------------
 
-    def _where(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Boolean masks: which ids are stored old, which new."""
-        return tuple(_isin_sorted(ids, self._parts[n].ids) for n in PARTS)
+    def _locate(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(pos, in_old, in_new)``: each id's place in ``_ids`` (valid where stored) and two masks."""
+        if not len(self._ids):
+            none = np.zeros(len(ids), dtype=bool)
+            return np.zeros(len(ids), dtype=np.intp), none, none.copy()
+        pos = np.searchsorted(self._ids, ids)
+        pos[pos == len(self._ids)] = 0
+        found = self._ids[pos] == ids
+        in_new = found & self._in_new[pos]
+        return pos, found & ~in_new, in_new
 
     def _check_new_ids(self, ids: np.ndarray, part: str, name: str = "ids") -> None:
-        if len(np.unique(ids)) != len(ids):
-            raise ValueError(f"{name} must not repeat: each item is stored once")
-        in_old, in_new = self._where(ids)
+        dup = repeated(ids)
+        if len(dup):
+            raise ValueError(f"{name} must not repeat: each item is stored once ({dup[:5].tolist()} appear more than once)")
+        _, in_old, in_new = self._locate(ids)
         present = ids[in_old | in_new]
         if len(present):
             raise ValueError(f"{name} {present[:5].tolist()} are already in the index: remove them first "
@@ -806,7 +817,14 @@ class OnlineBackfillIndex(_TwoPartWrites):
         ids = _as_ids(ids, len(x))
         with self._lock.write():
             self._check_new_ids(ids, part)
+            # The new bookkeeping arrays first: if memory runs out, nothing has changed.
+            order = np.argsort(ids)
+            at = np.searchsorted(self._ids, ids[order])
+            all_ids = np.insert(self._ids, at, ids[order])
+            in_new = np.insert(self._in_new, at, part == "new")
             self._parts[part].add(ids, x)
+            self._ids, self._in_new = all_ids, in_new
+            self._n_new += len(ids) if part == "new" else 0
 
     def backfill(self, ids, new_vectors) -> None:
         """Move items from the old part to the new one: one step of the backfill, all or nothing.
@@ -830,9 +848,11 @@ class OnlineBackfillIndex(_TwoPartWrites):
         x = as_embeddings(new_vectors, "new_vectors", dim=self.dim_new, unit_norm=True)
         ids = _as_ids(ids, len(x))
         with self._lock.write():
-            if len(np.unique(ids)) != len(ids):
-                raise ValueError("ids must not repeat: each item is backfilled once")
-            in_old, in_new = self._where(ids)
+            dup = repeated(ids)
+            if len(dup):
+                raise ValueError(f"ids must not repeat: each item is backfilled once ({dup[:5].tolist()} appear "
+                                 "more than once)")
+            pos, in_old, in_new = self._locate(ids)
             if in_new.any():
                 raise ValueError(f"ids {ids[in_new][:5].tolist()} are already backfilled (stored new)")
             if not in_old.all():
@@ -848,15 +868,22 @@ class OnlineBackfillIndex(_TwoPartWrites):
             except BaseException:
                 new.remove(ids)
                 raise
+            self._in_new[pos] = True  # in place: nothing allocated
+            self._n_new += len(ids)
 
     def _remove(self, ids: np.ndarray) -> None:
-        in_old, in_new = self._where(ids)
+        pos, in_old, in_new = self._locate(ids)
         unknown = ids[~(in_old | in_new)]
         if len(unknown):
             raise ValueError(f"ids {unknown[:5].tolist()} are not in the index")
+        keep = np.ones(len(self._ids), dtype=bool)
+        keep[pos] = False
+        all_ids, flags = self._ids[keep], self._in_new[keep]
         for name, mask in zip(PARTS, (in_old, in_new)):
             if mask.any():
                 self._parts[name].remove(ids[mask])
+        self._ids, self._in_new = all_ids, flags
+        self._n_new -= int(in_new.sum())
 
     # ---- search --------------------------------------------------------------------------------
 
@@ -909,7 +936,7 @@ class OnlineBackfillIndex(_TwoPartWrites):
                 raise ValueError(f"{self.n_old} items are stored old: give query_old (rank merge) or attach a "
                                  "fitted reverse transformation psi to the index (index.psi = ReverseTransform(...).fit(...))")
             queries = {"old": qo, "new": qn}
-            return self._merged_search([(self._parts[n], queries[n]) for n in PARTS if len(self._parts[n].ids)], k)
+            return self._merged_search([(self._parts[n], queries[n]) for n in PARTS if self._parts[n].count], k)
 
     def _merged_search(self, parts, k: int):
         # Each part is one faiss index or a list of chunks: one top-k list per index, all merged.
@@ -949,7 +976,7 @@ class OnlineBackfillIndex(_TwoPartWrites):
                 part_header, part_arrays = part.state()
                 header.update({f"{name}_{key}": value for key, value in part_header.items()})
                 arrays.update({f"{name}_{key}": value for key, value in part_arrays.items()})
-                arrays[f"{name}_ids"] = part.ids
+                arrays[f"{name}_ids"] = self._ids[self._in_new == (name == "new")]
             arrays["header"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
             if psi_bytes is not None:
                 arrays["psi"] = np.frombuffer(psi_bytes, dtype=np.uint8)
@@ -1012,6 +1039,7 @@ class OnlineBackfillIndex(_TwoPartWrites):
             raise ValueError(f"{path!r} has index format version {version}; this library reads 1 and {FILE_VERSION}")
         index = cls(header["dim_old"], header["dim_new"], header["old_index"], header["new_index"],
                     chunk_rows=header.get("chunk_rows", CHUNK_ROWS))
+        part_ids = {}
         for name, part in index._parts.items():
             part_header = {key[len(name) + 1:]: value for key, value in header.items() if key.startswith(f"{name}_")}
             part_arrays = {key[len(name) + 1:]: value for key, value in arrays.items() if key.startswith(f"{name}_")}
@@ -1021,12 +1049,20 @@ class OnlineBackfillIndex(_TwoPartWrites):
             part.params = dict(part_header.get("params", {}))  # set on the chunks that restore() makes
             try:
                 part.restore(part_header, part_arrays, version)
-                part.ids = part_arrays["ids"].astype(np.int64)
+                part_ids[name] = part_arrays["ids"].astype(np.int64)
             except (RuntimeError, KeyError, ValueError, AttributeError) as exc:
                 raise ValueError(f"{not_index}: the {name} part cannot be read ({type(exc).__name__}: {exc})") from None
-            if part.ntotal != len(part.ids) + len(part.tombs):
+            if part.ntotal != len(part_ids[name]) + len(part.tombs):
                 raise ValueError(f"{not_index}: the {name} part holds {part.ntotal} vectors for "
-                                 f"{len(part.ids)} ids and {len(part.tombs)} tombstones")
+                                 f"{len(part_ids[name])} ids and {len(part.tombs)} tombstones")
+        all_ids = np.concatenate([part_ids["old"], part_ids["new"]])
+        order = np.argsort(all_ids, kind="stable")
+        index._ids = all_ids[order]
+        index._in_new = (order >= len(part_ids["old"]))
+        index._n_new = len(part_ids["new"])
+        dup = repeated(index._ids)
+        if len(dup):
+            raise ValueError(f"{not_index}: ids {dup[:5].tolist()} are stored twice")
         if header.get("psi_class"):
             index.psi = _load_psi(header["psi_class"], arrays["psi"].tobytes(), os.path.dirname(os.path.abspath(path)))
         return index

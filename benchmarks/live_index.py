@@ -44,10 +44,14 @@ from backfill_lib.validation import as_embeddings
 
 
 def unit(rng: np.random.Generator, n: int, d: int, chunk: int = 100_000) -> np.ndarray:
+    """``n`` random unit rows, normalised in place (a batch costs its own size, like a model's output)."""
+    if n <= chunk:
+        x = rng.standard_normal((n, d), dtype=np.float32)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        return x
     out = np.empty((n, d), dtype=np.float32)
     for start in range(0, n, chunk):
-        x = rng.standard_normal((min(chunk, n - start), d), dtype=np.float32)
-        out[start:start + len(x)] = x / np.linalg.norm(x, axis=1, keepdims=True)
+        out[start:start + min(chunk, n - start)] = unit(rng, min(chunk, n - start), d, chunk)
     return out
 
 
@@ -91,8 +95,8 @@ def held_bytes(index: OnlineBackfillIndex, capacity: bool = False) -> int:
         else:
             inner = part.index.index if isinstance(part.index, faiss.IndexIDMap) else part.index
             total += (inner.sa_code_size() + 8) * inner.ntotal  # codes, and an id map (or IVF's ids)
-        total += part.ids.nbytes + part.tombs.nbytes
-    return total
+        total += part.tombs.nbytes
+    return total + index._ids.nbytes + index._in_new.nbytes  # which items exist, and where
 
 
 def backfill_half(index, ids, order, d, batch, seed, desc):
@@ -132,7 +136,7 @@ def flat_section(args, old, ids, order, q_old, q_new) -> dict:
     flat_bytes = flat.sa_code_size() * flat.ntotal
 
     # The working set of one batch outside the index: the job's new vectors (made here by unit())
-    # and the checked copy backfill() makes of them (as_embeddings, norms in float64).
+    # and what backfill() needs to check them (as_embeddings: norms and a finiteness mask).
     rss_b = rss_bytes()
     reset_peak_rss()
     batch_vectors = as_embeddings(unit(np.random.default_rng(0), args.batch, d), "x", dim=d, unit_norm=True)
@@ -345,7 +349,7 @@ def markdown(results: dict) -> str:
                   f"| peak resident memory growth / baseline's, r = 0 to 0.5 and 0.5 to 1 | "
                   f"{f['peak_rss_ratio_r0_to_r0.5']:.3f}x, {f['peak_rss_ratio_r0.5_to_r1']:.3f}x |",
                   f"| of which one batch's working set outside the index ({s['batch']:,} new vectors and their "
-                  f"checked copy) | {f['batch_working_set_ratio']:.3f}x |",
+                  f"check) | {f['batch_working_set_ratio']:.3f}x |",
                   f"| rows the chunks reserve (codes and ids, spare rows included) / baseline at r = 0.5 | "
                   f"{f['memory_reserved_ratio_r0.5']:.3f}x |",
                   f"| backfill throughput | {f['backfill_vectors_per_s']:,.0f} vectors/s |",
@@ -371,18 +375,25 @@ def markdown(results: dict) -> str:
                   f"({q['search_throughput_ratio_vs_faiss_flat']:.4f}x a faiss flat index of the same size) |", ""]
     lines += ["## Reading the numbers", "",
               "- *Memory held* counts what the structures store: the vectors of both parts, the chunks' id arrays "
-              "and our sorted id arrays (16 bytes per item over 512 for d = 128). *Resident memory* is what the "
+              "and the index's own bookkeeping: every id once, sorted, with a flag saying whether it is stored new "
+              "(8 + 8 + 1 = 17 bytes per item over 512 for d = 128). *Resident memory* is what the "
               f"process grew by; its *peak* is the high-water mark (`VmHWM`) over each half of the backfill. Flat "
               f"parts are stored in chunks of {results.get('flat', {}).get('chunk_rows', 0):,} rows: a removal "
               "compacts the chunks in place and refills them from the last one, which is freed when empty, so "
               "each part holds less than one chunk of spare rows and the old part shrinks as the backfill moves "
               "items out (one faiss flat index would keep its largest size and the new one would grow by "
-              "doubling: 1.61x at r = 0.5 and 2.13x at r = 1 before the chunks). The peak adds what a batch "
-              "needs while it is written: its new vectors and the copy `backfill` checks (the row above).",
+              "doubling: 1.61x at r = 0.5 and 2.13x at r = 1 before the chunks). A backfill batch flips flags "
+              "in place (nothing of the gallery's size is allocated); the peak adds what a batch needs while it "
+              "is written: its new vectors, the masks that check them and the new part's next chunk (the rows above).",
               "- The merged flat search is faster than the one flat index here: faiss's flat search over "
-              "chunks of 16,384 rows ran faster on this machine than over one large index (a separate check, "
-              "256 queries: 8 indices of 16,384 rows took 2.9-3.5 s, one of 131,072 rows 6.2-7.7 s); the "
-              "cause was not investigated, so take the ratio as 'no slower', not as a speedup to expect.",
+              "chunks of a few thousand rows ran faster on this machine than over one large index (a separate "
+              "check in an earlier session, 256 queries: 8 indices of 16,384 rows took 2.9-3.5 s, one of 131,072 "
+              "rows 6.2-7.7 s). A plausible cause, not proven: a chunk of 8,192 rows is 4 MiB of vectors, which "
+              "stays in this CPU's 32 MiB L3 cache while faiss multiplies it with the query block; the same check "
+              "found two threads gaining less on the chunked index (1.44x, 200,000 items) than on one flat index "
+              "(1.73x), as two threads sharing that cache would. Take the ratio as 'no slower', not as a "
+              "speedup to expect. Chunks of 8,192 rows (the default) and 16,384 gave the same search and "
+              "backfill throughput on this machine; the smaller chunks halve the spare rows a part can hold.",
               "- IVF: each part is searched with its own `nprobe` lists; recall against exact search is not "
               "measured here, only throughput. An IVF part is one faiss index (chunks would repeat the coarse "
               "quantizer's work in every chunk): its inverted lists are `std::vector`s that keep their largest "

@@ -1,11 +1,13 @@
 """Input checks at the public boundary: every error names the argument."""
 
+import collections
+
 import numpy as np
 import pytest
 import torch
 
 from backfill_lib.validation import (UNIT_NORM_TOL, as_embeddings, as_labels, check_choice, check_k, check_ratio,
-                                     check_ratios, normalize_rows)
+                                     check_ratios, normalize_rows, repeated)
 
 
 class TestAsEmbeddings:
@@ -190,3 +192,12 @@ class TestNormalizeRows:
     def test_bad_input(self, bad, exc, message):
         with pytest.raises(exc, match=message):
             normalize_rows(bad)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_repeated_equals_counting(seed):
+    rng = np.random.default_rng(seed)
+    values = rng.integers(0, 40, size=rng.integers(0, 60))
+    counts = collections.Counter(values.tolist())
+    assert repeated(values).tolist() == sorted(v for v, c in counts.items() if c > 1)
+
