@@ -30,7 +30,7 @@ from .data import BackfillData
 from .models import EmbeddingModel, ModelSpec, build_model
 from .training import (TrainConfig, cache_key, check_cache_dir, extract_embeddings, resolve_device, train,
                        train_or_load)
-from .validation import check_choice, check_positive_int
+from .validation import check_choice, check_non_negative, check_positive_int
 
 
 @dataclass(frozen=True)
@@ -132,9 +132,12 @@ class MethodParams:
     Raises
     ------
     ValueError
-        If ``calibration`` or ``forward_arch`` is unknown or ``ra_bct_topk < 1``.
+        If ``calibration`` or ``forward_arch`` is unknown, ``ra_bct_topk`` or ``transform_steps``
+        is below 1, a loss weight (``*_lambda*``) is negative, a temperature (``*_tau``) is not
+        positive, or either is NaN or infinite.
     TypeError
-        If ``ra_bct_topk`` is neither None nor an integer.
+        If ``ra_bct_topk`` is neither None nor an integer, ``transform_steps`` is not an integer,
+        or a weight or temperature is not a real number.
     """
 
     bct_lambda: float = 1.0
@@ -153,6 +156,11 @@ class MethodParams:
         check_choice(self.calibration, CALIBRATIONS, "calibration")
         check_choice(self.forward_arch, tf.FORWARD_ARCHS, "forward_arch")
         check_positive_int(self.ra_bct_topk, "ra_bct_topk", "negatives kept per anchor and set", allow_none=True)
+        check_positive_int(self.transform_steps, "transform_steps", "optimiser steps of the heads")
+        for name in ("bct_lambda", "ra_bct_lambda", "mct_lambda_rt", "bct_pseudo_lambda"):
+            check_non_negative(getattr(self, name), name, "a loss weight")
+        for name in ("ra_bct_tau", "mct_tau"):
+            check_non_negative(getattr(self, name), name, "a temperature", strict=True)
 
 
 #: Strategies that take another strategy's tuned values (the ablations of ``mct`` take ``mct``'s).

@@ -277,6 +277,53 @@ def check_positive_int(value, name: str, what: str = "", allow_none: bool = Fals
     return int(value)
 
 
+def check_non_negative(value, name: str, what: str = "", strict: bool = False) -> float:
+    """Check that ``value`` is a finite real number, at least 0 (``strict``: above 0).
+
+    For loss weights (``λ``) and temperatures (``τ``): a NaN would pass ``value < 0`` unnoticed
+    and turn every loss into NaN.
+
+    Parameters
+    ----------
+    value : float
+        The value given (a Python or numpy real number; ``bool`` is refused).
+    name : str
+        Argument name used in the error message.
+    what : str, default ""
+        What the number is, added to the message in brackets (e.g. ``"a temperature"``).
+    strict : bool, default False
+        Require ``value > 0`` (a temperature) instead of ``value >= 0`` (a weight).
+
+    Returns
+    -------
+    float
+        ``value`` as a Python float.
+
+    Raises
+    ------
+    TypeError
+        If ``value`` is not a real number.
+    ValueError
+        If ``value`` is NaN or infinite, or below the bound.
+
+    Examples
+    --------
+    >>> check_non_negative(0, "lam")
+    0.0
+    >>> check_non_negative(float("nan"), "tau", "a temperature", strict=True)
+    Traceback (most recent call last):
+    ...
+    ValueError: tau must be positive (a temperature), got nan
+    """
+    kind = "positive" if strict else "non-negative"
+    message = f"{name} must be {kind}{f' ({what})' if what else ''}, got {value!r}"
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    if not np.isfinite(value) or value < 0 or (strict and value == 0):
+        raise ValueError(message)
+    return float(value)
+
+
 def repeated(values) -> np.ndarray:
     """The values that occur more than once in a 1-D array, ascending (empty if none).
 

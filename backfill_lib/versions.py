@@ -28,7 +28,7 @@ import numpy as np
 
 from .backfill import DEFAULT_RATIOS, BackfillCurve, _curve_from_states, _prepare_evaluation
 from .evaluation import check_order, check_versions, evaluate_version_states
-from .validation import as_embeddings, as_labels, check_ratios
+from .validation import as_embeddings, as_labels, check_non_negative, check_ratios
 
 __all__ = ["MultiVersionStrategy", "evaluate_versions", "fit_multi_reverse", "multi_rank_merge",
            "multi_reverse_heads", "storage_states"]
@@ -395,8 +395,7 @@ def fit_multi_reverse(new, targets, labels, tau: float = 0.2, lam_rt: float = 0.
     targets = _array_list(targets, "targets")
     if not targets:
         raise ValueError("targets is empty: give the embeddings of at least one older version")
-    if tau <= 0:
-        raise ValueError(f"tau must be positive, got {tau}")
+    tau = check_non_negative(tau, "tau", "a temperature", strict=True)
     new = as_embeddings(new, "new", unit_norm=True)
     targets = [as_embeddings(t, f"targets[{v}]", unit_norm=True) for v, t in enumerate(targets)]
     for v, t in enumerate(targets):

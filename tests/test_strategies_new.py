@@ -305,3 +305,33 @@ def test_check_positive_int():
     for bad in (1.5, True, "3", None):
         with pytest.raises(TypeError, match="steps must be a positive integer"):
             check_positive_int(bad, "steps")
+
+
+# ---- loss weights and temperatures: NaN, infinities and non-numbers are refused ------------------
+
+from backfill_lib.losses import bct_objective, metric_compatible_loss  # noqa: E402
+
+
+@pytest.mark.parametrize("field, value, error, message", [
+    ("bct_lambda", float("nan"), ValueError, r"bct_lambda must be non-negative \(a loss weight\), got nan"),
+    ("ra_bct_lambda", -0.5, ValueError, "ra_bct_lambda must be non-negative"),
+    ("bct_pseudo_lambda", float("inf"), ValueError, "bct_pseudo_lambda must be non-negative"),
+    ("mct_lambda_rt", "1", TypeError, "mct_lambda_rt must be a real number"),
+    ("mct_tau", 0.0, ValueError, r"mct_tau must be positive \(a temperature\), got 0.0"),
+    ("ra_bct_tau", float("nan"), ValueError, "ra_bct_tau must be positive"),
+    ("transform_steps", 0, ValueError, "transform_steps must be a positive integer"),
+])
+def test_method_params_refuse_bad_weights_and_temperatures(field, value, error, message):
+    with pytest.raises(error, match=message):
+        MethodParams(**{field: value})
+
+
+def test_losses_refuse_a_nan_weight_or_temperature():
+    # `nan < 0` is False: before the check named the value, a NaN weight made every loss NaN.
+    with pytest.raises(ValueError, match="lam must be non-negative"):
+        bct_objective(torch.nn.Linear(2, 2), [0, 1], lam=float("nan"))
+    with pytest.raises(ValueError, match="tau must be positive"):
+        ra_bct_loss(torch.zeros(2, 2), torch.zeros(2, 2), torch.tensor([0, 1]), tau=float("nan"))
+    z = torch.nn.functional.normalize(torch.randn(4, 3, generator=torch.Generator().manual_seed(0)), dim=1)
+    with pytest.raises(ValueError, match="tau must be positive"):
+        metric_compatible_loss(z, z, z, torch.arange(4) % 2, tau=float("nan"))

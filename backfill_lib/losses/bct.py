@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..validation import check_non_negative
+
 
 def bct_influence_loss(z_new: torch.Tensor, y: torch.Tensor, old_classifier: nn.Module,
                        old_classes: Sequence[int]) -> torch.Tensor:
@@ -65,8 +67,7 @@ def bct_objective(old_model: nn.Module, old_classes: Sequence[int], lam: float =
     ValueError
         If ``lam`` is negative.
     """
-    if lam < 0:
-        raise ValueError(f"lam must be non-negative, got {lam}")
+    lam = check_non_negative(lam, "lam", "a loss weight")
     old_model.eval().requires_grad_(False)
     classes = tuple(int(c) for c in old_classes)
 

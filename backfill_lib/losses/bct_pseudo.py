@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..validation import check_non_negative
+
 
 def pseudo_classifier(old_features, labels, num_classes: int) -> torch.Tensor:
     """The pseudo-classifier ``W_p``: the normalised mean old feature of each class.
@@ -130,8 +132,7 @@ def bct_pseudo_objective(weights: torch.Tensor, lam: float = 1.0):
     ValueError
         If ``lam`` is negative.
     """
-    if lam < 0:
-        raise ValueError(f"lam must be non-negative, got {lam}")
+    lam = check_non_negative(lam, "lam", "a loss weight")
     weights = torch.as_tensor(weights).detach().float()
 
     def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

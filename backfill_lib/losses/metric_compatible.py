@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from ..validation import check_non_negative
+
 #: Which stored set the negatives come from.
 NEGATIVES = ("both", "old", "new")
 
@@ -52,8 +54,7 @@ def metric_compatible_loss(psi_new: torch.Tensor, old: torch.Tensor, rho_new: to
     """
     if negatives not in NEGATIVES:
         raise ValueError(f"unknown negatives {negatives!r}; choose one of: {', '.join(NEGATIVES)}")
-    if tau <= 0:
-        raise ValueError(f"tau must be positive, got {tau}")
+    tau = check_non_negative(tau, "tau", "a temperature", strict=True)
     if psi_new.shape != old.shape:
         raise ValueError(f"psi_new {tuple(psi_new.shape)} and old {tuple(old.shape)} must have the same shape: "
                          "ψ maps into the old space (output dimension d_o)")

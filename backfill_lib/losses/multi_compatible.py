@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import torch
 
+from ..validation import check_non_negative
+
 
 def multi_compatible_loss(queries, stored, y: torch.Tensor, tau: float = 0.1, exclude_self=None) -> torch.Tensor:
     """``L_mc`` of a batch over K stored sets (see the module docstring).
@@ -60,8 +62,7 @@ def multi_compatible_loss(queries, stored, y: torch.Tensor, tau: float = 0.1, ex
     if len(queries) != len(stored) or not queries:
         raise ValueError(f"queries and stored must hold one tensor per version (K >= 1), got {len(queries)} and "
                          f"{len(stored)}")
-    if tau <= 0:
-        raise ValueError(f"tau must be positive, got {tau}")
+    tau = check_non_negative(tau, "tau", "a temperature", strict=True)
     if exclude_self is None:
         exclude_self = [s is q for q, s in zip(queries, stored)]
     exclude_self = list(exclude_self)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..validation import check_positive_int
+from ..validation import check_non_negative, check_positive_int
 
 
 def _hardest(logits: torch.Tensor, topk: int | None) -> torch.Tensor:
@@ -44,13 +44,14 @@ def ra_bct_loss(new: torch.Tensor, old: torch.Tensor, y: torch.Tensor, tau: floa
     Raises
     ------
     ValueError
-        If ``new`` and ``old`` differ in shape, or ``topk < 1``.
+        If ``new`` and ``old`` differ in shape, ``tau`` is not positive, or ``topk < 1``.
     TypeError
         If ``topk`` is neither None nor an integer.
     """
     if new.shape != old.shape:
         raise ValueError(f"new {tuple(new.shape)} and old {tuple(old.shape)} must have the same shape: "
                          "RA-BCT compares new and old embeddings directly (d_n = d_o)")
+    tau = check_non_negative(tau, "tau", "a temperature", strict=True)
     topk = check_positive_int(topk, "topk", "negatives kept per anchor and set", allow_none=True)
     old = old.detach()
     s_old = new @ old.T / tau                                     # s^o_ij = φ_n(x_i)·φ_o(x_j)/τ
@@ -90,8 +91,8 @@ def ra_bct_objective(old_model: nn.Module, lam: float = 1.0, tau: float = 0.05, 
     TypeError
         If ``topk`` is neither None nor an integer.
     """
-    if lam < 0 or tau <= 0:
-        raise ValueError(f"lam must be non-negative and tau positive, got lam={lam}, tau={tau}")
+    lam = check_non_negative(lam, "lam", "a loss weight")
+    tau = check_non_negative(tau, "tau", "a temperature", strict=True)
     topk = check_positive_int(topk, "topk", "negatives kept per anchor and set", allow_none=True)
     old_model.eval().requires_grad_(False)
 
