@@ -350,6 +350,87 @@ class StateMetrics:
     device: str
 
 
+def _check_run(query_labels, gallery_labels, n_q: int, n: int, exclude_self, ks, chunk_size, device):
+    """The checks both engines make of labels, ``exclude_self``, ``ks``, ``chunk_size`` and ``device``."""
+    qy = as_labels(query_labels, "query_labels", n=n_q)
+    gy = as_labels(gallery_labels, "gallery_labels", n=n)
+    exclude_self = bool(exclude_self)
+    if exclude_self and n_q != n:
+        raise ValueError(f"exclude_self=True needs one query per gallery item, got {n_q} queries for {n} items")
+    if isinstance(ks, (int, np.integer)) or len(ks) == 0:
+        raise TypeError(f"ks must be a non-empty sequence of positive integers, e.g. (1, 5), got {ks!r}")
+    ks = tuple(check_k(k, n - exclude_self, f"ks[{i}]") for i, k in enumerate(ks))
+    return qy, gy, exclude_self, ks, check_chunk_size(chunk_size), choose_device(device)
+
+
+@dataclass
+class _QueryChunk:
+    """One block of queries: ``rows`` of the query matrices and their relevant gallery items."""
+
+    rows: slice
+    c: int                 # number of queries
+    self_cols: object      # leave-one-out: the column of each query's own item, else None
+    ids: np.ndarray        # (c, width) relevant gallery indices per row (padded)
+    valid: np.ndarray      # (c, width) which entries of ids are real
+    n_rel: np.ndarray      # (c,) relevant items per query
+    has_rel: np.ndarray    # (c,) whether a query has any
+
+
+def _query_chunks(qy, gy, position, exclude_self: bool, chunk_size: int):
+    """The query blocks of both engines, skipping a block in which no query has a relevant item.
+
+    Such a block keeps AP nan and no hit for its queries.
+    """
+    relevant_items = _RelevantItems(qy, gy)
+    n_q = len(qy)
+    for start in range(0, n_q, chunk_size):
+        rows = slice(start, min(start + chunk_size, n_q))
+        ids, valid = relevant_items.of(rows, exclude_self)
+        n_rel = valid.sum(axis=1)
+        if (n_rel > 0).any():
+            yield _QueryChunk(rows, rows.stop - rows.start, position[rows] if exclude_self else None, ids, valid,
+                              n_rel, n_rel > 0)
+
+
+class _Scores:
+    """AP and top-k hits of every query in every state, filled state by state and block by block."""
+
+    def __init__(self, n_states: int, n_q: int, ks):
+        self.ap = np.full((n_states, n_q), np.nan)
+        self.hits = {k: np.zeros((n_states, n_q), dtype=bool) for k in ks}
+        self.ks, self.k_max = ks, max(ks)
+
+    def score_state(self, s: int, ch: _QueryChunk, ops, key, ge_all, state_blocks, tied_before) -> None:
+        """Fill state ``s`` for the queries of ``ch``.
+
+        ``key``/``ge_all`` (c, width): each relevant item's key in this state and how many items
+        score at least that; ``state_blocks``: the sorted key blocks of the whole gallery in this
+        state (an iterable, read only if a row needs it); ``tied_before(rows, key, ids)``: how
+        many items tie ``key`` and come before gallery index ``ids``, for those rows.
+        """
+        valid, has_rel, rows = ch.valid, ch.has_rel, ch.rows
+        self.ap[s, rows] = _average_precision(key, ge_all, valid, has_rel, ch.n_rel)
+        # The best relevant item (ties: the smaller index, first in its row) and the items ahead.
+        arange_c = np.arange(ch.c)
+        best = np.argmax(key, axis=1)
+        best_key = key[arange_c, best]
+        best_ge = ge_all[arange_c, best]
+        ahead = np.zeros(ch.c, dtype=np.int64)  # items scoring strictly more
+        # Only the best item itself scores >= its key: nothing is ahead, no need to count.
+        counted = (has_rel & (best_ge > 1))[:, None]
+        if counted.any():
+            above = ops.needles(best_key.astype(np.int64)[:, None] + 1)
+            for block in state_blocks:
+                ahead += ops.count_ge(block, above, counted)[:, 0]
+            ahead[~counted[:, 0]] = 0
+        tied = best_ge - ahead > 1
+        resolve = np.flatnonzero(has_rel & tied & (ahead < self.k_max))
+        if len(resolve):
+            ahead[resolve] += tied_before(resolve, best_key[resolve], ch.ids[resolve, best[resolve]])
+        for k in self.ks:
+            self.hits[k][s, rows] = has_rel & (ahead < k)
+
+
 def evaluate_states(query_old, gallery_old, query_new, gallery_new, query_labels, gallery_labels, order,
                     n_backfilled, exclude_self: bool = False, ks=(1, 5), chunk_size: int = 1024,
                     device=None) -> StateMetrics:
@@ -421,22 +502,14 @@ def evaluate_states(query_old, gallery_old, query_new, gallery_new, query_labels
         raise ValueError(f"gallery_old has {n} items but gallery_new has {len(gallery_new)}")
     if len(query_new) != n_q:
         raise ValueError(f"query_old has {n_q} rows but query_new has {len(query_new)}")
-    qy = as_labels(query_labels, "query_labels", n=n_q)
-    gy = as_labels(gallery_labels, "gallery_labels", n=n)
+    qy, gy, exclude_self, ks, chunk_size, device = _check_run(query_labels, gallery_labels, n_q, n, exclude_self,
+                                                              ks, chunk_size, device)
     order = check_order(order, n)
     m = np.asarray(n_backfilled)
     if m.ndim != 1 or len(m) == 0 or (m.size and not np.issubdtype(m.dtype, np.integer)):
         raise ValueError(f"n_backfilled must be a non-empty 1-D sequence of integers, got {n_backfilled!r}")
     if (m < 0).any() or (m > n).any() or (np.diff(m) < 0).any():
         raise ValueError(f"n_backfilled must be non-decreasing integers in [0, {n}], got {m.tolist()}")
-    exclude_self = bool(exclude_self)
-    if exclude_self and n_q != n:
-        raise ValueError(f"exclude_self=True needs one query per gallery item, got {n_q} queries for {n} items")
-    if isinstance(ks, (int, np.integer)) or len(ks) == 0:
-        raise TypeError(f"ks must be a non-empty sequence of positive integers, e.g. (1, 5), got {ks!r}")
-    ks = tuple(check_k(k, n - exclude_self, f"ks[{i}]") for i, k in enumerate(ks))
-    chunk_size = check_chunk_size(chunk_size)
-    device = choose_device(device)
     n_states = len(m)
     # Slice j holds the items that become new in state j, order[bounds[j]:bounds[j+1]] (slice 0:
     # new from the first state on; the last slice: never new). State s stores slices 0..s new.
@@ -451,22 +524,9 @@ def evaluate_states(query_old, gallery_old, query_new, gallery_new, query_labels
     arrays = (query_old, gallery_old[layout], query_new, gallery_new[layout])
     ops = _NumpyOps(*arrays) if device == "numpy" else _TorchOps(device, *arrays)
 
-    relevant_items = _RelevantItems(qy, gy)
-
-    ap = np.full((n_states, n_q), np.nan)
-    hits = {k: np.zeros((n_states, n_q), dtype=bool) for k in ks}
-    k_max = max(ks)
-    for start in range(0, n_q, chunk_size):
-        rows = slice(start, min(start + chunk_size, n_q))
-        c = rows.stop - rows.start
-        arange_c = np.arange(c)
-        self_cols = position[rows.start:rows.stop] if exclude_self else None
-
-        ids, valid = relevant_items.of(rows, exclude_self)
-        n_rel = valid.sum(axis=1)
-        has_rel = n_rel > 0
-        if not has_rel.any():
-            continue  # no query of the chunk has a relevant item: AP nan, no hit
+    result = _Scores(n_states, n_q, ks)
+    for ch in _query_chunks(qy, gy, position, exclude_self, chunk_size):
+        rows, c, self_cols, ids, valid = ch.rows, ch.c, ch.self_cols, ch.ids, ch.valid
         width = ids.shape[1]
         cols = position[ids]
         item_slice = slice_at[cols]
@@ -508,29 +568,11 @@ def evaluate_states(query_old, gallery_old, query_new, gallery_new, query_labels
             is_new = item_slice <= s
             key = np.where(is_new, key_new, key_old)
             ge_all = np.take_along_axis(ge, np.where(is_new, at_new, at_old), axis=1)
-            ap[s, rows] = _average_precision(key, ge_all, valid, has_rel, n_rel)
-
-            # The best relevant item (ties: the smaller index, first in its row) and the items ahead.
-            best = np.argmax(key, axis=1)
-            best_key = key[arange_c, best]
-            best_ge = ge_all[arange_c, best]
-            ahead = np.zeros(c, dtype=np.int64)  # items scoring strictly more
-            # Only the best item itself scores >= its key: nothing is ahead, no need to count.
-            counted = (has_rel & (best_ge > 1))[:, None]
-            if counted.any():
-                above = ops.needles(best_key.astype(np.int64)[:, None] + 1)
-                for (j, space), block in blocks.items():
-                    if space == int(j <= s):
-                        ahead += ops.count_ge(block, above, counted)[:, 0]
-                ahead[~counted[:, 0]] = 0
-            tied = best_ge - ahead > 1
-            resolve = np.flatnonzero(has_rel & tied & (ahead < k_max))
-            if len(resolve):
-                ahead[resolve] += ops.tied_before(keys_old, keys_new, resolve, new_masks[s], best_key[resolve],
-                                                  ids[resolve, best[resolve]], layout)
-            for k in ks:
-                hits[k][s, rows] = has_rel & (ahead < k)
-    return StateMetrics(ap=ap, hits=hits, device=ops.name)
+            result.score_state(s, ch, ops, key, ge_all,
+                               [block for (j, space), block in blocks.items() if space == int(j <= s)],
+                               lambda resolve, key, best_ids: ops.tied_before(keys_old, keys_new, resolve, new_masks[s],
+                                                                              key, best_ids, layout))
+    return StateMetrics(ap=result.ap, hits=result.hits, device=ops.name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -690,17 +732,9 @@ def evaluate_version_states(queries, galleries, versions, query_labels, gallery_
                              "version must hold a vector for every gallery item")
         if len(queries[v]) != n_q:
             raise ValueError(f"queries[0] has {n_q} rows but queries[{v}] has {len(queries[v])}")
-    qy = as_labels(query_labels, "query_labels", n=n_q)
-    gy = as_labels(gallery_labels, "gallery_labels", n=n)
+    qy, gy, exclude_self, ks, chunk_size, device = _check_run(query_labels, gallery_labels, n_q, n, exclude_self,
+                                                              ks, chunk_size, device)
     versions = check_versions(versions, n_versions, n)
-    exclude_self = bool(exclude_self)
-    if exclude_self and n_q != n:
-        raise ValueError(f"exclude_self=True needs one query per gallery item, got {n_q} queries for {n} items")
-    if isinstance(ks, (int, np.integer)) or len(ks) == 0:
-        raise TypeError(f"ks must be a non-empty sequence of positive integers, e.g. (1, 5), got {ks!r}")
-    ks = tuple(check_k(k, n - exclude_self, f"ks[{i}]") for i, k in enumerate(ks))
-    chunk_size = check_chunk_size(chunk_size)
-    device = choose_device(device)
     n_states = len(versions)
 
     # Groups: items with the same storage history, laid out group after group (ascending index
@@ -729,21 +763,9 @@ def evaluate_version_states(queries, galleries, versions, query_labels, gallery_
     ops = _NumpyOps(*arrays) if device == "numpy" else _TorchOps(device, *arrays)
     n_used = len(used)
 
-    relevant_items = _RelevantItems(qy, gy)
-
-    ap = np.full((n_states, n_q), np.nan)
-    hits = {k: np.zeros((n_states, n_q), dtype=bool) for k in ks}
-    k_max = max(ks)
-    for start in range(0, n_q, chunk_size):
-        rows = slice(start, min(start + chunk_size, n_q))
-        c = rows.stop - rows.start
-        arange_c = np.arange(c)
-        self_cols = position[rows.start:rows.stop] if exclude_self else None
-        ids, valid = relevant_items.of(rows, exclude_self)
-        n_rel = valid.sum(axis=1)
-        has_rel = n_rel > 0
-        if not has_rel.any():
-            continue
+    result = _Scores(n_states, n_q, ks)
+    for ch in _query_chunks(qy, gy, position, exclude_self, chunk_size):
+        rows, c, self_cols, ids, valid = ch.rows, ch.c, ch.self_cols, ch.ids, ch.valid
         width = ids.shape[1]
         cols = position[ids]
 
@@ -788,24 +810,9 @@ def evaluate_version_states(queries, galleries, versions, query_labels, gallery_
             key = np.take_along_axis(item_keys, slots[None], axis=0)[0]
             ge_all = np.take_along_axis(ge, np.take_along_axis(unsort, slots * width + np.arange(width), axis=1),
                                         axis=1)
-            ap[s, rows] = _average_precision(key, ge_all, valid, has_rel, n_rel)
-
-            best = np.argmax(key, axis=1)
-            best_key = key[arange_c, best]
-            best_ge = ge_all[arange_c, best]
-            ahead = np.zeros(c, dtype=np.int64)
-            counted = (has_rel & (best_ge > 1))[:, None]
-            if counted.any():
-                above = ops.needles(best_key.astype(np.int64)[:, None] + 1)
-                for j in range(len(history)):
-                    if sizes[j]:
-                        ahead += ops.count_ge(block(j, history[j, s]), above, counted)[:, 0]
-                ahead[~counted[:, 0]] = 0
-            tied = best_ge - ahead > 1
-            resolve = np.flatnonzero(has_rel & tied & (ahead < k_max))
-            if len(resolve):
-                ahead[resolve] += _tied_before_versions(ops, keys, resolve, col_versions[s], best_key[resolve],
-                                                        ids[resolve, best[resolve]], layout)
-            for k in ks:
-                hits[k][s, rows] = has_rel & (ahead < k)
-    return StateMetrics(ap=ap, hits=hits, device=ops.name)
+            # Blocks are sorted only if a row needs them (lazily, by the generator).
+            result.score_state(s, ch, ops, key, ge_all,
+                               (block(j, history[j, s]) for j in range(len(history)) if sizes[j]),
+                               lambda resolve, key, best_ids: _tied_before_versions(ops, keys, resolve, col_versions[s],
+                                                                                    key, best_ids, layout))
+    return StateMetrics(ap=result.ap, hits=result.hits, device=ops.name)

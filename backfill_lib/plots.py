@@ -40,6 +40,8 @@ COLORS: dict[str, str] = {
     "old_stored": "#c49a00",        # φ_o(q)·φ_o(g): old query against an old-stored item
     "new_stored": "#00429d",        # new-side query against a new-stored item
     "cross": "#c51b7d",             # transformed or new query against an old-stored item
+    # a gallery upgraded twice (chapter 7): v1 is drawn as old_stored, v3 as new_stored
+    "v2_stored": "#626e4e",         # the version in between: half-way between those two colours
 }
 
 #: Human-readable names for legends.
@@ -62,6 +64,7 @@ LABELS: dict[str, str] = {
     "old_stored": "old space: φ_o(q)·φ_o(g)",
     "new_stored": "new space: query · new-stored item",
     "cross": "cross: new-side query · old-stored item",
+    "v2_stored": "stored under the intermediate version v2",
 }
 
 #: The score spaces of :func:`plot_score_distributions`, in legend order.
