@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
+from .validation import check_positive_int
+
 DATASETS = ("digits", "synthetic", "cifar100", "imagefolder")
 DATA_ENV = "BACKFILL_DATA"
 
@@ -302,13 +304,13 @@ def make_synthetic(num_classes: int = 10, dim: int = 32, n_per_class: int = 100,
 
     Raises
     ------
+    TypeError
+        If ``num_classes``, ``dim`` or ``n_per_class`` is not an integer.
     ValueError
-        If ``num_classes``, ``dim`` or ``n_per_class`` is not a positive integer, or
-        ``num_classes < 2``.
+        If one of them is below 1, or ``num_classes < 2``.
     """
     for arg, v in (("num_classes", num_classes), ("dim", dim), ("n_per_class", n_per_class)):
-        if not isinstance(v, (int, np.integer)) or v < 1:
-            raise ValueError(f"{arg} must be a positive integer, got {v!r}")
+        check_positive_int(v, arg)
     if num_classes < 2:
         raise ValueError("num_classes must be at least 2")
     rng = np.random.default_rng(seed)

@@ -49,7 +49,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .validation import as_embeddings, as_labels, check_k
+from .validation import as_embeddings, as_labels, check_k, check_positive_int
 
 #: Key of the lowest possible score: padding that never counts as "at least" a real score.
 _PAD = np.iinfo(np.int32).min
@@ -322,11 +322,7 @@ def check_chunk_size(chunk_size) -> int:
     ValueError
         If ``chunk_size < 1``.
     """
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)):
-        raise TypeError(f"chunk_size must be a positive integer (queries scored at once), got {chunk_size!r}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be at least 1 (queries scored at once), got {chunk_size}; e.g. 1024")
-    return int(chunk_size)
+    return check_positive_int(chunk_size, "chunk_size", "queries scored at once, e.g. 1024")
 
 
 @dataclass

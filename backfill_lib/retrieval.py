@@ -32,7 +32,7 @@ from __future__ import annotations
 import faiss
 import numpy as np
 
-from .validation import as_embeddings, check_k, normalize_rows
+from .validation import as_embeddings, check_k, check_positive_int, normalize_rows
 
 _INT64_MAX = np.iinfo(np.int64).max
 
@@ -117,9 +117,9 @@ class Gallery:
     Raises
     ------
     ValueError
-        If ``dim`` is not a positive integer.
+        If ``dim < 1``.
     TypeError
-        If ``normalize`` is not a bool.
+        If ``dim`` is not an integer or ``normalize`` is not a bool.
 
     Notes
     -----
@@ -136,9 +136,7 @@ class Gallery:
     """
 
     def __init__(self, dim: int, normalize: bool = False):
-        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
-            raise ValueError(f"dim must be a positive integer, got {dim!r}")
-        self.dim = int(dim)
+        self.dim = check_positive_int(dim, "dim", "the vectors' dimension")
         self.normalize = _check_flag(normalize, "normalize")
         self._index = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
         self._next_id = 0  # default ids continue after the largest id ever stored
@@ -517,12 +515,11 @@ class MixedGallery:
     Raises
     ------
     TypeError
-        If ``old_vectors`` is not real numbers, ``ids`` is not integer or ``normalize`` is not
-        a bool.
+        If ``old_vectors`` is not real numbers, ``ids`` or ``new_dim`` is not integer or
+        ``normalize`` is not a bool.
     ValueError
         If ``old_vectors`` is not a finite non-empty 2-D array or (without ``normalize``) has
-        rows off unit norm (with ``normalize``, all-zero rows), ``new_dim`` is not a positive
-        integer, or ``ids`` repeats an id, holds a negative one or does not hold one id per item.
+        rows off unit norm (with ``normalize``, all-zero rows), ``new_dim < 1``, or ``ids`` repeats an id, holds a negative one or does not hold one id per item.
 
     Examples
     --------
@@ -540,8 +537,7 @@ class MixedGallery:
     def __init__(self, old_vectors, new_dim: int, ids=None, normalize: bool = False):
         self.normalize = _check_flag(normalize, "normalize")
         old = _unit_rows(old_vectors, "old_vectors", self.normalize)
-        if isinstance(new_dim, bool) or not isinstance(new_dim, (int, np.integer)) or new_dim < 1:
-            raise ValueError(f"new_dim must be a positive integer, got {new_dim!r}")
+        new_dim = check_positive_int(new_dim, "new_dim", "the new vectors' dimension")
         ids = np.arange(len(old), dtype=np.int64) if ids is None else _as_ids(ids, len(old))
         repeated = _repeated(ids)
         if repeated:

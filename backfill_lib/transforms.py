@@ -38,7 +38,7 @@ from torch.utils.data import TensorDataset
 
 from .losses import NEGATIVES, metric_compatible_loss, regression_loss, reverse_loss
 from .training import TrainConfig, default_device, train
-from .validation import as_embeddings, as_labels, check_choice, normalize_rows
+from .validation import as_embeddings, as_labels, check_choice, check_positive_int, normalize_rows
 
 #: Optimiser of the heads (contrastive losses over the batch want large batches; data are tiny vectors).
 TRANSFORM_CONFIG = TrainConfig(epochs=60, batch_size=256, lr=2e-3, weight_decay=1e-4)
@@ -72,8 +72,10 @@ def schedule(config: TrainConfig, n_items: int, steps: int | None) -> TrainConfi
 
     Raises
     ------
+    TypeError
+        If ``steps`` is neither None nor an integer.
     ValueError
-        If ``steps`` is not a positive integer (or None).
+        If ``steps < 1``.
 
     Examples
     --------
@@ -82,16 +84,13 @@ def schedule(config: TrainConfig, n_items: int, steps: int | None) -> TrainConfi
     """
     if steps is None:
         return config
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    steps = check_positive_int(steps, "steps", "optimiser steps")
     steps_per_epoch = max(1, n_items // config.batch_size)  # the train loop drops the last partial batch
     return replace(config, epochs=-(-int(steps) // steps_per_epoch))
 
 
 def _check_dim(name: str, d) -> int:
-    if isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 1:
-        raise ValueError(f"{name} must be a positive integer (an embedding size), got {d!r}")
-    return int(d)
+    return check_positive_int(d, name, "an embedding size")
 
 
 class MLPTransform(nn.Module):

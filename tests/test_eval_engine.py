@@ -174,7 +174,7 @@ class TestBadInput:
             evaluate_states(**args, ks=(1, 8), exclude_self=True)
         with pytest.raises(TypeError, match="ks must be a non-empty sequence"):
             evaluate_states(**args, ks=5)
-        with pytest.raises(ValueError, match="chunk_size must be at least 1"):
+        with pytest.raises(ValueError, match=r"chunk_size must be a positive integer \(queries scored at once"):
             evaluate_states(**args, chunk_size=0)
 
     def test_shapes(self, args):

@@ -231,7 +231,7 @@ class TestBadInput:
                                        "query_labels": args["query_labels"][:3]}, exclude_self=True)
         with pytest.raises(ValueError, match=r"ks\[0\] must be at least 1"):
             evaluate_version_states(**args, ks=(0,))
-        with pytest.raises(ValueError, match="chunk_size must be at least 1"):
+        with pytest.raises(ValueError, match=r"chunk_size must be a positive integer \(queries scored at once"):
             evaluate_version_states(**args, chunk_size=0)
 
 
