@@ -89,7 +89,7 @@ def held_bytes(index: OnlineBackfillIndex, capacity: bool = False) -> int:
     """Bytes held by the structures: codes, id arrays, tombstones (``capacity``: reserved rows too)."""
     total = 0
     for part in index._parts.values():
-        if hasattr(part, "chunks"):  # chunked flat-codes part: codes and ids of every chunk
+        if hasattr(part, "chunks") or hasattr(part, "caps"):  # chunked flat-codes or IVF-Flat lists
             rows = part.capacity if capacity else part.ntotal
             total += rows * (part.template.sa_code_size() + 8)
         else:
@@ -225,7 +225,7 @@ def ivf_section(args, old, ids, order, q_old, q_new) -> dict:
     rss_r05, peak_r05 = rss_bytes() - rss1, peak_rss_bytes() - rss1
     t_base, t_merged = paired_median_seconds(lambda: base.search(q_new, k),
                                              lambda: index.search(q_new, k, query_old=q_old), args.repeats)
-    held = held_bytes(index)
+    held, reserved = held_bytes(index), held_bytes(index, capacity=True)
     del index, base
     gc.collect()
     return {
@@ -235,6 +235,7 @@ def ivf_section(args, old, ids, order, q_old, q_new) -> dict:
         "merged_qps_r0.5": len(q_new) / t_merged,
         "search_throughput_ratio": t_base / t_merged,
         "memory_held_ratio_r0.5": held / base_bytes,
+        "memory_reserved_ratio_r0.5": reserved / base_bytes,
         "rss_ratio_r0.5": rss_r05 / base_rss,
         "peak_rss_ratio_r0_to_r0.5": peak_r05 / base_rss,
         "baseline_rss_mb": base_rss / 2**20,
@@ -362,6 +363,8 @@ def markdown(results: dict) -> str:
                   f"| merged search throughput at r = 0.5 / baseline | {v['search_throughput_ratio']:.2f}x "
                   f"({v['merged_qps_r0.5']:.0f} vs {v['baseline_qps']:.0f} queries/s) |",
                   f"| memory held / baseline at r = 0.5 | {v['memory_held_ratio_r0.5']:.3f}x |",
+                  f"| entries the lists reserve (codes and ids, room for adds included) / baseline at r = 0.5 | "
+                  f"{v['memory_reserved_ratio_r0.5']:.3f}x |",
                   f"| resident memory growth / baseline's ({v['baseline_rss_mb']:.0f} MB) at r = 0.5; peak r = 0 to 0.5 | "
                   f"{v['rss_ratio_r0.5']:.3f}x; {v['peak_rss_ratio_r0_to_r0.5']:.3f}x |",
                   f"| backfill throughput | {v['backfill_vectors_per_s']:,.0f} vectors/s |", ""]
@@ -395,10 +398,26 @@ def markdown(results: dict) -> str:
               "speedup to expect. Chunks of 8,192 rows (the default) and 16,384 gave the same search and "
               "backfill throughput on this machine; the smaller chunks halve the spare rows a part can hold.",
               "- IVF: each part is searched with its own `nprobe` lists; recall against exact search is not "
-              "measured here, only throughput. An IVF part is one faiss index (chunks would repeat the coarse "
-              "quantizer's work in every chunk): its inverted lists are `std::vector`s that keep their largest "
-              "size after removals and grow by doubling, so its resident memory during a backfill is not "
-              "bounded like the flat parts' (the row above).",
+              "measured here, only throughput. An `IVF<nlist>,Flat` part holds each inverted list in its own "
+              "faiss container (an `ArrayInvertedLists` of one list), rebuilt at its size once removals leave "
+              "its storage more than a sixteenth (plus 4 entries) above its entries, and rebuilt with that much "
+              "room when it must grow (*entries the lists reserve* counts the room); a search is one faiss IVF "
+              "search over a `VStackInvertedLists` view of the lists (one coarse-quantizer pass, no copy), so "
+              "it scans what one IVF index of the same vectors would. The baseline is one IVF index filled by "
+              "one `add`: its lists are `std::vector`s grown by doubling and keep that spare capacity, which is "
+              "why the index's resident memory can be below the baseline's. With one faiss index per part (the "
+              "layout before), whose lists also keep their largest size after removals, it was 1.31x (peak "
+              "1.32x) at r = 0.5. Chunks of rows were slower to search, in a separate check this session "
+              "(200,000 vectors, 25 chunks of 8,192, 256 queries, nprobe 16): a `HStackInvertedLists` over the "
+              "chunks copies every probed list at every search (2.8-3.9x slower than one index), and searching "
+              "the chunks one by one with one coarse assignment (`search_preassigned`) ran at 0.61-0.66x. "
+              "Backfill is slower than with one faiss index: each batch touches almost every list of both "
+              "parts from Python (in a paired check this session, 500,000 vectors moved in batches of 10,000 at "
+              "n = 1,000,000, two runs each: 150,000-157,000 vectors/s with one faiss index per part, 98,000-108,000 "
+              "with lists). Removals run in faiss (`remove_ids` on each list, the last entries filling the holes "
+              "as in one faiss index), and in the same check at 50,000 vectors (256 lists, nprobe 16, after a "
+              "partial backfill and removals) the merged results, ids and scores, were bit-identical to those "
+              "of one faiss index per part.",
               "- Qdrant local mode is qdrant-client's embedded pure-Python engine (numpy brute force; it "
               "warns above 20,000 points); a Qdrant server would be the one to measure for production.",
               "- Two threads searching at once on this 2-core machine, shared with other work: a speedup "

@@ -47,7 +47,8 @@ def build(rng, n, specs=("Flat", "Flat"), psi=None, chunk_rows=CHUNK_ROWS):
        chunk_rows=st.sampled_from([1, 3, 7, CHUNK_ROWS]), data=st.data())
 def test_merged_search_equals_brute_force(seed, n, n_batches, use_psi, spec, chunk_rows, data):
     # chunk_rows: flat parts stored in chunks of 1, 3, 7 rows (many chunks, rebuilt, freed and
-    # refilled as items leave) or in one chunk; IVF parts ignore it.
+    # refilled as items leave) or in one chunk. IVF-Flat parts ignore it: they are stored list by
+    # list, each list rebuilt at its size as it grows and shrinks (assert_list_bounds).
     rng = np.random.default_rng(seed)
     psi = PsiStandIn(D_NEW, D_OLD, seed) if use_psi else None
     index, ids, old, new = build(rng, n, (spec, spec), psi, chunk_rows)
@@ -89,6 +90,8 @@ def test_merged_search_equals_brute_force(seed, n, n_batches, use_psi, spec, chu
     np.testing.assert_allclose(scores, want_s, atol=1e-6)
     if spec == "Flat":
         assert_chunk_bounds(index)
+    else:
+        assert_list_bounds(index)
 
 
 def assert_chunk_bounds(index):
@@ -120,6 +123,172 @@ def test_chunked_parts_give_memory_back_during_a_backfill():
     _, got = index.search(q, 5)
     _, want = brute_force_merged(q[:, :D_OLD], q, ids, old, new, np.ones(2000, bool), 5)
     np.testing.assert_array_equal(got, want)
+
+
+def assert_list_bounds(index):
+    """IVF-Flat parts: every live id in one list, each list's storage within its bound, empty lists freed."""
+    for name, part in index._parts.items():
+        stored = [part._entries(l)[0] for l in range(part.nlist)]
+        live = index.old_ids() if name == "old" else index.new_ids()
+        np.testing.assert_array_equal(np.sort(np.concatenate(stored)), live)
+        for l, il in enumerate(part._lists):
+            assert il.list_size(0) == part.sizes[l]
+            assert part.sizes[l] <= part.caps[l] <= part._bound(part.sizes[l])
+            assert (il is part._empty) == (part.sizes[l] == 0), "an emptied list kept its storage"
+        assert part._view.ntotal == part.ntotal
+
+
+def test_ivf_lists_give_memory_back_during_a_backfill():
+    # 2,000 items in IVF16,Flat parts: as a random order moves them, every list of the old part is
+    # rebuilt smaller once its storage exceeds its entries by more than HEADROOM (a sixteenth, plus
+    # SPARE entries), and the new part's lists grow with at most that much room each. Searches
+    # stay exact (nprobe 16).
+    rng = np.random.default_rng(3)
+    n, nlist = 2000, 16
+    ids = rng.choice(10**6, size=n, replace=False).astype(np.int64)
+    old, new = grid_unit(rng, n, D_OLD), grid_unit(rng, n, D_NEW)
+    index = OnlineBackfillIndex(D_OLD, D_NEW, f"IVF{nlist},Flat", f"IVF{nlist},Flat")
+    index.train_old(grid_unit(rng, 40 * nlist, D_OLD))
+    index.train_new(grid_unit(rng, 40 * nlist, D_NEW))
+    index.add_old(ids, old)
+    index.set_search_params(nprobe=nlist)
+    old_part, new_part = index._parts["old"], index._parts["new"]
+    assert old_part.capacity == n  # filled by one add: every list allocated exactly
+    order = rng.permutation(n)
+    stored_new = np.zeros(n, dtype=bool)
+    q, qo = grid_unit(rng, 3, D_NEW), grid_unit(rng, 3, D_OLD)
+    for start in range(0, n, 100):
+        batch = order[start:start + 100]
+        index.backfill(ids[batch], new[batch])
+        stored_new[batch] = True
+        assert_list_bounds(index)
+        assert old_part.capacity + new_part.capacity <= n * (1 + old_part.HEADROOM) + 2 * old_part.SPARE * nlist
+        if start % 500 == 0:
+            _, got = index.search(q, 20, query_old=qo)
+            _, want = brute_force_merged(qo, q, ids, old, new, stored_new, 20)
+            np.testing.assert_array_equal(got, want)
+    assert old_part.capacity == 0 and all(il is old_part._empty for il in old_part._lists)
+    index.compact()
+    assert new_part.capacity == n
+    _, got = index.search(q, 5)
+    _, want = brute_force_merged(qo, q, ids, old, new, np.ones(n, bool), 5)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_ivf_list_storage_is_what_the_part_counts():
+    # The bound above is on the part's own count of each list's storage (caps): check that faiss
+    # really holds that much, no more. A list rebuilt with room takes adds up to its count in place
+    # (the buffer does not move), and the next add moves it.
+    import faiss
+
+    rng = np.random.default_rng(11)
+    index = OnlineBackfillIndex(D_OLD, D_NEW, "IVF4,Flat", "IVF4,Flat")
+    index.train_new(grid_unit(rng, 64, D_NEW))
+    part = index._parts["new"]
+    x = grid_unit(rng, 200, D_NEW)
+    index.add(np.arange(100), x[:100])
+    assert part.capacity == 100  # filled from empty: exact
+    index.add(np.arange(100, 110), x[100:110])  # every touched list grows: rebuilt with room
+    grown = np.nonzero(part.caps > part.sizes)[0]
+    assert len(grown)
+    for l in grown:
+        il, room = part._lists[l], int(part.caps[l] - part.sizes[l])
+        codes, list_ids = int(il.get_codes(0)), int(il.get_ids(0))
+        fill = np.zeros((room + 1, part.code_size), np.uint8)
+        fill_ids = np.arange(room + 1, dtype=np.int64)
+        il.add_entries(0, room, faiss.swig_ptr(fill_ids), faiss.swig_ptr(fill))
+        assert (int(il.get_codes(0)), int(il.get_ids(0))) == (codes, list_ids)
+        il.add_entries(0, 1, faiss.swig_ptr(fill_ids), faiss.swig_ptr(fill))
+        assert int(il.get_codes(0)) != codes
+
+
+def test_an_ivf_batch_that_fails_midway_is_taken_back():
+    rng = np.random.default_rng(12)
+    index, ids, old, new = build(rng, 300, ("IVF4,Flat", "IVF4,Flat"))
+    index.backfill(ids[:150], new[:150])
+    part = index._parts["new"]
+    before = [part._entries(l)[0].copy() for l in range(part.nlist)]
+    q, qo = grid_unit(rng, 4, D_NEW), grid_unit(rng, 4, D_OLD)
+    want = index.search(q, 30, query_old=qo)
+    calls, real = [], part._rebuild
+
+    def failing(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise MemoryError("no room")
+        return real(*args)
+
+    part._rebuild = failing
+    with pytest.raises(MemoryError):
+        index.backfill(ids[150:], new[150:])
+    del part._rebuild
+    assert (index.n_old, index.n_new) == (150, 150)
+    for l in range(part.nlist):
+        np.testing.assert_array_equal(np.sort(part._entries(l)[0]), np.sort(before[l]))
+    for a, b in zip(index.search(q, 30, query_old=qo), want):
+        np.testing.assert_array_equal(a, b)
+    assert_list_bounds(index)
+
+
+def test_ivf_save_load_mid_backfill(tmp_path):
+    rng = np.random.default_rng(13)
+    index, ids, old, new = build(rng, 200, ("IVF4,Flat", "IVF4,Flat"))
+    index.backfill(ids[:120], new[:120])
+    index.remove(ids[[0, 150]])
+    index.add([10**6 + 1], new[:1])
+    index.save(tmp_path / "ivf.idx")
+    with np.load(tmp_path / "ivf.idx") as data:
+        header = json.loads(data["header"].tobytes().decode())
+    assert header["version"] == 3 and header["old_layout"] == header["new_layout"] == "ivf_lists"
+    loaded = OnlineBackfillIndex.load(tmp_path / "ivf.idx")
+    for name in ("old", "new"):
+        part = loaded._parts[name]
+        assert part.capacity == part.ntotal == index._parts[name].ntotal  # read back exactly
+        assert part.params == {"nprobe": 4} and part._view.nprobe == 4
+    q, qo = grid_unit(rng, 5, D_NEW), grid_unit(rng, 5, D_OLD)
+    for a, b in zip(loaded.search(q, 50, query_old=qo), index.search(q, 50, query_old=qo)):
+        np.testing.assert_array_equal(a, b)
+    assert_list_bounds(loaded)
+    loaded.backfill(ids[120:150], new[120:150])  # and it goes on working
+    assert (loaded.n_old, loaded.n_new) == (49, 150)
+
+
+def test_a_version_2_file_with_ivf_parts_still_loads(tmp_path):
+    # Format 2 held an IVF-Flat part in one faiss IndexIVFFlat (layout "single"), written here by hand.
+    import faiss
+
+    rng = np.random.default_rng(14)
+    n = 60
+    ids = rng.choice(10**6, size=n, replace=False).astype(np.int64)
+    old, new = grid_unit(rng, n, D_OLD), grid_unit(rng, n, D_NEW)
+    stored_new = np.arange(n) < 25
+    header = {"magic": FILE_MAGIC, "version": 2, "dim_old": D_OLD, "dim_new": D_NEW, "psi_class": None,
+              "chunk_rows": CHUNK_ROWS, "old_index": "IVF4,Flat", "new_index": "IVF4,Flat",
+              "old_params": {"nprobe": 4}, "new_params": {"nprobe": 4},
+              "old_layout": "single", "new_layout": "single"}
+    arrays = {}
+    for name, dim, x, mask in (("old", D_OLD, old, ~stored_new), ("new", D_NEW, new, stored_new)):
+        ivf = faiss.index_factory(dim, "IVF4,Flat", faiss.METRIC_INNER_PRODUCT)
+        ivf.train(grid_unit(rng, 64, dim))
+        ivf.nprobe = 4
+        ivf.add_with_ids(x[mask], ids[mask])
+        arrays.update({f"{name}_faiss": faiss.serialize_index(ivf), f"{name}_ids": np.sort(ids[mask]),
+                       f"{name}_tombs": np.empty(0, np.int64)})
+    arrays["header"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
+    with open(tmp_path / "v2.idx", "wb") as f:
+        np.savez(f, **arrays)
+    loaded = OnlineBackfillIndex.load(tmp_path / "v2.idx")
+    assert (loaded.n_old, loaded.n_new) == (35, 25)
+    for part in loaded._parts.values():
+        assert part.capacity == part.ntotal and part.template.ntotal == 0  # lists copied out exactly
+    q, qo = grid_unit(rng, 4, D_NEW), grid_unit(rng, 4, D_OLD)
+    _, want = brute_force_merged(qo, q, ids, old, new, stored_new, n)
+    np.testing.assert_array_equal(loaded.search(q, n, query_old=qo)[1], want)
+    loaded.backfill(ids[30:40], new[30:40])  # and it goes on working
+    stored_new[30:40] = True
+    _, want = brute_force_merged(qo, q, ids, old, new, stored_new, n)
+    np.testing.assert_array_equal(loaded.search(q, n, query_old=qo)[1], want)
+    assert_list_bounds(loaded)
 
 
 def test_a_version_1_file_still_loads(tmp_path):
