@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from .backfill import backfill_order
 from .live_index import _atomic_write
-from .validation import repeated
+from .validation import check_no_repeats
 
 STATE_VERSION = 1
 
@@ -103,9 +103,7 @@ def _plan(index, state_path: str, order, seed: int):
         if order.ndim != 1 or (order.size and not np.issubdtype(order.dtype, np.integer)):
             raise ValueError(f"order must be a 1-D array of item ids, got shape {order.shape} and dtype {order.dtype}")
         order = order.astype(np.int64)
-        dup = repeated(order)
-        if len(dup):
-            raise ValueError(f"order repeats ids {dup[:5].tolist()}: each item is backfilled once")
+        check_no_repeats(order, "order", "each item is backfilled once")
         missing = np.setdiff1d(old, order)
         if len(missing):
             raise ValueError(f"order misses {len(missing)} item(s) stored old, e.g. {missing[:5].tolist()}: it must "

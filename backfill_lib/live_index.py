@@ -66,7 +66,7 @@ import faiss
 import numpy as np
 
 from .retrieval import _as_ids, _sorted_topk
-from .validation import as_embeddings, check_k, repeated
+from .validation import as_embeddings, check_k, check_no_repeats, repeated
 
 #: Marks a file written by :meth:`OnlineBackfillIndex.save` (with the format version below).
 FILE_MAGIC = "backfill_lib.OnlineBackfillIndex"
@@ -539,6 +539,15 @@ class _IVFListsPart:
         ids, codes = np.ascontiguousarray(ids, dtype=np.int64), np.ascontiguousarray(codes, dtype=np.uint8)
         self._rebuild(l, [(len(ids), faiss.swig_ptr(ids), faiss.swig_ptr(codes))], cap)
 
+    def _stored(self, l: int) -> tuple:
+        """List ``l``'s entries as a piece for :meth:`_rebuild`: ``(n, ids pointer, codes pointer)``."""
+        il = self._lists[l]
+        return int(self.sizes[l]), il.get_ids(0), il.get_codes(0)
+
+    def _shrink(self, l: int) -> None:
+        """Rebuild list ``l`` at exactly its size (its spare room freed)."""
+        self._rebuild(l, [self._stored(l)], 0)
+
     def _rebuild(self, l: int, pieces: list, cap: int) -> None:
         """Replace list ``l`` by a fresh container of ``cap`` entries (at least what it holds)
         filled with ``pieces``, ``(n, ids pointer, codes pointer)`` each, in order.
@@ -588,8 +597,7 @@ class _IVFListsPart:
                 elif not n:  # filled from empty: exactly its entries (add_old of a whole gallery)
                     self._rebuild(l, [new], m)
                 else:  # a list that grows gets room for the adds to come
-                    old = self._lists[l]
-                    self._rebuild(l, [(n, old.get_ids(0), old.get_codes(0)), new], self._bound(n + m))
+                    self._rebuild(l, [self._stored(l), new], self._bound(n + m))
         except BaseException:
             self._remove_found(ids)  # all or nothing: take back what was stored
             self._refresh()
@@ -637,8 +645,7 @@ class _IVFListsPart:
             remover.replace_invlists(self._empty, False)  # never left pointing at a list that may go
         try:
             for l in shrink:
-                il = self._lists[l]
-                self._rebuild(l, [(int(self.sizes[l]), il.get_ids(0), il.get_codes(0))], 0)  # exact
+                self._shrink(l)
         except MemoryError:
             pass
         return found
@@ -662,8 +669,7 @@ class _IVFListsPart:
         # Rebuild every list with room at its size: the part then holds exactly its entries.
         try:
             for l in np.nonzero(self.caps > self.sizes)[0]:
-                il = self._lists[l]
-                self._rebuild(l, [(int(self.sizes[l]), il.get_ids(0), il.get_codes(0))], 0)
+                self._shrink(l)
         finally:
             self._refresh()
 
@@ -857,9 +863,7 @@ class _TwoPartWrites:
         arr = np.atleast_1d(np.asarray(ids))
         ids = _as_ids(arr, arr.size)
         with self._lock.write():
-            dup = repeated(ids)
-            if len(dup):
-                raise ValueError(f"ids must not repeat: {dup[:5].tolist()} appear more than once")
+            check_no_repeats(ids, "ids", "each item is removed once")
             self._remove(ids)
 
     add_old.__doc__ = _ADD_DOC.format(what="old", when="items that arrived before the switch to the new model",
@@ -1100,9 +1104,7 @@ class OnlineBackfillIndex(_TwoPartWrites):
         return pos, found & ~in_new, in_new
 
     def _check_new_ids(self, ids: np.ndarray, part: str, name: str = "ids") -> None:
-        dup = repeated(ids)
-        if len(dup):
-            raise ValueError(f"{name} must not repeat: each item is stored once ({dup[:5].tolist()} appear more than once)")
+        check_no_repeats(ids, name, "each item is stored once")
         _, in_old, in_new = self._locate(ids)
         present = ids[in_old | in_new]
         if len(present):
@@ -1118,9 +1120,9 @@ class OnlineBackfillIndex(_TwoPartWrites):
         with self._lock.write():
             self._check_new_ids(ids, part)
             # The new bookkeeping arrays first: if memory runs out, nothing has changed.
-            order = np.argsort(ids)
-            at = np.searchsorted(self._ids, ids[order])
-            all_ids = np.insert(self._ids, at, ids[order])
+            ascending = np.sort(ids)
+            at = np.searchsorted(self._ids, ascending)
+            all_ids = np.insert(self._ids, at, ascending)
             in_new = np.insert(self._in_new, at, part == "new")
             self._parts[part].add(ids, x)
             self._ids, self._in_new = all_ids, in_new
@@ -1148,10 +1150,7 @@ class OnlineBackfillIndex(_TwoPartWrites):
         x = as_embeddings(new_vectors, "new_vectors", dim=self.dim_new, unit_norm=True)
         ids = _as_ids(ids, len(x))
         with self._lock.write():
-            dup = repeated(ids)
-            if len(dup):
-                raise ValueError(f"ids must not repeat: each item is backfilled once ({dup[:5].tolist()} appear "
-                                 "more than once)")
+            check_no_repeats(ids, "ids", "each item is backfilled once")
             pos, in_old, in_new = self._locate(ids)
             if in_new.any():
                 raise ValueError(f"ids {ids[in_new][:5].tolist()} are already backfilled (stored new)")

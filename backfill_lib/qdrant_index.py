@@ -24,7 +24,7 @@ import numpy as np
 
 from .live_index import _check_dim, _check_psi, _merged_topk, _RWLock, _TwoPartWrites
 from .retrieval import _as_ids
-from .validation import as_embeddings, repeated
+from .validation import as_embeddings, check_no_repeats
 
 PARTS = ("old", "new")
 
@@ -200,9 +200,7 @@ class QdrantBackfillIndex(_TwoPartWrites):
     def _add(self, part: str, ids, x: np.ndarray) -> None:
         ids = _as_ids(ids, len(x))
         with self._lock.write():
-            dup = repeated(ids)
-            if len(dup):
-                raise ValueError(f"ids must not repeat: each item is stored once ({dup[:5].tolist()} appear more than once)")
+            check_no_repeats(ids, "ids", "each item is stored once")
             present = sorted(self._stored(ids))
             if present:
                 raise ValueError(f"ids {present[:5]} are already in the index: remove them first "
@@ -233,10 +231,7 @@ class QdrantBackfillIndex(_TwoPartWrites):
         x = as_embeddings(new_vectors, "new_vectors", dim=self.dim_new, unit_norm=True)
         ids = _as_ids(ids, len(x))
         with self._lock.write():
-            dup = repeated(ids)
-            if len(dup):
-                raise ValueError(f"ids must not repeat: each item is backfilled once ({dup[:5].tolist()} appear "
-                                 "more than once)")
+            check_no_repeats(ids, "ids", "each item is backfilled once")
             stored = self._stored(ids)
             unknown = [int(i) for i in ids if int(i) not in stored]
             if unknown:

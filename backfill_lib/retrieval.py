@@ -32,7 +32,7 @@ from __future__ import annotations
 import faiss
 import numpy as np
 
-from .validation import as_embeddings, check_k, check_positive_int, normalize_rows
+from .validation import as_embeddings, check_k, check_no_repeats, check_positive_int, normalize_rows
 
 _INT64_MAX = np.iinfo(np.int64).max
 
@@ -64,11 +64,6 @@ def _check_id_values(arr: np.ndarray, name: str) -> np.ndarray:
     if arr.max() > _INT64_MAX:
         raise ValueError(f"{name} must fit in int64, got {arr.max()}")
     return arr.astype(np.int64)
-
-
-def _repeated(ids: np.ndarray) -> list[int]:
-    values, counts = np.unique(ids, return_counts=True)
-    return values[counts > 1].tolist()
 
 
 def _check_flag(value, name: str) -> bool:
@@ -200,9 +195,7 @@ class Gallery:
         self._add_checked(x, ids)
 
     def _check_new_ids(self, ids: np.ndarray) -> None:
-        repeated = _repeated(ids)
-        if repeated:
-            raise ValueError(f"ids {repeated[:5]} repeat: each item is stored under one id, once")
+        check_no_repeats(ids, "ids", "each item is stored under one id, once")
         stored = ids[np.isin(ids, self._stored_ids())]
         if len(stored):
             raise ValueError(
@@ -519,7 +512,8 @@ class MixedGallery:
         ``normalize`` is not a bool.
     ValueError
         If ``old_vectors`` is not a finite non-empty 2-D array or (without ``normalize``) has
-        rows off unit norm (with ``normalize``, all-zero rows), ``new_dim < 1``, or ``ids`` repeats an id, holds a negative one or does not hold one id per item.
+        rows off unit norm (with ``normalize``, all-zero rows), ``new_dim < 1``, or ``ids``
+        repeats an id, holds a negative one or does not hold one id per item.
 
     Examples
     --------
@@ -539,9 +533,7 @@ class MixedGallery:
         old = _unit_rows(old_vectors, "old_vectors", self.normalize)
         new_dim = check_positive_int(new_dim, "new_dim", "the new vectors' dimension")
         ids = np.arange(len(old), dtype=np.int64) if ids is None else _as_ids(ids, len(old))
-        repeated = _repeated(ids)
-        if repeated:
-            raise ValueError(f"ids must not repeat: one id per gallery item, but {repeated[:5]} repeat")
+        check_no_repeats(ids, "ids", "one id per gallery item")
         self._old = Gallery(old.shape[1])
         self._new = Gallery(new_dim)
         self._old._add_checked(old, ids)
@@ -597,10 +589,7 @@ class MixedGallery:
     def _new_rows(self, new_vectors, ids) -> tuple[np.ndarray, np.ndarray]:
         x = _unit_rows(new_vectors, "new_vectors", self.normalize, dim=self._new.dim)
         ids = _as_ids(ids, len(x))
-        repeated = _repeated(ids)
-        if repeated:
-            # faiss would store one item twice in the new index.
-            raise ValueError(f"ids must not repeat: each item is stored once, but {repeated[:5]} repeat")
+        check_no_repeats(ids, "ids", "each item is stored once")  # faiss would store one item twice
         return x, ids
 
     def backfill(self, ids, new_vectors) -> None:
@@ -691,9 +680,7 @@ class MixedGallery:
             names an item that is not in the gallery.
         """
         ids = _as_id_list(ids)
-        repeated = _repeated(ids)
-        if repeated:
-            raise ValueError(f"ids must not repeat: each item is removed once, but {repeated[:5]} repeat")
+        check_no_repeats(ids, "ids", "each item is removed once")
         in_old, in_new = self._where(ids)
         unknown = ids[~(in_old | in_new)]
         if len(unknown):

@@ -353,6 +353,35 @@ def repeated(values) -> np.ndarray:
     return dup[np.r_[True, dup[1:] != dup[:-1]]] if len(dup) else dup
 
 
+def check_no_repeats(values, name: str, why: str) -> None:
+    """Raise if ``values`` holds a value twice, naming (up to five of) the repeated ones.
+
+    Parameters
+    ----------
+    values : array-like, 1-D
+        Ids or other values that must be distinct.
+    name : str
+        Argument name used in the error message.
+    why : str
+        Why they must be distinct, e.g. ``"each item is stored once"``.
+
+    Raises
+    ------
+    ValueError
+        If a value occurs more than once.
+
+    Examples
+    --------
+    >>> check_no_repeats([4, 2, 4], "ids", "each item is stored once")
+    Traceback (most recent call last):
+    ...
+    ValueError: ids must not repeat: each item is stored once ([4] appear more than once)
+    """
+    dup = repeated(values)
+    if len(dup):
+        raise ValueError(f"{name} must not repeat: {why} ({dup[:5].tolist()} appear more than once)")
+
+
 def check_k(k, n_gallery: int, name: str = "k") -> int:
     """Check that ``k`` is a positive integer no larger than the gallery.
 

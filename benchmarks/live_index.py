@@ -89,7 +89,7 @@ def held_bytes(index: OnlineBackfillIndex, capacity: bool = False) -> int:
     """Bytes held by the structures: codes, id arrays, tombstones (``capacity``: reserved rows too)."""
     total = 0
     for part in index._parts.values():
-        if hasattr(part, "chunks") or hasattr(part, "caps"):  # chunked flat-codes or IVF-Flat lists
+        if hasattr(part, "capacity"):  # chunked flat-codes part or IVF-Flat lists: rows they reserve
             rows = part.capacity if capacity else part.ntotal
             total += rows * (part.template.sa_code_size() + 8)
         else:
