@@ -1,4 +1,4 @@
-"""Datasets (METHOD §6): ``digits`` (default), ``synthetic``, ``cifar100``, ``imagefolder``.
+"""Datasets (METHOD §6): ``digits`` (default), ``fashion_mnist``, ``synthetic``, ``cifar100``, ``imagefolder``.
 
 :func:`load_dataset` returns a :class:`BackfillData`: a training split (augmented where the data
 are images), the same training items without augmentation (to cache embeddings), and a test split
@@ -8,8 +8,11 @@ parameter; by default the first half.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import os
+import struct
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +22,7 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 
 from .validation import check_positive_int
 
-DATASETS = ("digits", "synthetic", "cifar100", "imagefolder")
+DATASETS = ("digits", "fashion_mnist", "synthetic", "cifar100", "imagefolder")
 DATA_ENV = "BACKFILL_DATA"
 
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
@@ -42,7 +45,8 @@ class BackfillData:
     Parameters
     ----------
     name : str
-        Dataset name: ``"digits"``, ``"synthetic"``, ``"cifar100"`` or ``"imagefolder"``.
+        Dataset name: ``"digits"``, ``"fashion_mnist"``, ``"synthetic"``, ``"cifar100"`` or
+        ``"imagefolder"``.
     train : Dataset
         Training items ``(x, y)``, augmented for images.
     train_plain : Dataset
@@ -431,6 +435,314 @@ def load_cifar100_data(root=None, old_classes=None, download: bool = True, image
                         100, old, (3, image_size, image_size), info)
 
 
+# --- Fashion-MNIST --------------------------------------------------------------------------
+
+#: Debian's ``dataset-fashion-mnist`` package installs the four gzipped IDX files here.
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+#: Class names of Fashion-MNIST, in label order (Zalando Research's ``fashion-mnist`` README).
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+
+#: The four files of each split (``images``, ``labels``), without the optional ``.gz``.
+FASHION_MNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+                       "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+#: IDX type codes (third byte of the magic number) and their big-endian numpy dtypes.
+IDX_DTYPES = {0x08: np.dtype(">u1"), 0x09: np.dtype(">i1"), 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
+              0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+
+
+def read_idx(path) -> np.ndarray:
+    """Read one IDX file (the format of MNIST and Fashion-MNIST), gzipped or plain.
+
+    An IDX file is a 4-byte magic number (two zero bytes, a type code, the number of
+    dimensions), then each dimension as a big-endian 32-bit integer, then the values in C order.
+    A gzipped file is recognised by its first two bytes, whatever its name.
+
+    Parameters
+    ----------
+    path : str or Path
+        The file, e.g. ``train-images-idx3-ubyte`` or ``train-images-idx3-ubyte.gz``.
+
+    Returns
+    -------
+    numpy.ndarray
+        The values with the shape of the header, in the header's type (``uint8`` for the MNIST
+        family), in native byte order.
+
+    Raises
+    ------
+    DataNotFoundError
+        If ``path`` does not exist.
+    ValueError
+        If the file is not gzip although it starts like one, ends early (truncated), has an unknown
+        magic number, or holds more or fewer values than its header announces. The message names
+        the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataNotFoundError(f"IDX file {path} does not exist")
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except EOFError:
+            raise ValueError(f"{path}: the gzip stream ends early (truncated file); download or copy it again") from None
+        except (OSError, zlib.error) as exc:
+            raise ValueError(f"{path}: not a valid gzip file ({exc}); download or copy it again") from None
+    if len(raw) < 4:
+        raise ValueError(f"{path}: {len(raw)} bytes, too short for an IDX header (truncated file?)")
+    zero, code, ndim = raw[:2], raw[2], raw[3]
+    if zero != b"\x00\x00" or code not in IDX_DTYPES or ndim == 0:
+        raise ValueError(f"{path}: not an IDX file (magic number 0x{raw[:4].hex()}; expected 0x0000 then a type "
+                         f"code and the number of dimensions, e.g. 0x00000803 for images of bytes)")
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise ValueError(f"{path}: the header announces {ndim} dimensions but the file ends after {len(raw)} bytes "
+                         f"(truncated file)")
+    dims = struct.unpack(f">{ndim}I", raw[4:header])
+    dtype = IDX_DTYPES[code]
+    expected = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+    got = len(raw) - header
+    if got != expected:
+        problem = "truncated file" if got < expected else "extra bytes after the data"
+        raise ValueError(f"{path}: the header announces shape {tuple(dims)} ({expected} bytes of data) but the file "
+                         f"holds {got} bytes ({problem})")
+    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims).astype(dtype.newbyteorder("="), copy=False)
+
+
+def _idx_file(folder: Path, name: str) -> Path | None:
+    for candidate in (folder / name, folder / f"{name}.gz"):  # plain first: no decompression
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def find_fashion_mnist(root=None) -> dict | None:
+    """Where the four Fashion-MNIST IDX files are, without reading them.
+
+    The folders are searched in this order: the data folder (``root``, else ``$BACKFILL_DATA``,
+    else ``~/.cache/backfill_lib/data``, see :func:`data_root`), in torchvision's layout
+    ``<folder>/FashionMNIST/raw/`` and flat ``<folder>/``; then Debian's
+    ``/usr/share/datasets/fashion-mnist`` (:data:`DEBIAN_FASHION_MNIST`). A file may be gzipped
+    (``.gz``) or plain; plain is preferred when both exist.
+
+    Parameters
+    ----------
+    root : str or Path, optional
+        The data folder; default :func:`data_root`.
+
+    Returns
+    -------
+    dict or None
+        ``{"folder": Path, "train": (images, labels), "test": (images, labels)}`` with the
+        paths of the first folder that holds all four files; None if no folder holds any of them.
+
+    Raises
+    ------
+    DataNotFoundError
+        If a folder holds some but not all four files (the message names the missing ones): a
+        half-copied dataset is an error, not a reason to look elsewhere.
+    """
+    base = data_root(root)
+    for folder in (base / "FashionMNIST" / "raw", base, DEBIAN_FASHION_MNIST):
+        found = {name: _idx_file(folder, name) for split in ("train", "test") for name in FASHION_MNIST_FILES[split]}
+        missing = [name for name, p in found.items() if p is None]
+        if len(missing) == len(found):
+            continue
+        if missing:
+            raise DataNotFoundError(f"Fashion-MNIST in {folder} is incomplete: {', '.join(missing)} (or .gz) missing; "
+                                    f"copy all four IDX files there, or remove the folder's Fashion-MNIST files")
+        out = {"folder": folder}
+        for split, names in FASHION_MNIST_FILES.items():
+            out[split] = tuple(found[n] for n in names)
+        return out
+    return None
+
+
+def _download_fashion_mnist(root: Path) -> dict:
+    """Download through torchvision into ``root/FashionMNIST/raw`` (Colab); return the file paths."""
+    from torchvision import datasets
+
+    for train in (True, False):
+        datasets.FashionMNIST(root, train=train, download=True)
+    found = find_fashion_mnist(root)
+    if found is None:
+        raise FileNotFoundError(f"torchvision reported success but the files are not in {root / 'FashionMNIST' / 'raw'}")
+    return found
+
+
+def _read_fashion_split(images_path: Path, labels_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    images, labels = read_idx(images_path), read_idx(labels_path)
+    if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (28, 28):
+        raise ValueError(f"{images_path}: expected 28×28 images of bytes (IDX type 0x08, 3 dimensions), got shape "
+                         f"{images.shape} of {images.dtype}; is this the right file?")
+    if labels.dtype != np.uint8 or labels.ndim != 1:
+        raise ValueError(f"{labels_path}: expected a vector of byte labels (IDX type 0x08, 1 dimension), got shape "
+                         f"{labels.shape} of {labels.dtype}; is this the right file?")
+    if len(labels) != len(images):
+        raise ValueError(f"{labels_path} holds {len(labels)} labels but {images_path} holds {len(images)} images: "
+                         f"the two files belong to different splits or versions")
+    if len(labels) and labels.max() > 9:
+        bad = int(np.flatnonzero(labels > 9)[0])
+        raise ValueError(f"{labels_path}: label {int(labels[bad])} at position {bad} is outside 0..9")
+    return images, labels.astype(np.int64)
+
+
+def stratified_subset(labels, n, seed: int = 0) -> np.ndarray:
+    """Indices of a stratified random subset of ``n`` items, sorted.
+
+    Each class gets ``n`` times its share of ``labels`` (rounded down, then the largest
+    remainders get one more, ties to the lower class), drawn without replacement. The same
+    arguments give the same subset; within a class the items are the first ones of one seeded
+    permutation, so for one seed a smaller subset mostly lies inside a larger one.
+
+    Parameters
+    ----------
+    labels : array-like (N,) of int
+        Class labels of all items.
+    n : int or None
+        Size of the subset, ``1 .. N``; None (or ``N``) keeps every item.
+    seed : int, default 0
+        Seed of the draw.
+
+    Returns
+    -------
+    array (n,) of int64
+        Sorted indices into ``labels``.
+
+    Raises
+    ------
+    TypeError
+        If ``n`` is neither None nor an integer.
+    ValueError
+        If ``n`` is below 1 or above ``N``.
+    """
+    labels = np.asarray(labels)
+    n = check_positive_int(n, "n", "subset size", allow_none=True)
+    if n is None or n == len(labels):
+        return np.arange(len(labels), dtype=np.int64)
+    if n > len(labels):
+        raise ValueError(f"n must be at most the number of items ({len(labels)}), got {n}")
+    classes, counts = np.unique(labels, return_counts=True)
+    share = counts * (n / len(labels))
+    quota = np.floor(share).astype(np.int64)
+    extra = n - int(quota.sum())
+    quota[np.argsort(-(share - quota), kind="stable")[:extra]] += 1
+    rng = np.random.default_rng(seed)
+    picked = [rng.permutation(np.flatnonzero(labels == c))[:q] for c, q in zip(classes, quota)]
+    return np.sort(np.concatenate(picked)).astype(np.int64)
+
+
+def _fingerprint(*arrays) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:20]
+
+
+def load_fashion_mnist_data(root=None, old_classes=None, n_train: int | None = 10000, n_test: int | None = 3000,
+                            split_seed: int = 0, download: bool = True) -> BackfillData:
+    """Fashion-MNIST (Zalando Research): 28×28 greyscale product photos, 10 classes; stratified seeded subsets.
+
+    The 60,000 training and 10,000 test images of the official splits are read from the four
+    IDX files (gzipped or plain, read here with numpy: see :func:`read_idx`), looked for in this
+    order (:func:`find_fashion_mnist`):
+
+    1. the data folder ``root``, else ``$BACKFILL_DATA``, else ``~/.cache/backfill_lib/data``
+       (:func:`data_root`), either in torchvision's layout ``<folder>/FashionMNIST/raw/`` or
+       flat, the four files directly in ``<folder>/``: ``train-images-idx3-ubyte``,
+       ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte``
+       (each optionally ``.gz``);
+    2. Debian's package ``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist``;
+       ``scripts/setup.sh`` installs it);
+    3. only if neither holds them and ``download`` is true: torchvision downloads them into
+       ``<data folder>/FashionMNIST/raw/`` (what happens in Colab), where step 1 finds them next
+       time.
+
+    ``n_train`` training images are drawn from the training split and ``n_test`` test images
+    (queries and gallery) from the test split, each stratified by class and seeded
+    (:func:`stratified_subset`, seeds ``split_seed`` and ``split_seed + 1``): the same
+    arguments give the same images. Pixels are scaled to [0, 1], then standardised with the
+    mean and std (one scalar each) of the chosen training images, as for ``digits``. There is no
+    augmentation (``train_plain`` is ``train``). ``train.classes`` and ``test.classes`` hold the
+    class names (:data:`FASHION_MNIST_CLASSES`).
+
+    Parameters
+    ----------
+    root : str or Path, optional
+        Data folder searched first (and where torchvision downloads); default :func:`data_root`.
+    old_classes : str or sequence of int, optional
+        Classes of the old model, in any form :func:`parse_classes` accepts. Default ``0-4``
+        (T-shirt/top, Trouser, Pullover, Dress, Coat).
+    n_train : int or None, default 10000
+        Training images, at most 60,000; None takes them all.
+    n_test : int or None, default 3000
+        Test images (every one a query and a gallery item), at most 10,000; None takes them all.
+    split_seed : int, default 0
+        Seed of both subsets.
+    download : bool, default True
+        Download through torchvision when no folder holds the files (needs torchvision and
+        internet).
+
+    Returns
+    -------
+    BackfillData
+        Inputs of shape ``(1, 28, 28)``, labels ``0 .. 9``, name ``"fashion_mnist"``. ``info``
+        holds the subset sizes, the seed, a fingerprint of the chosen pixels and labels (all in
+        the checkpoint cache key) and the folder read (``root``, left out of the key).
+
+    Raises
+    ------
+    DataNotFoundError
+        If no folder holds the files and they could not be downloaded (the message says what to
+        install), or a folder holds only some of the four files.
+    ValueError
+        If a file is truncated, not IDX, not 28×28 images of bytes, has labels outside 0..9, or
+        its label file has another length than its image file (the message names the file); if
+        ``n_train`` or ``n_test`` is below 1 or above the split's size; or if ``old_classes`` is
+        invalid.
+    TypeError
+        If ``n_train`` or ``n_test`` is neither None nor an integer.
+    """
+    n_train = check_positive_int(n_train, "n_train", "training images", allow_none=True)
+    n_test = check_positive_int(n_test, "n_test", "test images", allow_none=True)
+    old = parse_classes(old_classes if old_classes is not None else range(5), 10)
+    base = data_root(root)
+    found = find_fashion_mnist(base)
+    if found is None:
+        where = (f"not in {base} (flat or FashionMNIST/raw/) nor in {DEBIAN_FASHION_MNIST}")
+        if not download:
+            raise DataNotFoundError(f"Fashion-MNIST is {where} (download=False): apt-get install dataset-fashion-mnist, "
+                                    f"or set ${DATA_ENV} to a folder holding its four IDX files")
+        try:
+            found = _download_fashion_mnist(base)
+        except Exception as exc:  # ImportError (no torchvision), URLError/OSError (no network), RuntimeError
+            raise DataNotFoundError(
+                f"Fashion-MNIST is {where}, and torchvision could not download it ({type(exc).__name__}: {exc}): "
+                f"apt-get install dataset-fashion-mnist (Debian/Ubuntu), or set ${DATA_ENV} to a folder holding its "
+                f"four IDX files, or pip install torchvision on a machine with internet") from exc
+    (x_all, y_all), (xt_all, yt_all) = (_read_fashion_split(*found[split]) for split in ("train", "test"))
+    for arg, n, total in (("n_train", n_train, len(y_all)), ("n_test", n_test, len(yt_all))):
+        if n is not None and n > total:
+            raise ValueError(f"{arg}={n} is more than the {total} images of the split; use at most {total}, or None "
+                             f"for all")
+    tr = stratified_subset(y_all, n_train, split_seed)
+    te = stratified_subset(yt_all, n_test, split_seed + 1)
+    x_tr = x_all[tr].astype(np.float32)[:, None] / 255.0
+    x_te = xt_all[te].astype(np.float32)[:, None] / 255.0
+    mean, std = float(x_tr.mean()), float(x_tr.std())
+    x_tr, x_te = (x_tr - mean) / std, (x_te - mean) / std
+    # Everything that changes the items goes into ``info`` (the checkpoint cache key); the folder
+    # does not (``root`` is left out of the key), so Debian's files and torchvision's share it.
+    info = {"n_train": len(tr), "n_test": len(te), "split_seed": split_seed,
+            "sha256": _fingerprint(x_all[tr], y_all[tr], xt_all[te], yt_all[te]), "root": str(found["folder"])}
+    data = _from_arrays("fashion_mnist", x_tr, y_all[tr], x_te, yt_all[te], 10, old, info)
+    data.train.classes = data.test.classes = list(FASHION_MNIST_CLASSES)
+    return data
+
+
 def file_fingerprint(paths, root) -> dict:
     """A fingerprint of a list of files: their paths relative to ``root``, sizes and modification times.
 
@@ -558,20 +870,22 @@ def load_imagefolder_data(root, old_classes=None, image_size: int = 64, test_siz
 
 
 def load_dataset(name: str = "digits", old_classes=None, root=None, **kwargs) -> BackfillData:
-    """Load a dataset by name: ``digits`` (default), ``synthetic``, ``cifar100`` or ``imagefolder``.
+    """Load a dataset by name: ``digits`` (default), ``fashion_mnist``, ``synthetic``, ``cifar100`` or ``imagefolder``.
 
     Parameters
     ----------
-    name : {"digits", "synthetic", "cifar100", "imagefolder"}, default "digits"
+    name : {"digits", "fashion_mnist", "synthetic", "cifar100", "imagefolder"}, default "digits"
         Which dataset; each is loaded by its own function (:func:`load_digits_data`,
-        :func:`load_synthetic_data`, :func:`load_cifar100_data`, :func:`load_imagefolder_data`).
+        :func:`load_fashion_mnist_data`, :func:`load_synthetic_data`, :func:`load_cifar100_data`,
+        :func:`load_imagefolder_data`).
     old_classes : str or sequence of int, optional
         Classes the old model sees, e.g. ``"0-4"``; default the first half.
     root : str or Path, optional
-        Data folder for ``cifar100`` (default ``$BACKFILL_DATA``) and ``imagefolder`` (required);
-        ignored by ``digits`` and ``synthetic``.
+        Data folder for ``fashion_mnist`` and ``cifar100`` (default ``$BACKFILL_DATA``) and
+        ``imagefolder`` (required); ignored by ``digits`` and ``synthetic``.
     **kwargs
-        Passed to the loader (``split_seed``, ``test_size``, ``download``, ``image_size``, ...).
+        Passed to the loader (``split_seed``, ``test_size``, ``n_train``, ``n_test``, ``download``,
+        ``image_size``, ...).
 
     Returns
     -------
@@ -581,9 +895,11 @@ def load_dataset(name: str = "digits", old_classes=None, root=None, **kwargs) ->
     Raises
     ------
     ValueError
-        If ``name`` is not one of the four datasets, or the loader rejects an argument.
+        If ``name`` is not one of the five datasets, or the loader rejects an argument (or, for
+        ``fashion_mnist``, a file).
     DataNotFoundError
-        If the data of ``cifar100`` or ``imagefolder`` are not on disk and cannot be downloaded.
+        If the data of ``fashion_mnist``, ``cifar100`` or ``imagefolder`` are not on disk and
+        cannot be downloaded.
 
     Examples
     --------
@@ -595,6 +911,8 @@ def load_dataset(name: str = "digits", old_classes=None, root=None, **kwargs) ->
         raise ValueError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
     if name == "digits":
         return load_digits_data(old_classes, **kwargs)
+    if name == "fashion_mnist":
+        return load_fashion_mnist_data(root, old_classes, **kwargs)
     if name == "synthetic":
         return load_synthetic_data(old_classes, **kwargs)
     if name == "cifar100":

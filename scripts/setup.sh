@@ -16,4 +16,31 @@ if ! .venv/bin/python -m pip install --disable-pip-version-check -r requirements
   exit 1
 fi
 .venv/bin/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+# Fashion-MNIST, the book's running example: Debian's package holds its four IDX files
+# (load_dataset("fashion_mnist") reads them there; $BACKFILL_DATA, if set, is searched first).
+FMNIST=/usr/share/datasets/fashion-mnist
+fmnist_present() {
+  for f in train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx3-ubyte t10k-labels-idx1-ubyte; do
+    [ -f "$FMNIST/$f.gz" ] || [ -f "$FMNIST/$f" ] || return 1
+  done
+}
+if fmnist_present; then
+  echo "[setup] Fashion-MNIST: $FMNIST"
+else
+  SUDO=""
+  if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+  echo "[setup] installing dataset-fashion-mnist with apt-get (log: _build/apt.log)"
+  if ! { $SUDO apt-get update && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y --no-install-recommends dataset-fashion-mnist; } >_build/apt.log 2>&1 || ! fmnist_present; then
+    tail -30 _build/apt.log
+    if elsewhere=$(.venv/bin/python -c 'from backfill_lib.data import find_fashion_mnist as f; print(f()["folder"])' 2>/dev/null); then
+      echo "[setup] apt-get failed, but Fashion-MNIST is in $elsewhere: using that" >&2
+    else
+      echo "[setup] could not install dataset-fashion-mnist (Debian/Ubuntu package, about 31 MB): install it by hand," \
+        "or put the four Fashion-MNIST IDX files in a folder and set BACKFILL_DATA to it" >&2
+      exit 1
+    fi
+  else
+    echo "[setup] Fashion-MNIST: $FMNIST"
+  fi
+fi
 echo "[setup] ready: $(.venv/bin/python -c 'import torch, faiss; print("torch", torch.__version__, "faiss", faiss.__version__)')"

@@ -117,7 +117,7 @@ class TestSynthetic:
 
 
 def test_unknown_dataset():
-    with pytest.raises(ValueError, match="unknown dataset 'mnist'; choose one of: digits, synthetic"):
+    with pytest.raises(ValueError, match="unknown dataset 'mnist'; choose one of: digits, fashion_mnist, synthetic"):
         load_dataset("mnist")
 
 
