@@ -5,15 +5,50 @@ order of :func:`backfill_lib.backfill.backfill_order`'s policies), embeds each b
 model (and ``ρ``) through a function you give it, and writes the batch with ``index.backfill``.
 It works with :class:`~backfill_lib.live_index.OnlineBackfillIndex` and
 :class:`~backfill_lib.qdrant_index.QdrantBackfillIndex` (anything with ``old_ids()``,
-``backfill(ids, vectors)`` and ``progress``).
+``backfill(ids, vectors)`` and ``progress``; ``save(path)`` too for a ``checkpoint_path``).
 
 Resuming. The index is the record of what is done: an item stored new is never written again.
-The job keeps a small state file (JSON, replaced atomically) with its position in the order, and
-the order itself beside it (``<state_path>.order.npy``), so a job killed at 40 % picks up where
-it stopped, in the same order. An in-memory faiss index is lost with the process, so the job
-saves it to ``checkpoint_path`` (crash-safe, :meth:`~backfill_lib.live_index.OnlineBackfillIndex.save`) before it moves
-its position forward; reload it from there before resuming. A Qdrant collection is durable by
-itself.
+The job keeps a small state file (JSON, replaced atomically) with its plan and its position in
+it, and the plan's order beside it (``<state_path>.order.npy``), so a job killed at 40 % picks
+up where it stopped, in the same order. An in-memory faiss index is lost with the process, so
+the job saves it to ``checkpoint_path`` (crash-safe,
+:meth:`~backfill_lib.live_index.OnlineBackfillIndex.save`) before it moves its position
+forward; reload it from there before resuming. A Qdrant collection is durable by itself.
+
+What the job guarantees. Whatever the state file says, the items a run writes are exactly the
+items of the plan still stored old in the index, in the plan's order; the saved position (the
+``cursor``) is only a record of how far earlier runs got. So:
+
+* ``BackfillRun.remaining`` is counted in the index at the end of the run: it is 0 only if no
+  item of the plan is stored old. A job resumed on an index older than its position (a
+  checkpoint from before, an index rebuilt from scratch) writes the items before the position
+  again too, with a ``RuntimeWarning``.
+* On every start the job checks that the plan covers every item stored old. An item stored old
+  that the plan does not cover (added with ``add_old`` after the plan was made, or a state file
+  from another index) is refused with a ``ValueError``: delete the state file and its order file
+  to plan again over every item stored old (items already stored new are not written again);
+  items that arrive during a backfill belong in the new part (``index.add``).
+* The state file holds a fingerprint of its job: a random job id, the index's kind
+  (class name), ``dim_old`` and ``dim_new`` (and the collection name of a Qdrant index), and
+  the length and SHA-256 digest of the plan's order (which the order file must match). A state
+  file of another index kind, other dimensions, another collection or another order is
+  refused, and so is a state file of the wrong shape (not a JSON object, a key missing, a
+  position that is not an integer in ``[0, len(order)]``, an order file that is not a 1-D
+  integer array).
+* One job at a time: a run holds an OS file lock (``fcntl.flock``) on ``<state_path>.lock``
+  (and on ``<checkpoint_path>.lock``) from its first check to its return; a second job on the
+  same state file or checkpoint is refused with "another backfill job is running on ...". The
+  OS releases the lock when the process ends, even by ``SIGKILL``; the lock files stay on
+  disk, empty of meaning (keep the state file on a local file system, where ``flock`` holds).
+* Before any work the job refuses paths that would overwrite each other (``state_path``, the
+  order file, the lock files and ``checkpoint_path``, compared after resolving ``..`` and
+  symbolic links; the order and lock files go beside the resolved state file), and a
+  ``checkpoint_path`` for an index that cannot ``save`` (Qdrant).
+* A batch is written only if ``embed`` returned one finite unit-norm row of ``dim_new`` per id;
+  otherwise the run stops with a ``ValueError`` and nothing of that batch is written. Whatever
+  stops a run (an exception, a kill), the position is never ahead of what the index (or its
+  checkpoint) holds, and a resumed run writes each item of the plan still stored old exactly
+  once. An item of the plan removed from the index during a run is skipped.
 
 At a billion items the embedding is a batch-inference pipeline: :func:`run_backfill_ray` runs the
 same job with the model held by Ray Data actors (``map_batches``), the writes staying in one
@@ -22,10 +57,13 @@ process.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import time
+import uuid
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,9 +71,15 @@ from tqdm.auto import tqdm
 
 from .backfill import backfill_order
 from .live_index import _atomic_write
-from .validation import check_no_repeats
+from .validation import as_embeddings, check_no_repeats
 
-STATE_VERSION = 1
+try:  # POSIX
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+    import msvcrt
+
+STATE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -47,10 +91,11 @@ class BackfillRun:
     written : int
         Items this run embedded and wrote to the index.
     skipped : int
-        Items of the remaining order that were no longer stored old (already written, e.g. by a
-        checkpoint saved just before a crash, or removed meanwhile).
+        Items of the order from the saved position on that were no longer stored old (already
+        written, e.g. by a checkpoint saved just before a crash, or removed meanwhile).
     remaining : int
-        Items of the order still stored old when the run stopped (0 when the backfill is done).
+        Items of the order still stored old in the index when the run stopped (0 when the
+        backfill is done), counted in the index.
     seconds : float
         Wall-clock time of the run.
     progress : float
@@ -78,99 +123,335 @@ def _check_positive(name: str, value, allow_none: bool = False, integer: bool = 
     return value
 
 
-def _plan(index, state_path: str, order, seed: int):
-    """The order and the position reached: from the state file, or a new plan written to it."""
-    order_path = state_path + ".order.npy"
-    if os.path.exists(state_path):
+def _check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer (the seed of the default random order), got {seed!r}")
+    return int(seed)
+
+
+# ---- paths and the lock --------------------------------------------------------------------------
+
+def _as_path(name: str, value) -> str:
+    try:
+        path = os.fsdecode(os.fspath(value))
+    except TypeError:
+        raise TypeError(f"{name} must be a file path (str or os.PathLike), got {type(value).__name__}") from None
+    if not path:
+        raise ValueError(f"{name} is empty: give a file path")
+    return path
+
+
+@dataclass(frozen=True)
+class _Paths:
+    state: str
+    order: str
+    lock: str
+    checkpoint: str | None
+    checkpoint_lock: str | None
+
+
+def _job_paths(state_path, checkpoint_path) -> _Paths:
+    """The job's files, resolved; refuse two that are one file, or a place a file cannot go."""
+    # Resolved (``..`` and symbolic links), so that every spelling of one state file shares one
+    # order file and one lock.
+    state = os.path.realpath(_as_path("state_path", state_path))
+    checkpoint = None if checkpoint_path is None else os.path.realpath(_as_path("checkpoint_path", checkpoint_path))
+    paths = _Paths(state, state + ".order.npy", state + ".lock", checkpoint,
+                   None if checkpoint is None else checkpoint + ".lock")
+    named = [("state_path", paths.state), ("the order file (state_path + '.order.npy')", paths.order),
+             ("the lock file (state_path + '.lock')", paths.lock)]
+    if checkpoint is not None:
+        named += [("checkpoint_path", paths.checkpoint),
+                  ("the checkpoint's lock file (checkpoint_path + '.lock')", paths.checkpoint_lock)]
+    for i, (name_a, a) in enumerate(named):
+        for name_b, b in named[i + 1:]:
+            same = a == b
+            if not same and os.path.exists(a) and os.path.exists(b):
+                same = os.path.samefile(a, b)  # hard links
+            if same:
+                raise ValueError(f"{name_a} and {name_b} are the same file ({a!r}): the job would overwrite one "
+                                 "with the other; give checkpoint_path and state_path different files")
+    for name, path in (("state_path", paths.state), ("checkpoint_path", paths.checkpoint)):
+        if path is None:
+            continue
+        if os.path.isdir(path):
+            raise ValueError(f"{name} {path!r} is a directory: give a file path inside it, e.g. "
+                             f"{os.path.join(path, 'job.json' if name == 'state_path' else 'index.obi')!r}")
+        if not os.path.isdir(os.path.dirname(path)):
+            raise ValueError(f"the directory of {name} {path!r} does not exist: create it first")
+    return paths
+
+
+def _lock_message(lock_path: str, what: str) -> str:
+    try:
+        with open(lock_path) as f:
+            holder = f.read(200).strip()
+    except OSError:
+        holder = ""
+    return (f"another backfill job is running on {what} (it holds the lock {lock_path!r}"
+            f"{f', {holder}' if holder else ''}): two jobs on one state file or checkpoint overwrite each "
+            "other's position and index; wait for that job to end (or stop it) and run this one again")
+
+
+@contextlib.contextmanager
+def _file_lock(lock_path: str, what: str):
+    """Hold an OS lock on ``lock_path`` (released by the OS if the process dies)."""
+    for _ in range(10):
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            with open(state_path) as f:
-                state = json.load(f)
-            saved = np.load(order_path, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"{state_path!r} (with {order_path!r}) is not a backfill job state: {exc}; "
-                             "delete both to start the job again") from None
-        if state.get("version") != STATE_VERSION or state.get("order_sha256") != _order_digest(saved):
-            raise ValueError(f"{state_path!r} does not match its order file {order_path!r}; delete both to start again")
-        if order is not None and _order_digest(np.asarray(order)) != state["order_sha256"]:
-            raise ValueError(f"{state_path!r} belongs to a job with another order: resume with the same order "
-                             "(or order=None), or delete the state file to start a new job")
-        return saved, int(state["cursor"])
-    old = index.old_ids()
-    if order is None:
-        order = old[backfill_order(len(old), seed)] if len(old) else old
-    else:
-        order = np.asarray(order)
-        if order.ndim != 1 or (order.size and not np.issubdtype(order.dtype, np.integer)):
-            raise ValueError(f"order must be a 1-D array of item ids, got shape {order.shape} and dtype {order.dtype}")
-        order = order.astype(np.int64)
-        check_no_repeats(order, "order", "each item is backfilled once")
-        missing = np.setdiff1d(old, order)
-        if len(missing):
-            raise ValueError(f"order misses {len(missing)} item(s) stored old, e.g. {missing[:5].tolist()}: it must "
-                             "hold every item still to backfill (e.g. ids[backfill_order(len(ids), seed, policy)])")
-    _atomic_write(order_path, lambda f: np.save(f, order))
-    _write_state(state_path, order, 0)
-    return order, 0
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            else:  # pragma: no cover - Windows
+                msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        except OSError:
+            os.close(fd)
+            raise RuntimeError(_lock_message(lock_path, what)) from None
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(lock_path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the lock file was deleted or replaced meanwhile: lock the one at the path now
+    else:  # pragma: no cover - a lock file replaced ten times in a row
+        raise RuntimeError(f"could not lock {lock_path!r}: it keeps being replaced")
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()}\n".encode())
+        yield
+    finally:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
-def _write_state(state_path: str, order: np.ndarray, cursor: int, **extra) -> None:
-    state = {"version": STATE_VERSION, "n_order": int(len(order)), "cursor": int(cursor),
-             "order_sha256": _order_digest(order), **extra}
+@contextlib.contextmanager
+def _job_locks(paths: _Paths):
+    with _file_lock(paths.lock, f"the state file {paths.state!r}"):
+        if paths.checkpoint is None:
+            yield
+        else:
+            with _file_lock(paths.checkpoint_lock, f"the checkpoint {paths.checkpoint!r}"):
+                yield
+
+
+# ---- the plan ------------------------------------------------------------------------------------
+
+def _index_fingerprint(index) -> dict:
+    """What identifies the index a plan was made on (kept in the state file)."""
+    fp = {"kind": type(index).__name__}
+    for attr in ("dim_old", "dim_new"):
+        value = getattr(index, attr, None)
+        fp[attr] = int(value) if isinstance(value, (int, np.integer)) and not isinstance(value, bool) else None
+    collection = getattr(index, "collection", None)
+    if isinstance(collection, str):
+        fp["collection"] = collection
+    return fp
+
+
+def _describe(fp: dict) -> str:
+    where = f", collection {fp['collection']!r}" if "collection" in fp else ""
+    return f"{fp.get('kind')} (dim_old {fp.get('dim_old')}, dim_new {fp.get('dim_new')}{where})"
+
+
+def _ids_order(order) -> np.ndarray:
+    """A given order as int64 ids, or a clear error (no wrap-around of uint64, no floats)."""
+    arr = np.asarray(order)
+    if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
+        raise ValueError(f"order must be a 1-D array of integer item ids, got shape {arr.shape} and dtype "
+                         f"{arr.dtype}: e.g. ids[backfill_order(len(ids), seed, policy)]")
+    if arr.size and np.issubdtype(arr.dtype, np.unsignedinteger) and arr.max() > np.iinfo(np.int64).max:
+        raise ValueError(f"order holds ids above {np.iinfo(np.int64).max} (e.g. {int(arr.max())}): item ids are "
+                         "int64 in the index; give the ids the index stores")
+    arr = arr.astype(np.int64)
+    if arr.size and arr.min() < 0:
+        raise ValueError(f"order holds negative ids, e.g. {arr[arr < 0][:5].tolist()}: item ids are non-negative; "
+                         "give the ids the index stores (not positions counted from the end)")
+    check_no_repeats(arr, "order", "each item is backfilled once")
+    return arr
+
+
+def _redo(paths: _Paths) -> str:
+    return (f"delete {paths.state!r} and {paths.order!r} to plan the job again over every item stored old "
+            "(items already stored new are not written again)")
+
+
+def _read_state(paths: _Paths, index):
+    """The saved order and position, checked against each other and against ``index``."""
+    try:
+        with open(paths.state, "rb") as f:
+            state = json.loads(f.read().decode())
+        saved = np.load(paths.order, allow_pickle=False)
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{paths.state!r} (with {paths.order!r}) is not a backfill job state: {exc}; "
+                         f"{_redo(paths)}") from None
+    damaged = f"{paths.state!r} is not a backfill job state"
+    if not isinstance(state, dict):
+        raise ValueError(f"{damaged}: it holds a JSON {type(state).__name__}, not an object; {_redo(paths)}")
+    if state.get("version") != STATE_VERSION:
+        raise ValueError(f"{paths.state!r} was written by another version of the backfill job (state version "
+                         f"{state.get('version')!r}, this one reads {STATE_VERSION}); {_redo(paths)}")
+    kinds = {"job_id": str, "index": dict, "n_order": int, "cursor": int, "order_sha256": str}
+    for key, kind in kinds.items():
+        if key not in state:
+            raise ValueError(f"{damaged}: the key {key!r} is missing; {_redo(paths)}")
+        if isinstance(state[key], bool) or not isinstance(state[key], kind):
+            raise ValueError(f"{damaged}: {key!r} must be a JSON {kind.__name__}, got {state[key]!r}; "
+                             f"{_redo(paths)}")
+    if not isinstance(saved, np.ndarray) or saved.ndim != 1 or (saved.size and not np.issubdtype(saved.dtype,
+                                                                                                  np.integer)):
+        raise ValueError(f"{paths.order!r} is not a backfill order (a 1-D array of integer ids), got shape "
+                         f"{getattr(saved, 'shape', None)} and dtype {getattr(saved, 'dtype', None)}; {_redo(paths)}")
+    if len(saved) != state["n_order"] or _order_digest(saved) != state["order_sha256"]:
+        raise ValueError(f"{paths.state!r} does not match its order file {paths.order!r} (another plan's order); "
+                         f"{_redo(paths)}")
+    if not 0 <= state["cursor"] <= len(saved):
+        raise ValueError(f"{damaged}: its position 'cursor' is {state['cursor']}, outside [0, {len(saved)}] "
+                         f"(the length of the order); {_redo(paths)}")
+    here = _index_fingerprint(index)
+    if state["index"] != here:
+        raise ValueError(f"{paths.state!r} belongs to a job on another index, {_describe(state['index'])}, not this "
+                         f"{_describe(here)}: resume it with the index it was planned on, or {_redo(paths)}")
+    return saved.astype(np.int64), state["cursor"], state["job_id"]
+
+
+def _write_state(state_path: str, order: np.ndarray, cursor: int, job_id: str, fingerprint: dict, **extra) -> None:
+    state = {"version": STATE_VERSION, "job_id": job_id, "index": fingerprint, "n_order": int(len(order)),
+             "order_sha256": _order_digest(order), "cursor": int(cursor), **extra}
     _atomic_write(state_path, lambda f: f.write(json.dumps(state, indent=1).encode()))
 
 
-def _prepare(index, state_path, order, seed, batch_size, rate_limit, checkpoint_every):
+@dataclass
+class _Job:
+    paths: _Paths
+    order: np.ndarray
+    job_id: str
+    fingerprint: dict
+    todo: np.ndarray  # the plan's items stored old at the start, in the plan's order
+    positions: np.ndarray  # their positions in the order
+    skipped: int
+
+
+def _plan(index, paths: _Paths, order, seed: int) -> _Job:
+    """The plan (from the state file, or a new one written to it) and what is left of it."""
+    old = index.old_ids()
+    if os.path.exists(paths.state):
+        saved, cursor, job_id = _read_state(paths, index)
+        if order is not None and _order_digest(_ids_order(order)) != _order_digest(saved):
+            raise ValueError(f"{paths.state!r} belongs to a job with another order: resume with the same order "
+                             f"(or order=None), or {_redo(paths)}")
+        order = saved
+        outside = old[~np.isin(old, order)]
+        if len(outside):
+            raise ValueError(f"{len(outside)} item(s) stored old are not in the plan of {paths.state!r}, e.g. "
+                             f"{outside[:5].tolist()}: they were added (add_old) after the job was planned, or the "
+                             f"state file is from another index. To backfill them too, {_redo(paths)}; items "
+                             "that arrive during a backfill belong in the new part (index.add)")
+    else:
+        if order is None:
+            order = old[backfill_order(len(old), seed)] if len(old) else old.astype(np.int64)
+        else:
+            order = _ids_order(order)
+            missing = np.setdiff1d(old, order)
+            if len(missing):
+                raise ValueError(f"order misses {len(missing)} item(s) stored old, e.g. {missing[:5].tolist()}: it "
+                                 "must hold every item still to backfill (e.g. ids[backfill_order(len(ids), seed, "
+                                 "policy)])")
+        cursor, job_id = 0, uuid.uuid4().hex
+        _atomic_write(paths.order, lambda f: np.save(f, order))
+        _write_state(paths.state, order, 0, job_id, _index_fingerprint(index))
+    still_old = np.isin(order, old)
+    behind = int(still_old[:cursor].sum())
+    if behind:
+        warnings.warn(f"{behind} item(s) before the saved position of {paths.state!r} are still stored old (the "
+                      "index is older than the job's position: loaded from an earlier checkpoint, or rebuilt); "
+                      "the job backfills them too", RuntimeWarning, stacklevel=3)
+    return _Job(paths, order, job_id, _index_fingerprint(index), order[still_old], np.nonzero(still_old)[0],
+                int((~still_old[cursor:]).sum()))
+
+
+def _check_index(index, checkpoint_path) -> None:
     for attr in ("old_ids", "backfill"):
         if not callable(getattr(index, attr, None)):
             raise TypeError(f"index must be an OnlineBackfillIndex or a QdrantBackfillIndex (it needs {attr}()), "
                             f"got {type(index).__name__}")
+    if checkpoint_path is not None and not callable(getattr(index, "save", None)):
+        raise ValueError(f"checkpoint_path is given but the index ({type(index).__name__}) cannot be saved (it has "
+                         "no save(path)): leave checkpoint_path=None for a durable index such as a Qdrant collection")
+
+
+def _check_args(index, batch_size, rate_limit, checkpoint_every, seed, checkpoint_path) -> None:
+    _check_index(index, checkpoint_path)
     _check_positive("batch_size", batch_size)
     _check_positive("rate_limit", rate_limit, allow_none=True, integer=False)
     _check_positive("checkpoint_every", checkpoint_every)
-    state_path = os.fspath(state_path)
-    order, cursor = _plan(index, state_path, order, seed)
-    rest = order[cursor:]
-    still_old = np.isin(rest, index.old_ids())
-    return state_path, order, cursor, rest[still_old], cursor + np.nonzero(still_old)[0], int((~still_old).sum())
+    _check_seed(seed)
 
 
-def _write_batches(index, batches, todo, positions, state_path, order, cursor, skipped, batch_size, rate_limit,
-                   checkpoint_path, checkpoint_every, max_items, show_progress) -> BackfillRun:
-    """The writing half of the job: ``batches`` yields ``(ids, vectors)`` following ``todo``."""
+# ---- writing -------------------------------------------------------------------------------------
+
+def _embedded(ids: np.ndarray, vectors, dim) -> np.ndarray:
+    """The output of ``embed(ids)`` checked: one finite unit-norm row of ``dim`` per id."""
+    x = as_embeddings(vectors, "the vectors embed(ids) returned", dim=dim, unit_norm=True)
+    if len(x) != len(ids):
+        raise ValueError(f"embed returned {len(x)} vectors for a batch of {len(ids)} ids: it must return one row "
+                         "per id, in the order of the ids (the batch is not written)")
+    return x
+
+
+def _write_batches(index, batches, job: _Job, batch_size, rate_limit, checkpoint_path, checkpoint_every,
+                   max_items, show_progress) -> BackfillRun:
+    """The writing half of the job: ``batches`` yields ``(ids, vectors)`` following ``job.todo``."""
     start = time.perf_counter()
-    written, since_checkpoint = 0, 0
+    todo, order = job.todo, job.order
+    dim = getattr(index, "dim_new", None)
+    dim = int(dim) if isinstance(dim, (int, np.integer)) and not isinstance(dim, bool) else None
+    consumed, written, skipped, since_checkpoint = 0, 0, job.skipped, 0
     bar = tqdm(total=len(order), initial=len(order) - len(todo), unit="item", desc="backfill", disable=not show_progress)
 
     def commit(n_done: int) -> None:
         # The index first, then the position: the position is never ahead of what is durable.
         if checkpoint_path is not None:
             index.save(checkpoint_path)
-        reached = int(positions[n_done - 1]) + 1
-        _write_state(state_path, order, reached)
+        _write_state(job.paths.state, order, int(job.positions[n_done - 1]) + 1, job.job_id, job.fingerprint)
 
     try:
         for ids, vectors in batches:
             ids = np.asarray(ids, dtype=np.int64)
-            expected = todo[written:written + len(ids)]
-            if not np.array_equal(ids, expected):
+            n = len(ids)
+            if not np.array_equal(ids, todo[consumed:consumed + n]):
                 raise RuntimeError("the embedding step returned the batches out of order; "
                                    "keep the order of the ids (Ray Data: preserve_order)")
-            index.backfill(ids, vectors)
+            x = _embedded(ids, vectors, dim)
+            try:
+                index.backfill(ids, x)
+            except ValueError:
+                # Removed from the index (or written by someone else) since the job started? The
+                # index refused the whole batch; write the items of it still stored old.
+                still = np.isin(ids, index.old_ids())
+                if still.all():
+                    raise
+                if still.any():
+                    index.backfill(ids[still], x[still])
+                skipped += int((~still).sum())
+                ids = ids[still]
+            consumed += n
             written += len(ids)
             since_checkpoint += 1
             bar.update(len(ids))
-            if since_checkpoint >= checkpoint_every or written == len(todo):
-                commit(written)
+            if since_checkpoint >= checkpoint_every or consumed == len(todo):
+                commit(consumed)
                 since_checkpoint = 0
             if rate_limit is not None:
                 time.sleep(max(0.0, start + written / rate_limit - time.perf_counter()))
             if max_items is not None and written >= max_items:
                 break
         if since_checkpoint:
-            commit(written)
+            commit(consumed)
     finally:
         bar.close()
-    return BackfillRun(written=written, skipped=skipped, remaining=len(todo) - written,
+    remaining = int(np.isin(order, index.old_ids()).sum())  # counted in the index, not from the position
+    return BackfillRun(written=written, skipped=skipped, remaining=remaining,
                        seconds=time.perf_counter() - start, progress=float(index.progress))
 
 
@@ -185,16 +466,21 @@ def run_backfill(index, embed, state_path, order=None, seed: int = 0, batch_size
         The live index to write into (searches may run meanwhile).
     embed : callable
         ``embed(ids) -> new_vectors``: the new model (and ``ρ̂``) applied to the items ``ids``,
-        returning ``(len(ids), dim_new)`` unit-norm rows.
+        returning ``(len(ids), dim_new)`` unit-norm rows, one per id in the order of ``ids``
+        (an array, a list of rows or a tensor).
     state_path : str or os.PathLike
-        The job's state file (JSON; the order goes beside it as ``<state_path>.order.npy``).
-        If it exists, the job resumes from it; delete it (and the order file) to start afresh.
+        The job's state file (JSON; the order goes beside it as ``<state_path>.order.npy``,
+        the lock as ``<state_path>.lock``). If it exists, the job resumes from it (it must
+        belong to this index: see the module docstring); delete it and the order file to plan
+        afresh (items already stored new are not written again).
     order : array of ids, optional
-        The backfill order ``π`` as item ids, e.g. ``ids[backfill_order(len(ids), seed,
-        "uncertain_first", uncertainty=u)]``; it must hold every item stored old (ids already
-        new are skipped). Default: the ids stored old in a random order drawn with ``seed``.
+        The backfill order ``π`` as item ids (non-negative integers), e.g.
+        ``ids[backfill_order(len(ids), seed, "uncertain_first", uncertainty=u)]``; it must hold
+        every item stored old (ids already new are skipped). Only used to plan a new job; when
+        resuming it must be the saved order (or ``None``). Default: the ids stored old in a
+        random order drawn with ``seed``.
     seed : int, default 0
-        Seed of the default random order.
+        Seed of the default random order (a non-negative integer).
     batch_size : int, default 256
         Items embedded and written at once (one ``index.backfill`` call each).
     rate_limit : float, optional
@@ -202,28 +488,45 @@ def run_backfill(index, embed, state_path, order=None, seed: int = 0, batch_size
     checkpoint_path : str or os.PathLike, optional
         For an in-memory :class:`~backfill_lib.live_index.OnlineBackfillIndex`: saved here
         (crash-safely) before the job records a position, so a resumed job starts from
-        ``OnlineBackfillIndex.load(checkpoint_path)``. Leave ``None`` for Qdrant.
+        ``OnlineBackfillIndex.load(checkpoint_path)``. Leave ``None`` for Qdrant (refused for
+        an index without ``save``). Locked during the run as ``<checkpoint_path>.lock``.
     checkpoint_every : int, default 1
         Save the checkpoint and the position every this many batches (and at the end).
     max_items : int, optional
-        Stop after writing about this many items (whole batches); the job can be resumed.
+        Stop after the batch that brings the items written to at least this many (whole
+        batches); the job can be resumed.
     show_progress : bool, default True
         Show a tqdm progress bar.
 
     Returns
     -------
     BackfillRun
-        Items written and skipped, items left, time taken and the index's progress.
+        Items written and skipped, items of the plan still stored old (counted in the index),
+        time taken and the index's progress.
 
     Raises
     ------
     TypeError
-        If ``index`` lacks ``old_ids``/``backfill``.
+        If ``index`` lacks ``old_ids``/``backfill``, ``embed`` is not callable, or a path is
+        not a path.
     ValueError
         If ``batch_size``, ``rate_limit``, ``checkpoint_every`` or ``max_items`` is not
-        positive, ``order`` repeats an id or misses an item stored old, the state file is
-        damaged or belongs to another order, or ``embed`` returns wrong vectors (the batch is
-        then not written).
+        positive or ``seed`` not a non-negative integer; ``order`` is not 1-D non-negative
+        integer ids, repeats an id or misses an item stored old; two of the job's files are one
+        file (``state_path``, ``checkpoint_path``, the order and lock files) or a directory is
+        missing; ``checkpoint_path`` is given for an index without ``save``; the state file is
+        damaged, belongs to another order or another index, or its plan does not cover an item
+        stored old (e.g. added after the plan); or ``embed`` returns anything but one finite
+        unit-norm row of ``dim_new`` per id (the batch is then not written).
+    RuntimeError
+        If another job is running on the same state file or checkpoint ("another backfill job
+        is running on ...").
+
+    Warns
+    -----
+    RuntimeWarning
+        If items before the saved position are still stored old (the index is older than the
+        position, e.g. loaded from an earlier checkpoint): they are backfilled too.
 
     Examples
     --------
@@ -236,12 +539,17 @@ def run_backfill(index, embed, state_path, order=None, seed: int = 0, batch_size
     >>> run.written, index.progress
     (3, 1.0)
     """
+    _check_args(index, batch_size, rate_limit, checkpoint_every, seed, checkpoint_path)
     _check_positive("max_items", max_items, allow_none=True)
-    state_path, order, cursor, todo, positions, skipped = _prepare(
-        index, state_path, order, seed, batch_size, rate_limit, checkpoint_every)
-    batches = ((todo[i:i + batch_size], embed(todo[i:i + batch_size])) for i in range(0, len(todo), batch_size))
-    return _write_batches(index, batches, todo, positions, state_path, order, cursor, skipped, batch_size,
-                          rate_limit, checkpoint_path, checkpoint_every, max_items, show_progress)
+    if not callable(embed):
+        raise TypeError(f"embed must be a function embed(ids) -> new_vectors, got {type(embed).__name__}")
+    paths = _job_paths(state_path, checkpoint_path)
+    with _job_locks(paths):
+        job = _plan(index, paths, order, seed)
+        todo = job.todo
+        batches = ((todo[i:i + batch_size], embed(todo[i:i + batch_size])) for i in range(0, len(todo), batch_size))
+        return _write_batches(index, batches, job, batch_size, rate_limit, paths.checkpoint, checkpoint_every,
+                              max_items, show_progress)
 
 
 class _RayEmbedder:
@@ -251,7 +559,12 @@ class _RayEmbedder:
         self.embed = make_embedder()
 
     def __call__(self, batch: dict) -> dict:
-        return {"id": batch["id"], "vector": np.asarray(self.embed(batch["id"]), dtype=np.float32)}
+        ids = batch["id"]
+        vectors = np.asarray(self.embed(ids), dtype=np.float32)
+        if vectors.ndim != 2 or len(vectors) != len(ids):
+            raise ValueError(f"embed returned an array of shape {vectors.shape} for a batch of {len(ids)} ids: it "
+                             "must return one row per id, (len(ids), dim_new)")
+        return {"id": ids, "vector": vectors}
 
 
 def run_backfill_ray(index, make_embedder, state_path, order=None, seed: int = 0, batch_size: int = 256,
@@ -303,9 +616,12 @@ def run_backfill_ray(index, make_embedder, state_path, order=None, seed: int = 0
     ImportError
         If ``ray[data]`` is not installed.
     TypeError
-        If ``index`` lacks ``old_ids``/``backfill``.
+        As :func:`run_backfill` (``make_embedder`` not callable).
     ValueError
-        As :func:`run_backfill`, and if ``concurrency`` is not positive.
+        As :func:`run_backfill`, and if ``concurrency`` is not positive or ``num_gpus`` is
+        negative.
+    RuntimeError
+        If another job is running on the same state file or checkpoint.
     """
     try:
         import ray
@@ -313,18 +629,29 @@ def run_backfill_ray(index, make_embedder, state_path, order=None, seed: int = 0
     except ImportError:
         raise ImportError("run_backfill_ray needs Ray Data, an optional dependency: "
                           "pip install 'backfill_lib[ray]' (or pip install 'ray[data]')") from None
+    _check_args(index, batch_size, rate_limit, checkpoint_every, seed, checkpoint_path)
     _check_positive("concurrency", concurrency)
-    state_path, order, cursor, todo, positions, skipped = _prepare(
-        index, state_path, order, seed, batch_size, rate_limit, checkpoint_every)
-    if not len(todo):
-        return _write_batches(index, iter(()), todo, positions, state_path, order, cursor, skipped, batch_size,
-                              rate_limit, checkpoint_path, checkpoint_every, None, show_progress)
+    if isinstance(num_gpus, bool) or not isinstance(num_gpus, (int, float, np.integer, np.floating)) \
+            or not num_gpus >= 0:
+        raise ValueError(f"num_gpus must be a non-negative number (GPUs per actor), got {num_gpus!r}")
+    if not callable(make_embedder):
+        raise TypeError(f"make_embedder must be a function make_embedder() -> embed, got {type(make_embedder).__name__}")
+    paths = _job_paths(state_path, checkpoint_path)
+    with _job_locks(paths):
+        job = _plan(index, paths, order, seed)
+        if not len(job.todo):
+            batches = iter(())
+        else:
+            batches = _ray_batches(ray, job.todo, make_embedder, batch_size, concurrency, num_gpus)
+        return _write_batches(index, batches, job, batch_size, rate_limit, paths.checkpoint, checkpoint_every,
+                              None, show_progress)
+
+
+def _ray_batches(ray, todo, make_embedder, batch_size, concurrency, num_gpus):
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # the state file records a position in the order
     ds = ray.data.from_numpy(todo).rename_columns({"data": "id"})
     ds = ds.map_batches(_RayEmbedder, fn_constructor_args=(make_embedder,), batch_size=batch_size,
                         batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=concurrency),
                         num_gpus=num_gpus)
-    batches = ((b["id"], b["vector"]) for b in ds.iter_batches(batch_size=batch_size, batch_format="numpy"))
-    return _write_batches(index, batches, todo, positions, state_path, order, cursor, skipped, batch_size,
-                          rate_limit, checkpoint_path, checkpoint_every, None, show_progress)
+    return ((b["id"], b["vector"]) for b in ds.iter_batches(batch_size=batch_size, batch_format="numpy"))

@@ -23,9 +23,9 @@ N, D = 500, 8
 
 
 def new_vector(ids) -> np.ndarray:
-    """The 'new model': a fixed unit vector per id, so a wrong or repeated write shows."""
-    ids = np.asarray(ids, dtype=np.float64)[:, None]
-    return normalize_rows(np.concatenate([np.cos(ids * np.arange(1, D + 1)), np.ones_like(ids)], axis=1)[:, :D])
+    """The 'new model': a fixed random unit vector per id (drawn with the id as seed), so a wrong
+    or repeated write shows."""
+    return normalize_rows(np.stack([np.random.default_rng(int(i)).normal(size=D) for i in np.asarray(ids)]))
 
 
 def make_index(n=N) -> tuple[OnlineBackfillIndex, np.ndarray]:
@@ -47,10 +47,17 @@ class Recorder:
 
 
 def check_done(index, ids):
-    assert index.progress == 1.0 and index.n_old == 0
-    np.testing.assert_array_equal(index.new_ids(), np.sort(ids))
-    scores, got = index.search(new_vector(ids[:20]), 1)
-    np.testing.assert_allclose(scores[:, 0], 1.0, atol=1e-5)  # every item holds its own new vector
+    """Every item stored new exactly once (ids, parts), each with its own new vector."""
+    ids = np.sort(np.asarray(ids))
+    assert index.progress == 1.0 and index.n_old == 0 and index.ntotal == len(ids)
+    assert len(index.old_ids()) == 0
+    np.testing.assert_array_equal(index.new_ids(), ids)
+    scores, got = index.search(new_vector(ids), 1)
+    np.testing.assert_array_equal(got[:, 0], ids)  # each item is the best match of its own new vector,
+    np.testing.assert_allclose(scores[:, 0], 1.0, atol=1e-5)  # with score 1: it holds exactly that vector
+    _, everything = index.search(new_vector(ids[:2]), len(ids))
+    for row in everything:  # a merged search sees every item exactly once
+        np.testing.assert_array_equal(np.sort(row), ids)
 
 
 def test_writes_everything_once_in_the_given_order_and_batch_size(tmp_path):
@@ -115,10 +122,10 @@ CHILD = textwrap.dedent("""
         return new_vector(batch)
     if mode == "between":
         real_write_state = job._write_state
-        def write_state(path, order, cursor, **extra):
+        def write_state(path, order, cursor, *args, **extra):
             if cursor >= 250:
                 stall()  # killed after the checkpoint of batch 5 is saved, before its position is
-            real_write_state(path, order, cursor, **extra)
+            real_write_state(path, order, cursor, *args, **extra)
         job._write_state = write_state
     job.run_backfill(index, embed, state, batch_size=50, checkpoint_path=ckpt, show_progress=False)
 """)
