@@ -183,11 +183,15 @@ class Gallery:
             If ``vectors`` is empty, not 2-D, of another width than ``dim``, not finite, or
             (without ``normalize``) has rows off unit norm (with ``normalize``, all-zero rows);
             or if ``ids`` does not hold one non-negative id per vector, repeats an id, or holds
-            an id that is already stored.
+            an id that is already stored; or if ``ids`` is not given and the default ids would
+            pass ``2**63 - 1``.
         """
         x = _unit_rows(vectors, "vectors", self.normalize, dim=self.dim)
         if ids is None:
             # Counting on from ntotal would reuse an id after a removal, and two items would share it.
+            if self._next_id + len(x) - 1 > _INT64_MAX:
+                raise ValueError(f"no default ids left: the next {len(x)} ids after the largest stored id "
+                                 f"({self._next_id - 1}) do not fit in int64; give ids explicitly")
             ids = np.arange(self._next_id, self._next_id + len(x), dtype=np.int64)
         else:
             ids = _as_ids(ids, len(x))
@@ -412,7 +416,9 @@ def merge_topk(results: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np
     ----------
     results : list of (scores, ids) pairs
         One pair per searched index, each two arrays ``(n_q, k_i)`` (real scores, integer
-        ids), e.g. from :meth:`Gallery.search`. All lists must have the same number of rows.
+        ids in ``0 .. 2**63 - 1``, or -1 for an empty slot), e.g. from :meth:`Gallery.search`.
+        All lists must have the same number of rows; an id may appear in one query's results
+        once.
     k : int
         Results to keep per query, at least 1.
 
@@ -430,7 +436,9 @@ def merge_topk(results: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np
         integers, or ``k`` is not an integer.
     ValueError
         If ``results`` is empty, a pair's arrays are not 2-D of one shape, the lists have
-        different numbers of rows, a score is NaN, or ``k < 1``.
+        different numbers of rows, a score is NaN, an id is below -1 or does not fit in int64
+        (an unsigned id of ``2**63`` or more), an id appears twice in one query's results, or
+        ``k < 1``.
 
     Examples
     --------
@@ -459,6 +467,12 @@ def merge_topk(results: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np
             raise TypeError(f"results[{i}] scores must be real numbers, got dtype {s.dtype}")
         if ids.size and not np.issubdtype(ids.dtype, np.integer):
             raise TypeError(f"results[{i}] ids must be integers, got dtype {ids.dtype}")
+        if ids.size and ids.max() > _INT64_MAX:
+            # As int64 it would wrap to a negative number and pass for an empty slot (-1) or another id.
+            raise ValueError(f"results[{i}] ids must fit in int64 (at most 2**63 - 1), got {int(ids.max())}")
+        if ids.size and ids.min() < -1:
+            raise ValueError(f"results[{i}] ids must be non-negative, or -1 for an empty slot (faiss's "
+                             f"'no result'), got {int(ids.min())}")
         if np.isnan(s).any():
             raise ValueError(f"results[{i}] scores contain NaN: they cannot be ranked")
         if len(s) != len(np.asarray(results[0][0])):
@@ -470,6 +484,14 @@ def merge_topk(results: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np
         all_ids.append(ids.astype(np.int64))
     ids = np.concatenate(all_ids, axis=1)
     scores = np.concatenate(all_scores, axis=1)
+    srt = np.sort(ids, axis=1)
+    twice = (srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)
+    if twice.any():
+        row = int(np.flatnonzero(twice.any(axis=1))[0])
+        raise ValueError(
+            f"id {int(srt[row, 1:][twice[row]][0])} appears twice in the results of query {row}: each item must be "
+            "stored in one index only (the merged list would rank it twice)"
+        )
     scores = np.where(ids < 0, -np.inf, scores).astype(np.result_type(scores.dtype, np.float32))
     return _sorted_topk(scores, ids, k)
 

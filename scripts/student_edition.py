@@ -18,8 +18,9 @@ the same relative paths work; nothing else is copied. Committed results read thr
 ``backfill_lib.book.load_result`` come with the installed library and need no copy.
 
 The script refuses to write into the book's own ``book/`` folder (it would overwrite the
-chapters) or into the repository root, and it stops with an error if a chapter breaks the rules
-the student edition relies on: a solution admonition in a cell not tagged ``solution`` (it would
+chapters) or into the repository root, also through a symbolic link (on the output path, inside
+an existing output folder, or on the way to any file it writes), before writing anything; and it
+stops with an error if a chapter breaks the rules the student edition relies on: a solution admonition in a cell not tagged ``solution`` (it would
 leak), or a later cell using a name that only a ``solution`` cell defines (the student notebook
 would fail there).
 """
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import os
 import re
 import shutil
 import sys
@@ -264,14 +266,60 @@ def needed_files(nb, notebook_dir: Path, root: Path) -> list[Path]:
     return sorted(needed)
 
 
+def _book_folders(root: Path) -> set[Path]:
+    """The book folders the edition must never write into: the toc's ``book/`` and this repository's."""
+    return {(root / "book").resolve(), (ROOT / "book").resolve()}
+
+
 def _refuse(out: Path, root: Path) -> None:
-    book = (root / "book").resolve()
-    for forbidden in {book, (ROOT / "book").resolve()}:
+    """Refuse an output folder that is, or (through a symbolic link on its path) resolves into, a book folder."""
+    for forbidden in _book_folders(root):
         if out == forbidden or out.is_relative_to(forbidden):
             raise ValueError(f"--out {out} is inside the book's own folder {forbidden}: the student edition "
                              f"would overwrite the chapters; choose a folder outside it, e.g. --out student_edition")
     if out in (root.resolve(), ROOT):
         raise ValueError(f"--out {out} is the repository root; choose a new folder, e.g. --out student_edition")
+
+
+def _refuse_links_inside(out: Path, root: Path) -> None:
+    """Refuse an existing output folder holding a symbolic link into a book folder.
+
+    Writing through such a link (``out/book -> <repo>/book``) would overwrite the chapters the
+    edition is made from, although ``out`` itself lies elsewhere.
+    """
+    if not out.is_dir():
+        return
+    forbidden = _book_folders(root)
+    for folder, dirs, files in os.walk(out, followlinks=False):
+        for name in dirs + files:
+            path = Path(folder) / name
+            if not path.is_symlink():
+                continue
+            target = path.resolve()
+            hit = next((f for f in forbidden if target == f or target.is_relative_to(f) or f.is_relative_to(target)),
+                       None)
+            if hit is not None:
+                raise ValueError(f"--out {out} holds the symbolic link {path} -> {target}, which leads into the "
+                                 f"book's own folder {hit}: the student edition would overwrite the chapters "
+                                 "through it; remove the link or choose an empty folder")
+
+
+def _refuse_targets(plan: list[tuple[Path, Path]], root: Path) -> None:
+    """Refuse a write whose destination resolves into a book folder or onto a file it copies from.
+
+    ``plan`` holds ``(source, destination)`` pairs of files. A symbolic link on a destination's
+    path (``out/results -> <repo>/results``) would make the copy overwrite its own source.
+    """
+    forbidden = _book_folders(root)
+    for source, dest in plan:
+        target = dest.resolve()
+        hit = next((f for f in forbidden if target == f or target.is_relative_to(f)), None)
+        if hit is not None:
+            raise ValueError(f"--out: writing {dest} would write {target}, inside the book's own folder {hit} "
+                             "(through a symbolic link): remove the link or choose another folder")
+        if target == source.resolve():
+            raise ValueError(f"--out: writing {dest} would overwrite its own source {source} (through a symbolic "
+                             "link): remove the link or choose another folder")
 
 
 def write_student_edition(out: Path, toc: Path = ROOT / "_toc.yml") -> list[Path]:
@@ -294,23 +342,36 @@ def write_student_edition(out: Path, toc: Path = ROOT / "_toc.yml") -> list[Path
     Raises
     ------
     ValueError
-        If ``out`` is the book's ``book/`` folder (or inside it) or the repository root, or if a
-        chapter fails :func:`check_chapter`.
+        If ``out`` is the book's ``book/`` folder (or inside it, also through a symbolic link on
+        its path) or the repository root; if ``out`` already holds a symbolic link into a book
+        folder, or a file would be written through a link into a book folder or onto its own
+        source; or if a chapter fails :func:`check_chapter`. Nothing is written then.
     """
     toc = Path(toc).resolve()
     root = toc.parent
-    out = Path(out).expanduser().resolve()
+    out = Path(out).expanduser().resolve()  # a symbolic link on the way is followed, then checked
     _refuse(out, root)
+    _refuse_links_inside(out, root)
     chapters = toc_chapters(toc)
-    # Check every chapter before writing anything, so a failure leaves no half edition.
-    students = [student_notebook(nbformat.read(ch, as_version=4), ch.relative_to(root).as_posix()) for ch in chapters]
+    # Check every chapter and every destination before writing anything, so a failure leaves no
+    # half edition and nothing is written through a symbolic link into the book.
+    originals = [nbformat.read(ch, as_version=4) for ch in chapters]
+    students = [student_notebook(nb, ch.relative_to(root).as_posix()) for nb, ch in zip(originals, chapters)]
+    needs = [needed_files(nb, ch.parent, root) for nb, ch in zip(originals, chapters)]
+    plan = [(ch, out / ch.relative_to(root)) for ch in chapters]
+    for paths in needs:
+        for path in paths:
+            files = [path] if not path.is_dir() else \
+                [f for f in path.rglob("*") if f.is_file() and not _IGNORED_PARTS & set(f.relative_to(path).parts)]
+            plan += [(f, out / f.relative_to(root)) for f in files]
+    _refuse_targets(plan, root)
     written = []
-    for chapter, student in zip(chapters, students):
+    for chapter, student, paths in zip(chapters, students, needs):
         target = out / chapter.relative_to(root)
         target.parent.mkdir(parents=True, exist_ok=True)
         nbformat.write(student, target)
         written.append(target)
-        for path in needed_files(nbformat.read(chapter, as_version=4), chapter.parent, root):
+        for path in paths:
             dest = out / path.relative_to(root)
             dest.parent.mkdir(parents=True, exist_ok=True)
             if path.is_dir():

@@ -200,3 +200,71 @@ def test_real_chapter_has_exercises_and_solutions(chapter):
     tags = [set(c.metadata.get("tags", [])) for c in nbformat.read(chapter, as_version=4).cells]
     assert any(se.EXERCISE_TAG in t for t in tags), f"{chapter.name} has no cell tagged 'exercise'"
     assert any(se.SOLUTION_TAG in t for t in tags), f"{chapter.name} has no cell tagged 'solution'"
+
+
+# --- Symbolic links: never write through one into the book (issue 16) ---------------------------
+
+def _tree(folder: Path) -> dict:
+    return {p.relative_to(folder).as_posix(): (p.read_bytes() if p.is_file() else None)
+            for p in sorted(folder.rglob("*"))}
+
+
+def test_refuses_an_output_folder_that_is_a_link_to_the_book(synthetic_book, tmp_path):
+    link = tmp_path / "student"
+    link.symlink_to(synthetic_book / "book", target_is_directory=True)
+    before = _tree(synthetic_book)
+    with pytest.raises(ValueError, match="--out .*book's own folder"):
+        se.write_student_edition(link, synthetic_book / "_toc.yml")
+    assert _tree(synthetic_book) == before
+
+
+def test_refuses_an_output_path_through_a_linked_folder(synthetic_book, tmp_path):
+    (tmp_path / "via").symlink_to(synthetic_book, target_is_directory=True)
+    before = _tree(synthetic_book)
+    with pytest.raises(ValueError, match="--out"):
+        se.write_student_edition(tmp_path / "via" / "book" / "student", synthetic_book / "_toc.yml")
+    assert _tree(synthetic_book) == before
+
+
+def test_refuses_a_link_inside_the_output_folder_back_to_the_book(synthetic_book, tmp_path, capsys):
+    out = tmp_path / "student"
+    out.mkdir()
+    (out / "book").symlink_to(synthetic_book / "book", target_is_directory=True)  # out/book/lesson.ipynb = the chapter
+    before = _tree(synthetic_book)
+    assert se.main(["--out", str(out), "--toc", str(synthetic_book / "_toc.yml")]) == 2
+    err = capsys.readouterr().err
+    assert "symbolic link" in err and "book's own folder" in err
+    assert _tree(synthetic_book) == before
+    assert SECRET_PROSE in (synthetic_book / "book" / "lesson.ipynb").read_text()  # the solutions are still there
+
+
+def test_refuses_a_deeper_link_inside_the_output_folder(synthetic_book, tmp_path):
+    out = tmp_path / "student"
+    (out / "a" / "b").mkdir(parents=True)
+    (out / "a" / "b" / "back").symlink_to(synthetic_book / "book" / "assets", target_is_directory=True)
+    with pytest.raises(ValueError, match="symbolic link"):
+        se.write_student_edition(out, synthetic_book / "_toc.yml")
+
+
+def test_refuses_to_copy_a_file_onto_itself_through_a_link(synthetic_book, tmp_path):
+    # out/results -> the repository's results/: the copy of a needed result would overwrite its source.
+    (synthetic_book / "results" / "numbers.json").write_text("[1, 2]\n")
+    lesson = nbformat.read(synthetic_book / "book" / "lesson.ipynb", as_version=4)
+    lesson.cells.append(_cell("code", 'import json\njson.load(open("../results/numbers.json"))'))
+    nbformat.write(lesson, synthetic_book / "book" / "lesson.ipynb")
+    out = tmp_path / "student"
+    out.mkdir()
+    (out / "results").symlink_to(synthetic_book / "results", target_is_directory=True)
+    with pytest.raises(ValueError, match="own source"):
+        se.write_student_edition(out, synthetic_book / "_toc.yml")
+    assert not (out / "book").exists()  # nothing written before the refusal
+    assert (synthetic_book / "results" / "numbers.json").read_text() == "[1, 2]\n"
+
+
+def test_a_harmless_link_inside_the_output_folder_is_kept(synthetic_book, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out = tmp_path / "student"
+    out.mkdir()
+    (out / "notes").symlink_to(elsewhere, target_is_directory=True)
+    assert se.write_student_edition(out, synthetic_book / "_toc.yml") == [out / "book" / "lesson.ipynb"]
