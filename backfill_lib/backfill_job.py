@@ -23,7 +23,8 @@ items of the plan still stored old in the index, in the plan's order; the saved 
   item of the plan is stored old. A job resumed on an index older than its position (a
   checkpoint from before, an index rebuilt from scratch) writes the items before the position
   again too, with a ``RuntimeWarning``.
-* On every start the job checks that the plan covers every item stored old. An item stored old
+* On every start the job checks that the plan covers every item stored old (and warns at the
+  end of a run if items were added old during it). An item stored old
   that the plan does not cover (added with ``add_old`` after the plan was made, or a state file
   from another index) is refused with a ``ValueError``: delete the state file and its order file
   to plan again over every item stored old (items already stored new are not written again);
@@ -34,7 +35,9 @@ items of the plan still stored old in the index, in the plan's order; the saved 
   file of another index kind, other dimensions, another collection or another order is
   refused, and so is a state file of the wrong shape (not a JSON object, a key missing, a
   position that is not an integer in ``[0, len(order)]``, an order file that is not a 1-D
-  integer array).
+  integer array). (A plan of another index of the same kind and dimensions whose items stored
+  old are all in the plan cannot be told apart; it is accepted, and the job backfills exactly
+  those items.)
 * One job at a time: a run holds an OS file lock (``fcntl.flock``) on ``<state_path>.lock``
   (and on ``<checkpoint_path>.lock``) from its first check to its return; a second job on the
   same state file or checkpoint is refused with "another backfill job is running on ...". The
@@ -450,7 +453,12 @@ def _write_batches(index, batches, job: _Job, batch_size, rate_limit, checkpoint
             commit(consumed)
     finally:
         bar.close()
-    remaining = int(np.isin(order, index.old_ids()).sum())  # counted in the index, not from the position
+    old = index.old_ids()
+    remaining = int(np.isin(order, old).sum())  # counted in the index, not from the position
+    if len(old) > remaining:  # the order holds each id once: these are old items outside the plan
+        warnings.warn(f"{len(old) - remaining} item(s) stored old are not in the plan of {job.paths.state!r} (added "
+                      "with add_old during the run): this job does not backfill them, and refuses to resume "
+                      f"while they are old; {_redo(job.paths)}", RuntimeWarning, stacklevel=3)
     return BackfillRun(written=written, skipped=skipped, remaining=remaining,
                        seconds=time.perf_counter() - start, progress=float(index.progress))
 

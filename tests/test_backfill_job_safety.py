@@ -267,6 +267,22 @@ def test_items_added_old_after_the_plan_are_refused_with_what_to_do(tmp_path):
     check_done(index, np.r_[ids, late])
 
 
+def test_items_added_old_during_a_run_are_reported(tmp_path):
+    index, ids = make_index(40)
+    state = tmp_path / "job.json"
+
+    def embed(batch):
+        if index.n_new == 20 and 999 not in index.old_ids():
+            index.add_old([999], normalize_rows(np.ones((1, D))))  # should have been index.add
+        return new_vector(batch)
+
+    with pytest.warns(RuntimeWarning, match=r"1 item\(s\) stored old are not in the plan .*add_old during the run"):
+        run = run_backfill(index, embed, state, batch_size=10, **quiet)
+    assert run.remaining == 0 and index.old_ids().tolist() == [999]
+    with pytest.raises(ValueError, match=r"1 item\(s\) stored old are not in the plan"):
+        run_backfill(index, new_vector, state, **quiet)
+
+
 def test_a_state_file_written_by_the_previous_job_version_is_refused(tmp_path):
     index, _ = make_index(20)
     state = tmp_path / "job.json"
