@@ -4,8 +4,9 @@
   RA-BCT and the transformation losses plug in here), seeded, on the GPU when there is one, with
   a tqdm progress bar.
 * :func:`train_or_load` is "load the checkpoint if it exists, otherwise train": the cache key is
-  a hash of the full configuration, and checkpoints are read with ``weights_only=True``. An
-  unreadable checkpoint is moved aside (``<name>.corrupt``) with a warning and trained again.
+  a hash of the full configuration, and checkpoints are read with ``weights_only=True``. Each
+  checkpoint carries a SHA-256 checksum of its weights (:func:`state_checksum`); an unreadable or
+  damaged checkpoint is moved aside (``<name>.corrupt``) with a warning and trained again.
 * :func:`resolve_device` and :func:`check_cache_dir` check a device and a checkpoint folder
   before any work, so a typo fails at once instead of after training.
 
@@ -37,6 +38,9 @@ from tqdm.auto import tqdm
 CACHE_ENV = "BACKFILL_CACHE"
 #: Bump when a change to the code makes old checkpoints stale.
 CACHE_VERSION = 1
+#: Marks a checkpoint written with a checksum: ``{"format": CHECKPOINT_FORMAT, "sha256": ...,
+#: "state_dict": ...}``. Checkpoints written before checksums are bare state dicts.
+CHECKPOINT_FORMAT = "backfill_lib.training.checkpoint"
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -440,25 +444,93 @@ def _read_seconds(meta_path: Path) -> float | None:
     return float(seconds) if isinstance(seconds, (int, float)) and not isinstance(seconds, bool) else None
 
 
+def state_checksum(state: dict, header=None) -> str:
+    """SHA-256 of a state dict (names, dtypes, shapes and bytes of every tensor) and of ``header``.
+
+    Detects accidental damage (a flipped bit on disk, a bad copy), not deliberate tampering: whoever
+    can rewrite the file can rewrite the checksum too.
+
+    Parameters
+    ----------
+    state : dict of str to Tensor
+        E.g. ``module.state_dict()``; the order of the entries does not matter.
+    header : JSON-serialisable value, optional
+        Anything else that decides what the weights mean (class name, sizes,
+        hyper-parameters), hashed as JSON with sorted keys.
+
+    Returns
+    -------
+    str
+        64 hexadecimal digits.
+
+    Raises
+    ------
+    TypeError
+        If ``state`` is not a dict of tensors with string names, or ``header`` cannot be
+        written as JSON.
+
+    Examples
+    --------
+    >>> a = state_checksum({"w": torch.zeros(2)})
+    >>> a == state_checksum({"w": torch.zeros(2)}), a == state_checksum({"w": torch.ones(2)})
+    (True, False)
+    """
+    if not isinstance(state, dict):
+        raise TypeError(f"state must be a dict of tensors, got {type(state).__name__}")
+    digest = hashlib.sha256(json.dumps(header, sort_keys=True).encode())
+    for key in sorted(state, key=str):
+        tensor = state[key]
+        if not isinstance(key, str) or not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"state must map names to tensors, got {type(key).__name__} -> {type(tensor).__name__}")
+        tensor = tensor.detach().cpu().contiguous()
+        # the header fixes how many bytes follow, so entries cannot run into each other
+        digest.update(json.dumps([key, str(tensor.dtype), list(tensor.shape)]).encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 class _WrongCheckpoint(ValueError):
     """A readable checkpoint whose tensors do not fit the model."""
 
 
+class _DamagedCheckpoint(ValueError):
+    """A checkpoint whose weights do not match the checksum stored with them."""
+
+
 def _load_state(path: Path, module: nn.Module) -> dict:
-    """The checkpoint's state dict, checked to fit ``module`` (keys and shapes) before anything is copied."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    """The checkpoint's state dict, checked against its checksum and to fit ``module`` (keys, shapes,
+    dtypes) before anything is copied.
+
+    A checkpoint written before checksums existed (a bare state dict) is accepted unchecked.
+    """
+    blob = torch.load(path, map_location="cpu", weights_only=True)
     expected = module.state_dict()
+    if isinstance(blob, dict) and blob.get("format") == CHECKPOINT_FORMAT:
+        state = blob.get("state_dict")
+        try:
+            intact = isinstance(blob.get("sha256"), str) and state_checksum(state) == blob["sha256"]
+        except TypeError:
+            intact = False
+        if not intact:
+            raise _DamagedCheckpoint("its weights do not match the checksum stored with them")
+    else:
+        state = blob  # written before checksums: a bare state dict, accepted as it is (see train_or_load)
     if not isinstance(state, dict) or state.keys() != expected.keys():
         raise _WrongCheckpoint("its tensors are not the ones this model has")
     wrong = [k for k, v in state.items() if not isinstance(v, torch.Tensor) or v.shape != expected[k].shape]
     if wrong:
         raise _WrongCheckpoint(f"tensor {wrong[0]!r} has the wrong shape")
+    wrong = [k for k, v in state.items() if v.dtype != expected[k].dtype]
+    if wrong:
+        raise _WrongCheckpoint(f"tensor {wrong[0]!r} is {state[wrong[0]].dtype}, not {expected[wrong[0]].dtype}")
     return state
 
 
 def _why_unreadable(exc: Exception, path: Path) -> str:
     if path.stat().st_size == 0:
         return "the file is empty"
+    if isinstance(exc, _DamagedCheckpoint):
+        return f"the file is damaged: {exc}"
     if isinstance(exc, _WrongCheckpoint):
         return f"a checkpoint of another model: {exc}"
     # torch's own message advises weights_only=False, which is wrong here: the file is damaged
@@ -469,12 +541,18 @@ def train_or_load(module: nn.Module, name: str, key: str, train_fn: Callable[[nn
                   directory=None, force: bool = False) -> tuple[nn.Module, dict]:
     """Load ``module``'s weights from ``<directory>/<name>-<key>.pt`` if present, else train and save.
 
-    Checkpoints are read onto the CPU with ``weights_only=True``. A checkpoint that cannot be
-    read (empty, truncated, not a checkpoint, or holding tensors of another model) is moved aside
-    to ``<name>-<key>.pt.corrupt``, with a warning that names it, and the model is trained again
-    over it, so the next run finds a good file. A new checkpoint is written atomically (a
-    concurrent reader never sees half a file), with a side file ``<name>-<key>.json`` that records
-    the training time.
+    Checkpoints are read onto the CPU with ``weights_only=True``. Each one holds a SHA-256
+    checksum of its weights (:func:`state_checksum`), checked on load. A checkpoint that cannot be
+    read (empty, truncated, not a checkpoint, damaged so that its weights no longer match their
+    checksum, or holding tensors of another model) is moved aside to ``<name>-<key>.pt.corrupt``,
+    with a warning that names it, and the model is trained again over it, so the next run finds a
+    good file. A new checkpoint is written atomically (a concurrent reader never sees half a
+    file), with a side file ``<name>-<key>.json`` that records the training time.
+
+    A checkpoint written before checksums existed (a bare state dict) still loads, checked for
+    its tensor names, shapes and dtypes only: retraining every cached model on upgrade would cost
+    hours at paper scale for files that were written atomically. ``force=True`` retrains one and
+    writes it with a checksum.
 
     Parameters
     ----------
@@ -509,7 +587,7 @@ def train_or_load(module: nn.Module, name: str, key: str, train_fn: Callable[[nn
     Warns
     -----
     RuntimeWarning
-        When a checkpoint is unreadable and is moved aside.
+        When a checkpoint is unreadable or damaged and is moved aside.
     """
     directory = check_cache_dir(directory, name="directory")
     path = directory / f"{name}-{key}.pt"
@@ -530,7 +608,8 @@ def train_or_load(module: nn.Module, name: str, key: str, train_fn: Callable[[nn
     seconds = time.perf_counter() - start
     directory.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save({k: v.detach().cpu() for k, v in module.state_dict().items()}, tmp)
+    state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
+    torch.save({"format": CHECKPOINT_FORMAT, "sha256": state_checksum(state), "state_dict": state}, tmp)
     os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
     meta_tmp = meta_path.with_suffix(f".tmp{os.getpid()}j")
     meta_tmp.write_text(json.dumps({"name": name, "key": key, "seconds": seconds}))

@@ -17,7 +17,11 @@ seconds on a CPU. Numpy arrays go in and out at the public boundary (:func:`appl
 For a retrieval service, :class:`ReverseTransform` (``ψ``, optionally with ``ρ``) and
 :class:`ForwardTransform` (``h``) wrap the fit functions in the scikit-learn manner: built with
 their hyper-parameters, ``fit(X, Y)`` with ``X`` the space the transform reads and ``Y`` the space
-it maps into, ``transform(X)``, and ``save(path)`` / ``load(path)``.
+it maps into, ``transform(X)``, ``save(path)`` / ``load(path)`` and ``to_bytes()`` /
+``from_bytes(data)``. A file names its class through a registry (:func:`register_transform`,
+:func:`transform_class`), so opening one never imports a module named in it, and it carries a
+SHA-256 checksum of everything that decides the map, so a damaged file is refused instead of
+mapping differently.
 
 Inputs must have unit-norm rows, as the models of this library produce (the losses compare
 normalised vectors); ``normalize=True`` L2-normalises them first instead of refusing them.
@@ -25,8 +29,12 @@ normalised vectors); ``normalize=True`` L2-normalises them first instead of refu
 
 from __future__ import annotations
 
+import inspect
+import io
 import os
 import tempfile
+import threading
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -37,7 +45,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from .losses import NEGATIVES, metric_compatible_loss, regression_loss, reverse_loss
-from .training import TrainConfig, default_device, train
+from .training import TrainConfig, default_device, state_checksum, train
 from .validation import as_embeddings, as_labels, check_choice, check_positive_int, normalize_rows
 
 #: Optimiser of the heads (contrastive losses over the batch want large batches; data are tiny vectors).
@@ -632,7 +640,158 @@ def fit_forward_transform(old, new, config: TrainConfig = TRANSFORM_CONFIG, step
 #: What :meth:`FittedTransform.save` writes in every file, checked by :meth:`FittedTransform.load`.
 FILE_FORMAT = "backfill_lib.transforms.FittedTransform"
 #: Layout version of those files; bump it when the layout changes (newer files are refused).
-FILE_VERSION = 1
+#: Version 2 names the class by its registered name (:func:`register_transform`) and stores a
+#: SHA-256 checksum of the class, sizes, hyper-parameters and weights; files of version 1 (the
+#: class's bare name, no checksum) still load, with a warning that they cannot be checked.
+FILE_VERSION = 2
+
+
+# --- Registry of the classes a file may name ---------------------------------------------------
+
+_REGISTRY: dict[str, type] = {}
+_NAMES: dict[type, str] = {}
+_REGISTRY_LOCK = threading.Lock()
+
+
+def _what(obj) -> str:
+    """How to name a wrong argument in an error message."""
+    if inspect.isclass(obj):
+        return f"the class {obj.__qualname__}"
+    if inspect.isfunction(obj) or inspect.ismethod(obj) or inspect.isbuiltin(obj):
+        return f"the function {getattr(obj, '__qualname__', repr(obj))}"
+    return f"an instance of {type(obj).__name__}"
+
+
+def register_transform(cls, name: str | None = None) -> str:
+    """Register a transform class under a name, so that files naming it can be loaded.
+
+    A saved transform (a :class:`FittedTransform` file, or the transform stored with an
+    :class:`~backfill_lib.live_index.OnlineBackfillIndex`) names its class; loaders look that name
+    up here and never import a module named in a file. The library's own classes
+    (:class:`ReverseTransform`, :class:`ForwardTransform`) are registered when this module is
+    imported, as ``"backfill_lib.transforms:ReverseTransform"`` and
+    ``"backfill_lib.transforms:ForwardTransform"``; register your own class before loading a file
+    that holds one.
+
+    The first argument, ``cls``, is the class (not an instance). It must have a method
+    ``to_bytes()`` and a class method ``from_bytes(data)``, or else a method ``save(path)`` and a
+    class method ``load(path)``. (It is described here rather than under Parameters because
+    numpydoc's validator takes a first argument named ``cls`` for a class method's own class.)
+
+    Parameters
+    ----------
+    name : str, optional
+        The name files will store; default ``"<module>:<qualified name>"`` of ``cls``. A class
+        may be registered under several names (e.g. its old name after it moved); files are
+        written under the first.
+
+    Returns
+    -------
+    str
+        ``name``.
+
+    Raises
+    ------
+    TypeError
+        If ``cls`` is not a class or lacks those methods, or ``name`` is not a string.
+    ValueError
+        If ``name`` is empty or already registered for another class.
+
+    Examples
+    --------
+    >>> register_transform(ReverseTransform)
+    'backfill_lib.transforms:ReverseTransform'
+    >>> transform_class("backfill_lib.transforms:ReverseTransform") is ReverseTransform
+    True
+    """
+    if not inspect.isclass(cls):
+        hint = "" if inspect.isroutine(cls) else " (pass its class, type(obj))"
+        raise TypeError(f"cls must be a transform class, got {_what(cls)}{hint}")
+
+    def is_class_method(attr: str) -> bool:
+        return isinstance(inspect.getattr_static(cls, attr, None), (classmethod, staticmethod))
+
+    def is_method(attr: str) -> bool:
+        return inspect.isfunction(inspect.getattr_static(cls, attr, None))
+
+    if not ((is_method("to_bytes") and is_class_method("from_bytes")) or (is_method("save") and is_class_method("load"))):
+        raise TypeError(f"cls: {cls.__qualname__} cannot be registered as a transform: it needs a method to_bytes() "
+                        "and a class method from_bytes(data), or else a method save(path) and a class method "
+                        "load(path) (as backfill_lib.transforms.ReverseTransform has)")
+    if name is None:
+        name = f"{cls.__module__}:{cls.__qualname__}"
+    elif not isinstance(name, str):
+        raise TypeError(f"name must be a string, got {type(name).__name__}")
+    if not name.strip():
+        raise ValueError("name must not be empty: leave it unset to use '<module>:<class name>'")
+    with _REGISTRY_LOCK:
+        taken = _REGISTRY.get(name)
+        if taken is not None and taken is not cls:
+            raise ValueError(f"name {name!r} is already registered for {taken.__module__}.{taken.__qualname__}; "
+                             f"register {cls.__qualname__} under another name")
+        _REGISTRY[name] = cls
+        _NAMES.setdefault(cls, name)
+    return name
+
+
+def transform_class(name: str) -> type:
+    """The class registered under ``name`` (:func:`register_transform`).
+
+    Parameters
+    ----------
+    name : str
+        A registered name, as a saved file stores it, e.g.
+        ``"backfill_lib.transforms:ReverseTransform"``.
+
+    Returns
+    -------
+    type
+        The registered class.
+
+    Raises
+    ------
+    TypeError
+        If ``name`` is not a string.
+    ValueError
+        If no class is registered under ``name``.
+
+    Examples
+    --------
+    >>> transform_class("backfill_lib.transforms:ForwardTransform").__name__
+    'ForwardTransform'
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a string, got {type(name).__name__}")
+    with _REGISTRY_LOCK:
+        cls = _REGISTRY.get(name)
+    if cls is None:
+        raise ValueError(f"unknown transform class {name!r}: no class is registered under that name; if it is "
+                         "yours, call backfill_lib.transforms.register_transform(TheirClass) before loading "
+                         "(files never import the module they name)")
+    return cls
+
+
+def transform_name(cls) -> str | None:
+    """The name the class ``cls`` is registered under (the first, if several), or None.
+
+    ``cls`` (the only argument) is any class; anything else gives None. (It is described here
+    rather than under Parameters because numpydoc's validator takes a first argument named
+    ``cls`` for a class method's own class.)
+
+    Returns
+    -------
+    str or None
+        The name files store for ``cls``; None if it is not registered.
+
+    Examples
+    --------
+    >>> transform_name(ForwardTransform)
+    'backfill_lib.transforms:ForwardTransform'
+    >>> transform_name(int) is None
+    True
+    """
+    with _REGISTRY_LOCK:
+        return _NAMES.get(cls) if isinstance(cls, type) else None
 
 
 class NotFittedError(ValueError, AttributeError):
@@ -770,12 +929,53 @@ class FittedTransform:
         x = self._x(X)
         return apply_transform(self._map(), x, name="X")
 
-    def save(self, path) -> Path:
-        """Write the fitted weights with their dimensions, hyper-parameters and class name.
+    def _blob(self) -> dict:
+        """What :meth:`to_bytes` writes: plain types and tensors, with the checksum."""
+        from . import __version__  # here, not at import time: the package imports this module lazily
 
-        One ``torch.save`` file of plain types and tensors (readable with
-        ``torch.load(weights_only=True)``, no pickled code), written to a temporary file in the
-        same folder and moved into place, so a crash never leaves half a file under ``path``.
+        self._check_fitted()
+        state = {k: v.detach().cpu().clone() for k, v in self.module_.state_dict().items()}
+        bad = _non_finite(state)
+        if bad is not None:
+            raise ValueError(f"this {type(self).__name__} holds non-finite weights (NaN or infinity in {bad!r}): "
+                             "it would map every input to NaN; fit it again (with a lower lr)")
+        cls = type(self)
+        header = {"class": transform_name(cls) or f"{cls.__module__}:{cls.__qualname__}",
+                  "dims": {"dim_in": int(self.dim_in_), "dim_out": int(self.dim_out_)},
+                  "params": {name: getattr(self, name) for name in self._saved_params}}
+        return {"format": FILE_FORMAT, "version": FILE_VERSION, "backfill_lib_version": __version__, **header,
+                "state_dict": state, "checksum": state_checksum(state, header)}
+
+    def to_bytes(self) -> bytes:
+        """The fitted transform as bytes, in the format of :meth:`save` (read back by :meth:`from_bytes`).
+
+        Plain types and tensors written by ``torch.save`` (readable with
+        ``torch.load(weights_only=True)``, no pickled code): the weights, sizes and
+        hyper-parameters, the registered name of the class (:func:`transform_name`; a class that
+        is not registered is named ``"<module>:<qualified name>"`` and must be registered before
+        loading) and a SHA-256 checksum of all four.
+
+        Returns
+        -------
+        bytes
+            The content of a file :meth:`save` would write.
+
+        Raises
+        ------
+        NotFittedError
+            Before ``fit``.
+        ValueError
+            If the weights hold NaN or infinite values.
+        """
+        buffer = io.BytesIO()
+        torch.save(self._blob(), buffer)
+        return buffer.getvalue()
+
+    def save(self, path) -> Path:
+        """Write the fitted weights with their dimensions, hyper-parameters, class name and checksum.
+
+        The bytes of :meth:`to_bytes`, written to a temporary file in the same folder and moved
+        into place, so a crash never leaves half a file under ``path``.
 
         Parameters
         ----------
@@ -792,28 +992,19 @@ class FittedTransform:
         ------
         NotFittedError
             Before ``fit``.
+        ValueError
+            If the weights hold NaN or infinite values.
         FileNotFoundError
             If the folder of ``path`` does not exist.
         """
-        from . import __version__  # here, not at import time: the package imports this module lazily
-
-        self._check_fitted()
-        path = Path(path).expanduser()
+        path = _as_path(path)
+        data = self.to_bytes()
         if not path.parent.is_dir():
             raise FileNotFoundError(f"path: folder {path.parent} does not exist; create it first")
-        blob = {
-            "format": FILE_FORMAT,
-            "version": FILE_VERSION,
-            "class": type(self).__name__,
-            "backfill_lib_version": __version__,
-            "dims": {"dim_in": self.dim_in_, "dim_out": self.dim_out_},
-            "params": {name: getattr(self, name) for name in self._saved_params},
-            "state_dict": {k: v.detach().cpu() for k, v in self.module_.state_dict().items()},
-        }
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
-                torch.save(blob, f)
+                f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
@@ -826,9 +1017,11 @@ class FittedTransform:
     def load(cls, path, device=None) -> "FittedTransform":
         """Read a transform written by :meth:`save`, ready to :meth:`transform`.
 
-        Loading is safe: ``torch.load(weights_only=True)`` runs no code from the file.
-        ``FittedTransform.load`` returns whichever class the file holds;
-        ``ReverseTransform.load`` and ``ForwardTransform.load`` insist on their own.
+        Loading is safe: ``torch.load(weights_only=True)`` runs no code from the file, and the
+        class is looked up among the registered ones (:func:`register_transform`), never
+        imported. ``FittedTransform.load`` returns whichever class the file holds;
+        ``ReverseTransform.load`` and ``ForwardTransform.load`` insist on their own (or a
+        subclass). The checks are those of :meth:`from_bytes`.
 
         Parameters
         ----------
@@ -846,42 +1039,203 @@ class FittedTransform:
         ------
         FileNotFoundError
             If there is no file at ``path``.
+        TypeError
+            If ``path`` is not a str or path.
         ValueError
-            If the file is not one written by :meth:`save` (another kind of file, a damaged
-            one), holds another class than the one asked, or was written by a newer version of
-            the format.
+            If ``device`` is not usable here, or the file is not one written by :meth:`save`
+            (another kind of file), is damaged (its content does not match its checksum, or it
+            holds non-finite weights or weights that do not fit its sizes), holds another class
+            than the one asked or one that is not registered, or was written by a newer version
+            of the format.
+
+        Warns
+        -----
+        UserWarning
+            When the file was written in format version 1, before checksums: it loads, but
+            damage cannot be detected; save it again to add a checksum.
         """
-        path = Path(path).expanduser()
+        path = _as_path(path)
         if not path.is_file():
             raise FileNotFoundError(f"path: no transform file at {path} (write one with {cls.__name__}.save)")
-        not_ours = f"{path} is not a transform file written by ReverseTransform.save or ForwardTransform.save"
+        _device(device)  # a bad device is the caller's error, not the file's: check it first
+        return cls._read(path.read_bytes(), device, str(path))
+
+    @classmethod
+    def from_bytes(cls, data: bytes, device=None) -> "FittedTransform":
+        """Read a transform from the bytes of :meth:`to_bytes` (or of a file written by :meth:`save`).
+
+        The same checks as :meth:`load`, in memory (no file, no temporary file):
+        ``torch.load(weights_only=True)`` on the bytes (no code runs), the class looked up
+        among the registered ones (:func:`register_transform`), the SHA-256 checksum of the
+        class, sizes, hyper-parameters and weights compared with the one stored, non-finite
+        weights refused, and each tensor's name, shape and dtype compared with the module the
+        sizes describe before anything is allocated.
+
+        Parameters
+        ----------
+        data : bytes
+            Output of :meth:`to_bytes` (``bytearray`` and ``memoryview`` are accepted too).
+        device : str or torch.device, optional
+            Where to put the weights; default :func:`~backfill_lib.training.default_device`.
+
+        Returns
+        -------
+        FittedTransform
+            The fitted transform, of the class the bytes hold.
+
+        Raises
+        ------
+        TypeError
+            If ``data`` is not bytes (e.g. a path: use :meth:`load`).
+        ValueError
+            If ``device`` is not usable here, or ``data`` is not a transform written by
+            :meth:`to_bytes`, is damaged, holds another class than the one asked or one that
+            is not registered, or was written by a newer version of the format.
+
+        Warns
+        -----
+        UserWarning
+            When ``data`` is in format version 1, written before checksums.
+
+        Examples
+        --------
+        >>> rng = np.random.default_rng(0)
+        >>> x = normalize_rows(rng.normal(size=(16, 3)))
+        >>> h = ForwardTransform(steps=2, batch_size=8, device="cpu").fit(x, x)
+        >>> back = FittedTransform.from_bytes(h.to_bytes(), device="cpu")
+        >>> type(back).__name__, bool((back.transform(x) == h.transform(x)).all())
+        ('ForwardTransform', True)
+        """
+        if isinstance(data, (bytearray, memoryview)):
+            data = bytes(data)
+        if not isinstance(data, bytes):
+            hint = ": to read a file use load(path)" if isinstance(data, (str, os.PathLike)) else ""
+            raise TypeError(f"data must be bytes written by to_bytes(), got {type(data).__name__}{hint}")
+        _device(device)  # a bad device is the caller's error, not the data's: check it first
+        return cls._read(data, device, "data")
+
+    @classmethod
+    def _read(cls, data: bytes, device, source: str) -> "FittedTransform":
+        """:meth:`from_bytes` once the arguments are checked; ``source`` names the bytes in messages."""
+        noun = "transform" if source == "data" else "transform file"
+        not_ours = f"{source} is not a {noun} written by ReverseTransform.save or ForwardTransform.save"
+        damaged = f"{source} is damaged"
         try:
-            blob = torch.load(path, map_location="cpu", weights_only=True)
+            blob = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises several kinds (unpickling, zip, EOF) for a foreign file
-            raise ValueError(f"{not_ours} (torch could not read it safely: {type(exc).__name__})") from None
+            why = f"torch could not read it safely: {type(exc).__name__}"
+            if FILE_FORMAT.encode() in data:  # ours, but damaged
+                raise ValueError(f"{damaged} ({why}); re-fit or restore the file") from None
+            raise ValueError(f"{not_ours} ({why})") from None
         if not isinstance(blob, dict) or blob.get("format") != FILE_FORMAT:
             raise ValueError(not_ours)
         version = blob.get("version")
-        if not isinstance(version, int) or version > FILE_VERSION:
-            raise ValueError(f"{path} has format version {version!r}, newer than this backfill_lib reads "
-                             f"({FILE_VERSION}): upgrade backfill_lib (the file was written by version "
+        if isinstance(version, int) and not isinstance(version, bool) and version > FILE_VERSION:
+            raise ValueError(f"{source} has format version {version!r}, newer than this backfill_lib reads "
+                             f"({FILE_VERSION}): upgrade backfill_lib (it was written by version "
                              f"{blob.get('backfill_lib_version')!r})")
-        kinds = {k.__name__: k for k in FittedTransform.__subclasses__()}
-        kind = kinds.get(blob.get("class"))
-        if kind is None:
-            raise ValueError(f"{path} holds an unknown transform class {blob.get('class')!r}")
-        if cls is not FittedTransform and kind is not cls:
-            raise ValueError(f"{path} holds a {kind.__name__}, not a {cls.__name__}: load it with {kind.__name__}.load")
-        try:
-            obj = kind(**blob["params"], device=device)
-            dims = blob["dims"]
-            module = obj._build(_check_dim("dim_in", dims["dim_in"]), _check_dim("dim_out", dims["dim_out"]))
-            module.load_state_dict(blob["state_dict"])
-        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-            raise ValueError(f"{path} is a damaged transform file: {exc}") from None
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise ValueError(f"{damaged}: its format version {version!r} is not one backfill_lib writes")
+        header = {key: blob.get(key) for key in ("class", "dims", "params")}
+        state = blob.get("state_dict")
+        if version >= 2 or "checksum" in blob:  # a file of version 1 never has one: check it if it is there
+            try:
+                intact = isinstance(blob.get("checksum"), str) and state_checksum(state, header) == blob["checksum"]
+            except (TypeError, ValueError, RuntimeError):
+                intact = False
+            if not intact:
+                raise ValueError(f"{damaged}: its weights do not match the checksum stored with them; re-fit or "
+                                 "restore the file")
+        else:
+            warnings.warn(f"{source} was written in transform format version {version}, without a checksum: damage "
+                          "to it cannot be detected; save it again to add one", UserWarning, stacklevel=3)
+        kind = _file_class(header["class"], version, source)
+        if not (inspect.isclass(kind) and issubclass(kind, FittedTransform)):
+            raise ValueError(f"{source} names {header['class']!r}, a registered class that is not a "
+                             f"FittedTransform: load it with {kind.__qualname__}.from_bytes")
+        if not issubclass(kind, cls):
+            raise ValueError(f"{source} holds a {kind.__name__}, not a {cls.__name__}: load it with "
+                             f"{kind.__name__}.load (or FittedTransform.load)")
+        obj, module = kind._restore(header, state, version, device, damaged)
         obj.module_ = module.to(obj._device).eval()
-        obj.dim_in_, obj.dim_out_ = int(dims["dim_in"]), int(dims["dim_out"])
         return obj
+
+    @classmethod
+    def _restore(cls, header: dict, state, version: int, device, damaged: str):
+        """An unfitted ``cls`` with the saved hyper-parameters, and its module holding ``state``."""
+        params, dims = header["params"], header["dims"]
+        if not isinstance(params, dict) or not all(isinstance(k, str) for k in params):
+            raise ValueError(f"{damaged}: its hyper-parameters are not a dict of names")
+        unknown = sorted(set(params) - set(cls._saved_params))
+        # version 1 files may lack a hyper-parameter added later (arch); it then has its default
+        missing = sorted(set(cls._saved_params) - set(params)) if version >= 2 else []
+        if unknown or missing:
+            raise ValueError(f"{damaged}: hyper-parameters {unknown or missing} are "
+                             f"{'not ones' if unknown else 'missing, which'} {cls.__name__} saves")
+        try:
+            obj = cls(**params, device=device)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{damaged}: its hyper-parameters are refused ({exc})") from None
+        if not isinstance(dims, dict) or set(dims) != {"dim_in", "dim_out"}:
+            raise ValueError(f"{damaged}: its sizes are not {{'dim_in': ..., 'dim_out': ...}}")
+        try:
+            dim_in, dim_out = _check_dim("dim_in", dims["dim_in"]), _check_dim("dim_out", dims["dim_out"])
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{damaged}: {exc}") from None
+        if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                  for k, v in state.items()):
+            raise ValueError(f"{damaged}: its weights are not a dict of named tensors")
+        with torch.device("meta"):  # the shapes the sizes describe, without allocating (sizes may be huge)
+            module = obj._build(dim_in, dim_out)
+        expected = module.state_dict()
+        if state.keys() != expected.keys():
+            extra, absent = sorted(state.keys() - expected.keys()), sorted(expected.keys() - state.keys())
+            raise ValueError(f"{damaged}: its weights do not fit a {cls.__name__} of sizes {dim_in} -> {dim_out} "
+                             f"(unexpected {extra[:3]}, missing {absent[:3]})")
+        for key, tensor in state.items():
+            want = expected[key]
+            if tensor.shape != want.shape or tensor.dtype != want.dtype:
+                raise ValueError(f"{damaged}: tensor {key!r} is {tensor.dtype} of shape {tuple(tensor.shape)}, but "
+                                 f"a {cls.__name__} of sizes {dim_in} -> {dim_out} has {want.dtype} of shape "
+                                 f"{tuple(want.shape)}")
+        bad = _non_finite(state)
+        if bad is not None:
+            raise ValueError(f"{damaged}: its weights hold NaN or infinity (in {bad!r}); re-fit or restore the file")
+        module = module.to_empty(device="cpu")
+        module.load_state_dict(state)
+        obj.dim_in_, obj.dim_out_ = dim_in, dim_out
+        return obj, module
+
+
+def _as_path(path) -> Path:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or pathlib.Path, got {type(path).__name__}")
+    return Path(path).expanduser()
+
+
+def _non_finite(state: dict) -> str | None:
+    """The name of the first floating-point tensor of ``state`` holding NaN or infinity, else None."""
+    for key, tensor in state.items():
+        if (tensor.is_floating_point() or tensor.is_complex()) and not bool(torch.isfinite(tensor).all()):
+            return key
+    return None
+
+
+def _file_class(name, version: int, source: str) -> type:
+    """The registered class a file names; files of version 1 stored the class's bare name."""
+    if not isinstance(name, str):
+        raise ValueError(f"{source} is damaged: its class name {name!r} is not a string")
+    if version == 1 and ":" not in name:
+        with _REGISTRY_LOCK:
+            found = [c for c in _NAMES if issubclass(c, FittedTransform) and c.__name__ == name]
+        own = [c for c in found if c.__module__ == __name__]
+        if own or len(found) == 1:
+            return (own or found)[0]
+        name = f"{__name__}:{name}"  # the name the error message should send the user to register
+    try:
+        return transform_class(name)
+    except ValueError as exc:
+        raise ValueError(f"{source} holds an {exc}") from None
 
 
 class ReverseTransform(FittedTransform):
@@ -1130,3 +1484,7 @@ class ForwardTransform(FittedTransform):
 
     def _map(self) -> nn.Module:
         return self.module_
+
+
+for _cls in (ReverseTransform, ForwardTransform):
+    register_transform(_cls)  # as "backfill_lib.transforms:<name>": index files store these names

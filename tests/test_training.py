@@ -1,6 +1,7 @@
 """The training loop, the checkpoint cache and embedding extraction."""
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -270,6 +271,99 @@ class TestTrainOrLoad:
             meta.write_text(side)
         _, info = train_or_load(_model(toy), "toy", "k", lambda m: None, directory=tmp_path)
         assert info["cached"] is True and info["seconds"] is None
+
+
+class TestCheckpointChecksum:
+    """Issue 16: a checkpoint with a flipped byte is not loaded silently."""
+
+    def _trained(self, toy, tmp_path):
+        model, _ = train_or_load(_model(toy), "toy", "k", lambda m: train(m, toy.train, FAST, device="cpu",
+                                                                          progress=False), directory=tmp_path)
+        return model, tmp_path / "toy-k.pt"
+
+    def test_a_flipped_byte_in_the_weights_is_moved_aside_and_retrained(self, toy, tmp_path):
+        first, path = self._trained(toy, tmp_path)
+        good = path.read_bytes()
+        weight = first.state_dict()[next(k for k in first.state_dict() if k.endswith("weight"))]
+        at = good.find(weight.numpy().tobytes())
+        assert at > 0  # the tensor's bytes, as torch stores them
+        damaged = bytearray(good)
+        damaged[at + 2] ^= 0x10  # one bit of one float: the file stays perfectly readable
+        path.write_bytes(damaged)
+        calls = []
+
+        def retrain(m):
+            calls.append(1)
+            train(m, toy.train, FAST, device="cpu", progress=False)
+
+        with pytest.warns(RuntimeWarning, match=rf"checkpoint {path} could not be read \(the file is damaged: its "
+                                                 r"weights do not match the checksum stored with them\); moved it "
+                                                 r"to toy-k.pt.corrupt and training again"):
+            second, info = train_or_load(_model(toy), "toy", "k", retrain, directory=tmp_path)
+        assert calls == [1] and info["cached"] is False
+        assert (tmp_path / "toy-k.pt.corrupt").read_bytes() == bytes(damaged)
+        _assert_same_weights(first, second)
+        assert path.read_bytes() == good  # retrained to the same file, checksum and all
+
+    def test_every_sampled_flip_is_refused_or_loads_the_same_weights(self, toy, tmp_path):
+        first, path = self._trained(toy, tmp_path)
+        good = path.read_bytes()
+        outcomes = {"retrained": 0, "same": 0}
+        for i in range(0, len(good), 37):  # about 340 of the 12.5 kB, a prime stride across the 64-byte records
+            flipped = bytearray(good)
+            flipped[i] ^= 0xFF
+            path.write_bytes(flipped)
+            retrained = []
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                model, info = train_or_load(_model(toy, seed=99), "toy", "k", retrained.append, directory=tmp_path)
+            if info["cached"]:
+                assert not caught
+                _assert_same_weights(first, model)
+                outcomes["same"] += 1
+            else:
+                assert retrained and "could not be read" in str(caught[0].message)
+                outcomes["retrained"] += 1
+        assert outcomes["retrained"] > 30 and outcomes["same"] > 0
+
+    def test_written_with_a_checksum_of_the_weights(self, toy, tmp_path):
+        first, path = self._trained(toy, tmp_path)
+        blob = torch.load(path, weights_only=True)
+        assert blob["format"] == training.CHECKPOINT_FORMAT and len(blob["sha256"]) == 64
+        assert blob["sha256"] == training.state_checksum(first.state_dict())
+
+    def test_a_checkpoint_from_before_checksums_still_loads(self, toy, tmp_path):
+        # a bare state dict, as the previous version wrote: accepted (keys, shapes and dtypes checked)
+        first, path = self._trained(toy, tmp_path)
+        torch.save(first.state_dict(), path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            second, info = train_or_load(_model(toy, seed=99), "toy", "k", lambda m: pytest.fail("retrained"),
+                                         directory=tmp_path)
+        assert info["cached"] is True
+        _assert_same_weights(first, second)
+
+    def test_tensors_of_another_dtype_are_not_cast_silently(self, toy, tmp_path):
+        first, path = self._trained(toy, tmp_path)
+        torch.save({k: v.double() if v.is_floating_point() else v for k, v in first.state_dict().items()}, path)
+        with pytest.warns(RuntimeWarning, match=r"a checkpoint of another model: tensor .* is torch.float64, "
+                                                 "not torch.float32"):
+            _, info = train_or_load(_model(toy), "toy", "k", lambda m: None, directory=tmp_path)
+        assert info["cached"] is False
+
+    def test_state_checksum(self):
+        state = {"a": torch.arange(4.0), "b": torch.zeros(2, dtype=torch.int64)}
+        same = training.state_checksum({"b": torch.zeros(2, dtype=torch.int64), "a": torch.arange(4.0)})
+        assert training.state_checksum(state) == same  # the order of the entries does not matter
+        for other in ({**state, "a": torch.arange(4.0).reshape(2, 2)}, {**state, "a": torch.arange(4.0).double()},
+                      {**state, "c": torch.zeros(0)}, {"a2": state["a"], "b": state["b"]}):
+            assert training.state_checksum(other) != same
+        assert training.state_checksum(state, {"d": 1}) != training.state_checksum(state, {"d": 2})
+        assert training.state_checksum({"x": torch.arange(6.0)[::2]}) == training.state_checksum({"x": torch.tensor([0.0, 2, 4])})
+        with pytest.raises(TypeError, match="state must map names to tensors"):
+            training.state_checksum({"a": [1.0]})
+        with pytest.raises(TypeError, match="state must be a dict of tensors, got list"):
+            training.state_checksum([torch.zeros(1)])
 
 
 class TestExtractEmbeddings:

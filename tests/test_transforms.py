@@ -152,6 +152,13 @@ from backfill_lib.transforms import (FILE_VERSION, FittedTransform, ForwardTrans
 QUICK = dict(steps=30, batch_size=64, lr=1e-2, device="cpu")
 
 
+def _save_blob(blob, path):
+    """Write a (doctored) transform blob with its checksum recomputed, as a careful forger would."""
+    from backfill_lib.training import state_checksum
+    header = {key: blob[key] for key in ("class", "dims", "params")}
+    torch.save({**blob, "checksum": state_checksum(blob["state_dict"], header)}, path)
+
+
 def _labelled(n=120, d_new=6, d_old=4, seed=0):
     """New and old embeddings of the same items, both clustered by label (so L_mc has something to learn)."""
     rng = np.random.default_rng(seed)
@@ -228,7 +235,8 @@ def test_save_load_round_trip_gives_identical_outputs(fitted, tmp_path):
 def test_saved_file_loads_safely_and_holds_its_metadata(fitted, tmp_path):
     psi = fitted[3]
     blob = torch.load(psi.save(tmp_path / "psi.pt"), weights_only=True)   # plain types and tensors only
-    assert blob["class"] == "ReverseTransform" and blob["version"] == FILE_VERSION
+    assert blob["class"] == "backfill_lib.transforms:ReverseTransform" and blob["version"] == FILE_VERSION == 2
+    assert isinstance(blob["checksum"], str) and len(blob["checksum"]) == 64
     assert blob["dims"] == {"dim_in": 6, "dim_out": 4}
     assert blob["params"]["objective"] == "mc" and blob["params"]["learn_rho"] is True
     assert "device" not in blob["params"]
@@ -337,10 +345,14 @@ def test_load_errors_name_the_file_and_the_fix(fitted, tmp_path):
     with pytest.raises(ValueError, match="newer than this backfill_lib reads.*upgrade backfill_lib"):
         ReverseTransform.load(tmp_path / "newer.pt")
     torch.save({**blob, "dims": {"dim_in": 5, "dim_out": 4}}, tmp_path / "bad_dims.pt")
-    with pytest.raises(ValueError, match="bad_dims.pt is a damaged transform file"):
+    with pytest.raises(ValueError, match="bad_dims.pt is damaged: its weights do not match the checksum stored "
+                                         "with them; re-fit or restore the file"):
         ReverseTransform.load(tmp_path / "bad_dims.pt")
-    torch.save({**blob, "class": "Mystery"}, tmp_path / "mystery.pt")
-    with pytest.raises(ValueError, match="unknown transform class"):
+    _save_blob({**blob, "dims": {"dim_in": 5, "dim_out": 4}}, tmp_path / "bad_dims.pt")  # checksum recomputed
+    with pytest.raises(ValueError, match=r"bad_dims.pt is damaged: tensor .* but a ReverseTransform of sizes 5 -> 4"):
+        ReverseTransform.load(tmp_path / "bad_dims.pt")
+    _save_blob({**blob, "class": "Mystery"}, tmp_path / "mystery.pt")
+    with pytest.raises(ValueError, match=r"unknown transform class 'Mystery'.*register_transform\(TheirClass\)"):
         FittedTransform.load(tmp_path / "mystery.pt")
 
 
