@@ -56,17 +56,21 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import socket
 import tempfile
 import threading
+import time
 import uuid
+import warnings
+import zlib
 from contextlib import contextmanager
-from importlib import import_module
 
 import faiss
 import numpy as np
 
 from .retrieval import _as_ids, _sorted_topk
-from .validation import as_embeddings, check_k, check_no_repeats, repeated
+from .validation import UNIT_NORM_TOL, as_embeddings, check_k, check_no_repeats, repeated
 
 #: Marks a file written by :meth:`OnlineBackfillIndex.save` (with the format version below).
 FILE_MAGIC = "backfill_lib.OnlineBackfillIndex"
@@ -117,13 +121,59 @@ class _RWLock:
                 self._cond.notify_all()
 
 
+#: What a part can be (an error lists them when a factory string builds something else).
+SUPPORTED_TYPES = ("flat-codes types ('Flat', 'SQ8', 'PQ16', 'PQ16x4fs', ...), IVF types ('IVF256,Flat', "
+                   "'IVF256,PQ16', 'IVF256,SQ8', optionally after a transform: 'PCA64,IVF256,Flat') or HNSW "
+                   "('HNSW32', 'HNSW32_SQ8')")
+
+
 def _build_base(name: str, dim: int, spec: str):
-    """``faiss.index_factory(dim, spec, inner product)``, with an error naming the argument."""
+    """``faiss.index_factory(dim, spec, inner product)``, with an error naming the argument.
+
+    Only index types a part can serve are accepted: it must add vectors with ids, search, and
+    remove them (or, for HNSW, hide them behind tombstones). faiss builds other types too (a
+    ``Refine`` wrapper cannot add with ids, NSG cannot remove): they are refused here, not at the
+    first ``add``.
+    """
     try:
-        return faiss.index_factory(dim, spec, faiss.METRIC_INNER_PRODUCT)
+        base = faiss.index_factory(dim, spec, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as exc:
         raise ValueError(f"{name}_index={spec!r} is not a faiss factory string faiss can build for "
                          f"dim {dim} (e.g. 'Flat', 'IVF256,Flat', 'HNSW32'): {_faiss_message(exc)}") from None
+    if not _servable(base):
+        raise ValueError(f"{name}_index={spec!r} builds a faiss {type(faiss.downcast_index(base)).__name__}, which a "
+                         f"part of this index cannot serve (it must add with ids, search and remove): use one of the "
+                         f"{SUPPORTED_TYPES}")
+    return base
+
+
+def _servable(index, top: bool = True) -> bool:
+    """Whether a part can hold ``index`` (the types checked to add with ids, search, remove, save)."""
+    index = faiss.downcast_index(index)
+    if isinstance(index, (faiss.IndexFlatCodes, faiss.IndexIVF, faiss.IndexFastScan)):
+        return True
+    if isinstance(index, faiss.IndexHNSW):
+        return top  # tombstones need the graph itself in the part's IndexIDMap
+    if isinstance(index, faiss.IndexPreTransform) and top:
+        inner = faiss.downcast_index(index.index)
+        return isinstance(inner, (faiss.IndexFlatCodes, faiss.IndexIVF, faiss.IndexFastScan))
+    return False
+
+
+def _describe(index) -> tuple:
+    """What must match between a part built from its factory string and the faiss index a file holds."""
+    index = faiss.downcast_index(index)
+    kind = "IndexFlat" if isinstance(index, faiss.IndexFlat) else type(index).__name__  # IP/L2: the metric says
+    out = (kind, int(index.d), int(index.metric_type))
+    if isinstance(index, (faiss.IndexIDMap, faiss.IndexPreTransform)):
+        return out + _describe(index.index)
+    if isinstance(index, faiss.IndexIVF):
+        return out + (int(index.nlist), int(index.code_size))
+    if isinstance(index, faiss.IndexFlatCodes):
+        return out + (int(index.code_size),)
+    if isinstance(index, faiss.IndexHNSW):
+        return out + _describe(index.storage)
+    return out
 
 
 def _make_part(name: str, dim: int, spec: str, chunk_rows: int):
@@ -194,16 +244,19 @@ class _Part:
         return [(self, self.count)]
 
     def search(self, q: np.ndarray, k: int):
-        if not len(self.tombs):
+        graph = self._graph()
+        if graph is None:
             return self.index.search(q, k)
-        if self._selector is None:
-            batch = faiss.IDSelectorBatch(self.tombs)
-            self._selector = (faiss.IDSelectorNot(batch), batch)  # the pair keeps `batch` alive
         # A fresh parameter object per call: IndexIDMap swaps the selector in it during a search,
-        # so threads must not share one. The selector itself is only read.
+        # so threads must not share one. The selector itself is only read. efSearch is at least
+        # k: an HNSW search keeps efSearch candidates, so a smaller one returns fewer than k.
         params = faiss.SearchParametersHNSW()
-        params.efSearch = self._graph().hnsw.efSearch
-        params.sel = self._selector[0]
+        params.efSearch = max(int(graph.hnsw.efSearch), k)
+        if len(self.tombs):
+            if self._selector is None:
+                batch = faiss.IDSelectorBatch(self.tombs)
+                self._selector = (faiss.IDSelectorNot(batch), batch)  # the pair keeps `batch` alive
+            params.sel = self._selector[0]
         return self.index.search(q, k, params=params)
 
     def set_param(self, key: str, value) -> None:
@@ -233,11 +286,62 @@ class _Part:
         return {"layout": "single"}, {"faiss": faiss.serialize_index(self.index), "tombs": self.tombs}
 
     def restore(self, header: dict, arrays: dict, version: int) -> None:
-        """Set the part from what :meth:`state` wrote (``version`` of the file format)."""
-        self.index = faiss.deserialize_index(arrays["faiss"])
-        self.tombs = arrays["tombs"].astype(np.int64)
+        """Set the part from what :meth:`state` wrote (``version`` of the file format).
+
+        Raises ``ValueError`` if the stored faiss index is not of the type the factory string
+        builds, or is inconsistent (its graph, lists or search parameters).
+        """
+        stored = faiss.deserialize_index(_bytes_array(arrays["faiss"], "faiss"))
+        if _describe(stored) != _describe(self.index):
+            raise ValueError(f"the stored faiss index is {_describe(stored)}, not the {_describe(self.index)} "
+                             f"that {self.spec!r} builds")
+        tombs = _id_array(arrays["tombs"], "tombs")
+        if len(tombs) and (not self._graph_of(stored) or np.any(tombs[1:] <= tombs[:-1])):
+            raise ValueError("tombstones must be ascending, distinct, and only in an HNSW part")
+        ivf = faiss.try_extract_index_ivf(stored)
+        if ivf is not None:
+            sizes = [ivf.invlists.list_size(l) for l in range(ivf.nlist)]
+            if sum(sizes) != stored.ntotal or not 1 <= ivf.nprobe <= ivf.nlist:
+                raise ValueError(f"the IVF index counts {stored.ntotal} vectors in lists holding {sum(sizes)}, "
+                                 f"nprobe {ivf.nprobe} (of {ivf.nlist} lists)")
+        graph = self._graph_of(stored)
+        if graph is not None:
+            _check_graph(graph)
+        if isinstance(stored, faiss.IndexIDMap) and stored.id_map.size() != stored.ntotal:
+            raise ValueError(f"the id map holds {stored.id_map.size()} ids for {stored.ntotal} vectors")
+        self.index = stored
+        self.tombs = tombs
         self.count = self.index.ntotal - len(self.tombs)
         self.peak = self.index.ntotal  # a read index has no spare capacity
+        self._selector = None
+
+    @staticmethod
+    def _graph_of(index):
+        inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else None
+        return inner if isinstance(inner, faiss.IndexHNSW) else None
+
+    def held_ids(self) -> np.ndarray:
+        """Every id the faiss index holds (tombstones included), in storage order."""
+        if isinstance(self.index, faiss.IndexIDMap):
+            return faiss.vector_to_array(self.index.id_map).astype(np.int64)
+        ivf = faiss.try_extract_index_ivf(self.index)
+        held = []
+        for l in range(ivf.nlist):
+            n = ivf.invlists.list_size(l)
+            if n:
+                ptr = ivf.invlists.get_ids(l)
+                held.append(faiss.rev_swig_ptr(ptr, n).astype(np.int64))
+                ivf.invlists.release_ids(l, ptr)
+        return np.concatenate(held) if held else np.empty(0, np.int64)
+
+    def param_range(self, key: str):
+        """``(low, high)`` of a search parameter this part supports (``high`` None: unbounded), else None."""
+        if key == "nprobe":
+            ivf = faiss.try_extract_index_ivf(self.index)
+            return None if ivf is None else (1, int(ivf.nlist))
+        if key == "efSearch" and self.uses_tombstones:
+            return (1, None)
+        return None
 
 
 class _Chunk:
@@ -417,23 +521,56 @@ class _ChunkedPart:
             arrays[f"chunk{j}_ids"] = chunk.ids[:chunk.n]
         return {"layout": "chunks", "chunks": len(self.chunks), "chunk_rows": self.chunk_rows}, arrays
 
+    def param_range(self, key: str):
+        """Flat-codes parts have no search parameter."""
+        return None
+
+    def held_ids(self) -> np.ndarray:
+        """Every id the chunks hold, in storage order."""
+        return np.concatenate([c.ids[:c.n] for c in self.chunks] or [np.empty(0, np.int64)])
+
     def restore(self, header: dict, arrays: dict, version: int) -> None:
-        stored = faiss.deserialize_index(arrays["faiss"])
+        """Set the part from what :meth:`state` wrote; ``ValueError`` if it does not fit the part."""
+        stored = faiss.deserialize_index(_bytes_array(arrays["faiss"], "faiss"))
+        want = _describe(self.template)
         if version == 1:
             # Format 1 held the part in one IndexIDMap around a flat-codes index: split it.
+            if not isinstance(stored, faiss.IndexIDMap) or _describe(stored.index) != want:
+                raise ValueError(f"the stored faiss index is {_describe(stored)}, not an IndexIDMap around {want}")
             inner = faiss.downcast_index(stored.index)
             ids = faiss.vector_to_array(stored.id_map).astype(np.int64)
-            codes = np.empty((len(ids), inner.code_size), dtype=np.uint8)
+            size = int(inner.code_size)
+            if len(ids) != inner.ntotal or inner.codes.size() != len(ids) * size:
+                raise ValueError(f"the stored index holds {inner.codes.size()} bytes of codes for {len(ids)} ids")
+            codes = np.empty((len(ids), size), dtype=np.uint8)
             if len(ids):
                 codes[:] = faiss.rev_swig_ptr(inner.codes.data(), codes.size).reshape(codes.shape)
+            self._check_codes(codes)
             inner.reset()
             self.template = faiss.deserialize_index(faiss.serialize_index(inner))  # empty, no spare capacity
             self._fill(ids, codes=codes, exact=True)
             return
+        if _describe(stored) != want or stored.ntotal:
+            raise ValueError(f"the stored faiss template is {_describe(stored)} holding {stored.ntotal} vectors, "
+                             f"not an empty {want} as {self.spec!r} builds")
         self.template = stored
-        for j in range(int(header["chunks"])):
-            ids = arrays[f"chunk{j}_ids"].astype(np.int64)
-            self._fill(ids, codes=np.ascontiguousarray(arrays[f"chunk{j}_codes"], dtype=np.uint8), exact=True)
+        n_chunks = header.get("chunks")
+        if isinstance(n_chunks, bool) or not isinstance(n_chunks, int) or n_chunks < 0:
+            raise ValueError(f"the number of chunks is {n_chunks!r}")
+        for j in range(n_chunks):
+            ids = _id_array(arrays[f"chunk{j}_ids"], f"chunk{j}_ids")
+            codes = arrays[f"chunk{j}_codes"]
+            if codes.dtype != np.uint8 or codes.shape != (len(ids), stored.code_size):
+                raise ValueError(f"chunk {j} holds codes of {codes.dtype} {codes.shape} for {len(ids)} ids "
+                                 f"(uint8 rows of {stored.code_size} bytes expected)")
+            if len(ids) and not stored.is_trained:
+                raise ValueError("the part holds vectors but its faiss index is not trained")
+            self._check_codes(codes)
+            self._fill(ids, codes=np.ascontiguousarray(codes), exact=True)
+
+    def _check_codes(self, codes: np.ndarray) -> None:
+        if type(self.template) in (faiss.IndexFlat, faiss.IndexFlatIP):  # codes are the float32 vectors
+            _check_unit_rows(codes, self.dim)
 
 
 class _IVFListsPart:
@@ -682,11 +819,20 @@ class _IVFListsPart:
             arrays[f"list{l}_ids"], arrays[f"list{l}_codes"] = ids, codes
         return {"layout": self.LAYOUT, "nlist": self.nlist}, arrays
 
+    def param_range(self, key: str):
+        """``(1, nlist)`` for ``nprobe``, else None."""
+        return (1, self.nlist) if key == "nprobe" else None
+
+    def held_ids(self) -> np.ndarray:
+        """Every id the lists hold, list by list."""
+        return np.concatenate([self._entries(l)[0] for l in range(self.nlist)] or [np.empty(0, np.int64)])
+
     def restore(self, header: dict, arrays: dict, version: int) -> None:
-        ivf = faiss.deserialize_index(arrays["faiss"])
-        if type(ivf) is not faiss.IndexIVFFlat or ivf.d != self.dim:
-            raise ValueError(f"the stored index is a {type(ivf).__name__} of dimension {ivf.d}, "
-                             f"not an IndexIVFFlat of dimension {self.dim}")
+        """Set the part from what :meth:`state` wrote; ``ValueError`` if it does not fit the part."""
+        ivf = faiss.deserialize_index(_bytes_array(arrays["faiss"], "faiss"))
+        if _describe(ivf) != _describe(self.template):
+            raise ValueError(f"the stored faiss index is {_describe(ivf)}, not the {_describe(self.template)} "
+                             f"that {self.spec!r} builds")
         self.template = ivf
         self.nlist, self.code_size = int(ivf.nlist), int(ivf.code_size)
         self._empty = faiss.ArrayInvertedLists(1, self.code_size)
@@ -694,14 +840,17 @@ class _IVFListsPart:
         self.sizes = np.zeros(self.nlist, dtype=np.int64)
         self.caps = np.zeros(self.nlist, dtype=np.int64)
         if header.get("layout") == self.LAYOUT:
-            sizes = arrays["list_sizes"].astype(np.int64)
-            if len(sizes) != self.nlist:
-                raise ValueError(f"{len(sizes)} list sizes for {self.nlist} lists")
+            sizes = _id_array(arrays["list_sizes"], "list_sizes")  # non-negative integers too
+            if len(sizes) != self.nlist or ivf.ntotal:
+                raise ValueError(f"{len(sizes)} list sizes for {self.nlist} lists, template holding {ivf.ntotal}")
+            if sizes.any() and not ivf.is_trained:
+                raise ValueError("the part holds vectors but its faiss index is not trained")
             for l in np.nonzero(sizes)[0]:
-                ids, codes = arrays[f"list{l}_ids"], arrays[f"list{l}_codes"]
-                if len(ids) != sizes[l] or codes.shape != (sizes[l], self.code_size):
-                    raise ValueError(f"list {l} holds {len(ids)} ids and codes of shape {codes.shape} "
+                ids, codes = _id_array(arrays[f"list{l}_ids"], f"list{l}_ids"), arrays[f"list{l}_codes"]
+                if len(ids) != sizes[l] or codes.dtype != np.uint8 or codes.shape != (sizes[l], self.code_size):
+                    raise ValueError(f"list {l} holds {len(ids)} ids and codes of {codes.dtype} {codes.shape} "
                                      f"for {sizes[l]} entries")
+                _check_unit_rows(codes, self.dim)
                 self._set_list(l, ids, codes, int(sizes[l]))
         else:
             # Formats 1 and 2 held the part in one IndexIVFFlat: each list copied out, exactly.
@@ -713,6 +862,7 @@ class _IVFListsPart:
                 if n:
                     ids = faiss.rev_swig_ptr(invlists.get_ids(l), n)
                     codes = faiss.rev_swig_ptr(invlists.get_codes(l), n * self.code_size).reshape(n, self.code_size)
+                    _check_unit_rows(codes, self.dim)
                     self._set_list(l, ids, codes, n)
             # The stored lists are freed with the container the template owned (kept empty here).
             self._template_lists = faiss.ArrayInvertedLists(self.nlist, self.code_size)
@@ -742,6 +892,74 @@ def _faiss_message(exc: Exception) -> str:
     text = str(exc).strip().splitlines()
     line = next((t for t in text if "Error" in t or "error" in t), text[0] if text else "")
     return line.split("Error: ")[-1].strip()
+
+
+def _check_search_param(part, key: str, value):
+    """Check one search parameter for one part: ``ValueError``/``TypeError`` naming it, else its value.
+
+    ``nprobe`` (IVF parts) must be an integer from 1 to the part's number of lists (0 breaks
+    every later search, more than ``nlist`` probes no more lists); ``efSearch`` (HNSW parts)
+    an integer of at least 1.
+    """
+    bounds = part.param_range(key)
+    if bounds is None:
+        raise ValueError(f"cannot set {key}={value!r} on the {part.name} part ({part.spec!r}): it has no search "
+                         f"parameter {key!r}; the parameters are nprobe (IVF parts) and efSearch (HNSW parts)")
+    low, high = bounds
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{key} must be an integer, got {type(value).__name__} {value!r}")
+    if value < low or (high is not None and value > high):
+        span = f"from {low} to {high} (the {part.name} part {part.spec!r} has {high} lists)" if high is not None \
+            else f"at least {low}"
+        raise ValueError(f"{key}={value} is out of range for the {part.name} part: give an integer {span}")
+    return int(value)
+
+
+def _check_graph(graph) -> None:
+    """``ValueError`` unless an HNSW graph read from a file only points at nodes it holds."""
+    h, n = graph.hnsw, int(graph.ntotal)
+    levels = faiss.vector_to_array(h.levels)
+    offsets = faiss.vector_to_array(h.offsets).astype(np.int64)
+    neighbors = faiss.vector_to_array(h.neighbors)
+    cum = faiss.vector_to_array(h.cum_nneighbor_per_level).astype(np.int64)
+    ok = (len(levels) == n and len(offsets) == n + 1 and graph.storage.ntotal == n
+          and (not n or (levels.min() >= 1 and levels.max() < len(cum)
+                         and offsets[0] == 0 and offsets[-1] == len(neighbors)
+                         and np.all(offsets[:-1] + cum[levels] <= offsets[1:])
+                         and 0 <= h.entry_point < n and h.max_level == levels.max() - 1))
+          and (not len(neighbors) or (neighbors.min() >= -1 and neighbors.max() < n))
+          and h.efSearch >= 1)
+    storage = faiss.downcast_index(graph.storage)
+    if isinstance(storage, faiss.IndexFlatCodes):
+        ok = ok and storage.codes.size() == n * storage.code_size
+    if not ok:
+        raise ValueError(f"the HNSW graph of {n} vectors is inconsistent (levels, neighbour lists or efSearch)")
+
+
+def _bytes_array(arr: np.ndarray, key: str) -> np.ndarray:
+    if arr.dtype != np.uint8 or arr.ndim != 1:
+        raise ValueError(f"{key} is {arr.dtype} {arr.shape}, not serialized bytes")
+    return arr
+
+
+def _id_array(arr: np.ndarray, key: str) -> np.ndarray:
+    """An array from a file as 1-D non-negative int64 ids, or ``ValueError``."""
+    if arr.ndim != 1 or not (np.issubdtype(arr.dtype, np.integer) or arr.size == 0):
+        raise ValueError(f"{key} is {arr.dtype} {arr.shape}, not a 1-D array of integer ids")
+    if arr.size and (arr.min() < 0 or arr.max() > np.iinfo(np.int64).max):
+        raise ValueError(f"{key} holds ids outside 0 .. 2**63 - 1")
+    return arr.astype(np.int64)
+
+
+def _check_unit_rows(codes: np.ndarray, dim: int) -> None:
+    """``ValueError`` unless float32 vectors stored as bytes are finite and unit-norm (as added)."""
+    if not len(codes):
+        return
+    x = np.ascontiguousarray(codes).view(np.float32).reshape(len(codes), dim)
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x))
+    if not np.all(np.abs(norms - 1.0) <= UNIT_NORM_TOL):  # NaN fails too
+        raise ValueError(f"{int((~(np.abs(norms - 1.0) <= UNIT_NORM_TOL)).sum())} stored vectors are not finite "
+                         "unit-norm rows")
 
 
 def _check_dim(name: str, d, what: str = "embedding dimension") -> int:
@@ -962,6 +1180,18 @@ class OnlineBackfillIndex(_TwoPartWrites):
     # ---- state -------------------------------------------------------------------------------
 
     @property
+    def psi(self):
+        """The attached reverse transformation ``ψ̂`` (or None); checked when set.
+
+        Setting it to an object without a ``transform`` method raises ``TypeError``.
+        """
+        return self._psi
+
+    @psi.setter
+    def psi(self, value):
+        self._psi = _check_psi(value)
+
+    @property
     def n_old(self) -> int:
         """Number of items stored old."""
         return len(self._ids) - self._n_new
@@ -1053,25 +1283,39 @@ class OnlineBackfillIndex(_TwoPartWrites):
     def set_search_params(self, part: str = "both", **params) -> None:
         """Set faiss search parameters of one or both parts, e.g. ``nprobe=32`` or ``efSearch=64``.
 
+        Every value is checked before any is set: a bad one leaves the parameters as they were.
+
         Parameters
         ----------
         part : {"both", "old", "new"}, default "both"
-            Which part to set them on.
+            Which part to set them on. With ``"both"``, each parameter is set on the parts whose
+            type has it (``nprobe`` on an IVF old part and not on an HNSW new part).
         **params
-            faiss ``ParameterSpace`` names and values (``nprobe`` for IVF, ``efSearch`` for HNSW).
+            ``nprobe``: IVF parts, an integer from 1 to the part's number of lists (``nlist``).
+            ``efSearch``: HNSW parts, an integer of at least 1; a search that asks a part for
+            more results than ``efSearch`` runs with ``efSearch`` raised to that number (an HNSW
+            search keeps ``efSearch`` candidates, so a smaller value would return fewer results).
 
         Raises
         ------
+        TypeError
+            If a value is not an integer.
         ValueError
-            If ``part`` is unknown or faiss does not know a parameter for that index type.
+            If ``part`` is unknown, a parameter is not one of the part's type (or of either
+            part's, with ``"both"``), or a value is out of range.
         """
-        names = PARTS if part == "both" else (part,)
-        if any(n not in PARTS for n in names):
+        if not isinstance(part, str) or part not in ("both",) + PARTS:
             raise ValueError(f"part must be 'both', 'old' or 'new', got {part!r}")
+        names = PARTS if part == "both" else (part,)
         with self._lock.write():
-            for n in names:
-                for key, value in params.items():
-                    self._parts[n].set_param(key, value)
+            todo = []
+            for key, value in params.items():
+                parts = [self._parts[n] for n in names if self._parts[n].param_range(key) is not None]
+                if not parts:  # the error of the (first) part asked
+                    _check_search_param(self._parts[names[0]], key, value)
+                todo += [(p, key, _check_search_param(p, key, value)) for p in parts]
+            for p, key, value in todo:
+                p.set_param(key, value)
 
     def compact(self) -> None:
         """Rebuild the parts that hold memory for items no longer in them, to free it.
@@ -1246,10 +1490,13 @@ class OnlineBackfillIndex(_TwoPartWrites):
     def save(self, path) -> None:
         """Write the index (both parts, ids, tombstones and ``psi``) to one file, crash-safely.
 
-        The file is written under a temporary name in the same directory, flushed to disk
-        (``fsync``) and renamed over ``path`` in one step, so a crash at any moment leaves
-        either the previous file or the new one, never a partial one. Searches may run during
-        a save; writes wait for it.
+        The file is written under a temporary name in the same directory (holding this
+        process's id), flushed to disk (``fsync``) and renamed over ``path`` in one step, so a
+        crash at any moment leaves either the previous file or the new one, never a partial
+        one. Temporary files of ``path`` left by a killed save are removed by the next save or
+        load of ``path`` (only those whose writing process is gone). Searches may run during a
+        save; writes wait for it. Nothing else is written: ``psi`` is serialized in memory (or
+        in a private system temporary folder, for a class with only ``save(path)``).
 
         Parameters
         ----------
@@ -1259,12 +1506,17 @@ class OnlineBackfillIndex(_TwoPartWrites):
         Raises
         ------
         TypeError
-            If the attached ``psi`` cannot be saved (it needs ``save(path)`` and a class method
-            ``load(path)``).
+            If ``path`` is not a path, or the attached ``psi`` cannot be loaded back: its class
+            must be registered with :func:`backfill_lib.transforms.register_transform` (the
+            library's transforms are). A class defined in ``__main__`` is saved with a warning:
+            the file loads only where that class is registered again.
+        FileNotFoundError
+            If the directory of ``path`` does not exist.
+        IsADirectoryError
+            If ``path`` is a directory.
         """
-        path = os.fspath(path)
-        directory = os.path.dirname(os.path.abspath(path))
-        psi_bytes, psi_class = self._psi_bytes(directory)
+        path = _check_path(path)
+        psi_bytes, psi_class = _psi_payload(self.psi)
         with self._lock.read():
             arrays = {}
             header = {"magic": FILE_MAGIC, "version": FILE_VERSION, "dim_old": self.dim_old,
@@ -1282,27 +1534,17 @@ class OnlineBackfillIndex(_TwoPartWrites):
             # Inside the lock: chunk codes are views of the faiss storage, not copies.
             _atomic_write(path, lambda f: np.savez(f, **arrays))
 
-    def _psi_bytes(self, directory: str):
-        psi = self.psi
-        if psi is None:
-            return None, None
-        cls = type(psi)
-        if not callable(getattr(psi, "save", None)) or not callable(getattr(cls, "load", None)):
-            raise TypeError(f"psi ({cls.__name__}) cannot be saved with the index: it needs save(path) and a "
-                            "class method load(path), like backfill_lib.transforms.ReverseTransform")
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".psi-", suffix=".tmp")
-        os.close(fd)
-        try:
-            psi.save(tmp)
-            with open(tmp, "rb") as f:
-                return f.read(), f"{cls.__module__}:{cls.__qualname__}"
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-
     @classmethod
     def load(cls, path) -> "OnlineBackfillIndex":
         """Read an index written by :meth:`save`, with its ``psi``.
+
+        Loading runs no code named by the file and writes nothing (it removes the temporary
+        files of killed saves of ``path``, see :meth:`save`). Every field is checked against
+        the arrays: each part's ids are exactly the ids its faiss storage holds, the index
+        types, dimensions, counts, search parameters and (for exact parts) the stored vectors
+        fit, so a file that loads searches only items it holds; anything else is refused. The
+        ``psi`` class named in the file is looked up among registered transforms
+        (:func:`backfill_lib.transforms.register_transform`), never imported.
 
         Parameters
         ----------
@@ -1316,44 +1558,97 @@ class OnlineBackfillIndex(_TwoPartWrites):
 
         Raises
         ------
+        TypeError
+            If ``path`` is not a path.
         FileNotFoundError
             If ``path`` does not exist.
+        IsADirectoryError
+            If ``path`` is a directory.
         ValueError
-            If ``path`` is not a file written by :meth:`save` (or is damaged).
+            If ``path`` is not a file written by :meth:`save`, is damaged or altered, or names
+            a ``psi`` class that is not registered.
         """
-        path = os.fspath(path)
+        path = _check_path(path)
+        if os.path.isdir(path):
+            raise IsADirectoryError(f"path {path!r} is a directory, not an index file written by OnlineBackfillIndex.save")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no index file at {path!r}")
+        _remove_stale_temps(path)
         not_index = f"{path!r} is not an OnlineBackfillIndex file (written by OnlineBackfillIndex.save)"
         try:
             with np.load(path, allow_pickle=False) as data:
                 arrays = {key: data[key] for key in data.files}
-            header = json.loads(arrays["header"].tobytes().decode())
+            header = json.loads(_bytes_array(arrays["header"], "header").tobytes().decode())
         except Exception as exc:
             raise ValueError(f"{not_index}: {type(exc).__name__}: {exc}") from None
         if not isinstance(header, dict) or header.get("magic") != FILE_MAGIC:
             raise ValueError(not_index)
         version = header.get("version")
-        if version not in (1, 2, FILE_VERSION):
-            raise ValueError(f"{path!r} has index format version {version}; this library reads 1 to {FILE_VERSION}")
-        index = cls(header["dim_old"], header["dim_new"], header["old_index"], header["new_index"],
-                    chunk_rows=header.get("chunk_rows", CHUNK_ROWS))
+        if type(version) is not int or version not in (1, 2, FILE_VERSION):
+            raise ValueError(f"{path!r} has index format version {version!r}; this library reads 1 to {FILE_VERSION}")
+        damaged = f"{path!r} is not a valid OnlineBackfillIndex file (damaged or altered)"
+        try:
+            index = cls._from_arrays(header, arrays, version)
+        except _BadFile as exc:
+            raise ValueError(f"{damaged}: {exc}") from None
+        psi_class = header.get("psi_class")
+        if psi_class is not None:
+            if not isinstance(psi_class, str) or "psi" not in arrays:
+                raise ValueError(f"{damaged}: psi_class {psi_class!r} without a stored psi")
+            index.psi = _load_psi(psi_class, arrays["psi"], damaged)
+        elif "psi" in arrays:
+            raise ValueError(f"{damaged}: a stored psi without its class")
+        return index
+
+    @classmethod
+    def _from_arrays(cls, header: dict, arrays: dict, version: int) -> "OnlineBackfillIndex":
+        """The index a file's header and arrays describe, every field checked (``_BadFile`` if not)."""
+        for key in ("dim_old", "dim_new", "chunk_rows"):
+            value = header.get(key, CHUNK_ROWS if key == "chunk_rows" else None)
+            if type(value) is not int or value < 1:
+                raise _BadFile(f"{key} is {value!r}, not a positive integer")
+        for key in ("old_index", "new_index"):
+            if not isinstance(header.get(key), str):
+                raise _BadFile(f"{key} is {header.get(key)!r}, not a faiss factory string")
+        try:
+            index = cls(header["dim_old"], header["dim_new"], header["old_index"], header["new_index"],
+                        chunk_rows=header.get("chunk_rows", CHUNK_ROWS))
+        except (TypeError, ValueError) as exc:
+            raise _BadFile(str(exc)) from None
         part_ids = {}
         for name, part in index._parts.items():
             part_header = {key[len(name) + 1:]: value for key, value in header.items() if key.startswith(f"{name}_")}
             part_arrays = {key[len(name) + 1:]: value for key, value in arrays.items() if key.startswith(f"{name}_")}
+            where = f"the {name} part ({part.spec!r})"
             if version > 1 and part_header.get("layout") != _layout(part, version):
-                raise ValueError(f"{not_index}: the {name} part's layout {part_header.get('layout')!r} does not "
-                                 f"fit its index type {part.spec!r}")
-            part.params = dict(part_header.get("params", {}))  # set on the chunks that restore() makes
+                raise _BadFile(f"{where}: layout {part_header.get('layout')!r} does not fit its index type")
+            if "chunk_rows" in part_header and part_header["chunk_rows"] != index.chunk_rows:
+                raise _BadFile(f"{where}: chunk_rows {part_header['chunk_rows']!r} is not the index's {index.chunk_rows}")
+            params = part_header.get("params", {})
+            if not isinstance(params, dict):
+                raise _BadFile(f"{where}: params {params!r} is not a mapping")
+            try:
+                params = {key: _check_search_param(part, key, value) for key, value in params.items()}
+            except (TypeError, ValueError) as exc:
+                raise _BadFile(f"{where}: {exc}") from None
+            part.params = dict(params)  # set on the chunks and views that restore() makes
             try:
                 part.restore(part_header, part_arrays, version)
-                part_ids[name] = part_arrays["ids"].astype(np.int64)
-            except (RuntimeError, KeyError, ValueError, AttributeError) as exc:
-                raise ValueError(f"{not_index}: the {name} part cannot be read ({type(exc).__name__}: {exc})") from None
-            if part.ntotal != len(part_ids[name]) + len(part.tombs):
-                raise ValueError(f"{not_index}: the {name} part holds {part.ntotal} vectors for "
-                                 f"{len(part_ids[name])} ids and {len(part.tombs)} tombstones")
+                ids = _id_array(part_arrays["ids"], f"{name}_ids")
+                held = part.held_ids()
+            except (RuntimeError, KeyError, ValueError, TypeError, AttributeError, IndexError) as exc:
+                message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+                raise _BadFile(f"{where} cannot be read ({type(exc).__name__}: {message})") from None
+            for key, value in params.items():
+                part.set_param(key, value)  # over what the stored faiss index carried
+            tombs = part.tombs
+            dup = repeated(held)
+            if len(dup):
+                raise _BadFile(f"{where}: its faiss storage holds ids {dup[:5].tolist()} twice")
+            if len(held) != len(ids) + len(tombs) or not np.array_equal(np.sort(held), np.sort(np.r_[ids, tombs])):
+                raise _BadFile(f"{where}: its {len(ids)} ids (and {len(tombs)} tombstones) are not the "
+                               f"{len(held)} ids its faiss storage holds")
+            part_ids[name] = ids
         all_ids = np.concatenate([part_ids["old"], part_ids["new"]])
         order = np.argsort(all_ids, kind="stable")
         index._ids = all_ids[order]
@@ -1361,10 +1656,12 @@ class OnlineBackfillIndex(_TwoPartWrites):
         index._n_new = len(part_ids["new"])
         dup = repeated(index._ids)
         if len(dup):
-            raise ValueError(f"{not_index}: ids {dup[:5].tolist()} are stored twice")
-        if header.get("psi_class"):
-            index.psi = _load_psi(header["psi_class"], arrays["psi"].tobytes(), os.path.dirname(os.path.abspath(path)))
+            raise _BadFile(f"ids {dup[:5].tolist()} are stored twice")
         return index
+
+
+class _BadFile(Exception):
+    """A file that does not describe a valid index (turned into a ``ValueError`` naming the file)."""
 
 
 def _layout(part, version: int) -> str:
@@ -1385,24 +1682,157 @@ def _isin_sorted(values: np.ndarray, sorted_array: np.ndarray) -> np.ndarray:
     return sorted_array[pos] == values
 
 
-def _load_psi(class_path: str, payload: bytes, directory: str):
-    module, _, qualname = class_path.partition(":")
-    obj = import_module(module)
-    for attr in qualname.split("."):
-        obj = getattr(obj, attr)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".psi-", suffix=".tmp")
+def _check_path(path, name: str = "path") -> str:
+    if isinstance(path, bool) or not isinstance(path, (str, bytes, os.PathLike)):
+        raise TypeError(f"{name} must be a file path (str or os.PathLike), got {type(path).__name__} {path!r}")
+    path = os.fsdecode(os.fspath(path))
+    if not path or "\0" in path:
+        raise ValueError(f"{name} must be a file path, got {path!r}")
+    return path
+
+
+def _psi_payload(psi) -> tuple:
+    """``(bytes, registered class name)`` of ``psi`` for :meth:`OnlineBackfillIndex.save` (None, None without one).
+
+    Refuses a class that is not registered (the file could not be loaded back) and warns for a
+    class defined in ``__main__`` (the file then loads only where it is registered again).
+    """
+    if psi is None:
+        return None, None
+    from . import transforms
+
+    cls = type(psi)
+    name = transforms.transform_name(cls)
+    if name is None:
+        raise TypeError(f"psi ({cls.__module__}.{cls.__qualname__}) cannot be saved with the index: its class is not "
+                        f"registered, so the file could not be loaded back (loading never imports code named in a "
+                        f"file). Register it first: backfill_lib.transforms.register_transform({cls.__qualname__}) "
+                        f"(the class needs to_bytes() and a class method from_bytes(data), or save(path) and a "
+                        f"class method load(path)); or set index.psi = None to save the index without it")
+    if cls.__module__ == "__main__":
+        warnings.warn(f"psi's class {cls.__qualname__} is defined in __main__ (a script or notebook): the index file "
+                      f"loads only in a process that registers it again first, with backfill_lib.transforms."
+                      f"register_transform({cls.__qualname__}, name={name!r}); define it in a module to avoid this",
+                      UserWarning, stacklevel=3)
+    if callable(getattr(psi, "to_bytes", None)) and callable(getattr(cls, "from_bytes", None)):
+        data = psi.to_bytes()
+    else:  # a class with save(path) / load(path): a private folder in the system's temp, not the index's
+        with tempfile.TemporaryDirectory(prefix="backfill_psi-") as folder:
+            file = os.path.join(folder, "psi")
+            psi.save(file)
+            if not os.path.isfile(file):
+                raise TypeError(f"psi.save({file!r}) wrote no file at that path: {cls.__qualname__}.save must write "
+                                "the path it is given")
+            with open(file, "rb") as f:
+                data = f.read()
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"psi.to_bytes() returned {type(data).__name__}, not bytes")
+    return bytes(data), name
+
+
+def _load_psi(name: str, payload: np.ndarray, damaged: str):
+    """The ``psi`` a file stores, by its class registered under ``name`` (never imported by name)."""
+    from . import transforms
+
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-        return obj.load(tmp)
-    finally:
-        os.remove(tmp)
+        cls = transforms.transform_class(name)
+    except ValueError:
+        raise ValueError(f"the index file stores psi of class {name!r}, which is not a registered transform: loading "
+                         f"never imports a module named in a file (that would run code from the file). If you trust "
+                         f"the file and have that class, call backfill_lib.transforms.register_transform(TheClass, "
+                         f"name={name!r}) before OnlineBackfillIndex.load") from None
+    if payload.dtype != np.uint8 or payload.ndim != 1:
+        raise ValueError(f"{damaged}: psi is {payload.dtype} {payload.shape}, not serialized bytes")
+    data = payload.tobytes()
+    try:
+        if callable(getattr(cls, "from_bytes", None)):
+            psi = cls.from_bytes(data)
+        else:  # a class with only load(path): a private folder in the system's temp, not the index's
+            with tempfile.TemporaryDirectory(prefix="backfill_psi-") as folder:
+                file = os.path.join(folder, "psi")
+                with open(file, "wb") as f:
+                    f.write(data)
+                psi = cls.load(file)
+    except Exception as exc:
+        raise ValueError(f"{damaged}: its psi ({name}) cannot be read ({type(exc).__name__}: {exc})") from None
+    if not isinstance(psi, cls) or not callable(getattr(psi, "transform", None)):
+        raise ValueError(f"{damaged}: its psi was read as a {type(psi).__name__}, not the {name} its header names")
+    return psi
+
+
+#: Temporary files of a path written by another version of this library (no writer id in their
+#: name) are removed once left unmodified this long (seconds): a live writer changes its file as
+#: it writes, and no save stalls for an hour.
+LEGACY_TEMP_AGE = 3600
+_HOST = format(zlib.crc32(socket.gethostname().encode()), "08x")
+
+
+def _temp_name(path: str) -> str:
+    """``.<name>.<host>-<pid>.<random>.tmp`` beside ``path``: its writer can be told alive or gone."""
+    directory, base = os.path.split(os.path.abspath(path))
+    return os.path.join(directory, f".{base}.{_HOST}-{os.getpid()}.{uuid.uuid4().hex}.tmp")
+
+
+def _process_alive(pid: int) -> bool:
+    if pid <= 0 or pid == os.getpid() or os.name != "posix":
+        return True  # not a process id, this process (another thread's save), or no safe probe: kept
+    try:
+        os.kill(pid, 0)  # signal 0: nothing is sent, only whether the process exists
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError, ValueError):
+        return True  # exists (another user's) or unknown: kept
+    return True
+
+
+def _remove_stale_temps(path: str) -> list:
+    """Remove the temporary files of ``path`` that a killed save left; returns their paths.
+
+    A temporary file is removed only when it cannot belong to a save still running: written on
+    this host by a process that no longer exists (its pid, a kill's leftover), or with a name
+    from before writers put their pid in it and unmodified for :data:`LEGACY_TEMP_AGE`. A
+    running save's file (this process or another, this host or another) is never touched.
+    Errors are ignored: a folder that cannot be listed or written (read-only) keeps its files.
+    """
+    directory, base = os.path.split(os.path.abspath(path))
+    pattern = re.compile(r"\." + re.escape(base) + r"\.(?:([0-9a-f]{8})-([0-9]{1,10})\.)?[0-9a-f]{32}\.tmp\Z")
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    removed = []
+    for name in names:
+        match = pattern.match(name)
+        if match is None:
+            continue
+        full = os.path.join(directory, name)
+        host, pid = match.groups()
+        try:
+            if host is None:
+                stale = time.time() - os.stat(full).st_mtime > LEGACY_TEMP_AGE
+            else:
+                stale = host == _HOST and not _process_alive(int(pid))
+            if stale:
+                os.remove(full)
+                removed.append(full)
+        except OSError:
+            pass
+    return removed
 
 
 def _atomic_write(path: str, write) -> None:
-    """Write a file under a temporary name, fsync it, rename it over ``path``, fsync the directory."""
+    """Write a file under a temporary name, fsync it, rename it over ``path``, fsync the directory.
+
+    Temporary files of ``path`` left by killed writers are removed first (:func:`_remove_stale_temps`).
+    """
     directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"cannot write {path!r}: its folder {directory!r} does not exist (create it first)")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"cannot write {path!r}: it is a directory; give a file path, e.g. "
+                                f"{os.path.join(path, 'index.npz')!r}")
+    _remove_stale_temps(path)
+    tmp = _temp_name(path)
     try:
         with open(tmp, "wb") as f:
             write(f)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from backfill_lib.transforms import register_transform
+
 
 def grid_unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
     """``n`` unit vectors with four entries ±0.5 and the rest 0.
@@ -43,8 +45,12 @@ class PsiStandIn:
     def load(cls, path) -> "PsiStandIn":
         psi = cls.__new__(cls)
         with open(path, "rb") as f:
-            psi.W = np.load(f)
+            psi.W = np.load(f, allow_pickle=False)
         return psi
+
+
+# An index file names its psi's class; loading looks the name up among registered transforms.
+PSI_STAND_IN = register_transform(PsiStandIn)
 
 
 def brute_force_merged(query_old, query_new, ids, old_vectors, new_vectors, stored_new, k):
