@@ -100,7 +100,7 @@ def small():
 
 @pytest.mark.parametrize("call, match", [
     (lambda ix, ids, o, n: ix.backfill([123456789], n[:1]), "not in the index"),
-    (lambda ix, ids, o, n: ix.backfill(ids[:1], n[:1]), "already backfilled"),
+    (lambda ix, ids, o, n: ix.backfill(ids[:1], n[1:2]), "already backfilled"),
     (lambda ix, ids, o, n: ix.backfill(ids[[5, 5]], n[:2]), "must not repeat"),
     (lambda ix, ids, o, n: ix.backfill(ids[[5, 0]], n[:2]), "already backfilled"),
     (lambda ix, ids, o, n: ix.add_old(ids[4:5], o[:1]), "already in the index"),
