@@ -109,8 +109,11 @@ class TrainConfig:
     ------
     ValueError
         If ``optimizer`` is unknown, ``epochs`` or ``batch_size`` is below 1, ``lr`` is not
-        positive, ``label_smoothing`` is outside ``[0, 1)``, or ``warmup_epochs`` is negative or
-        not below ``epochs``.
+        positive, ``weight_decay`` or ``seed`` is negative, a rate is not a finite number,
+        ``label_smoothing`` is outside ``[0, 1)``, or ``warmup_epochs`` is negative or not below
+        ``epochs``.
+    TypeError
+        If ``epochs``, ``batch_size``, ``seed`` or ``warmup_epochs`` is not an integer.
 
     Notes
     -----
@@ -128,13 +131,26 @@ class TrainConfig:
     warmup_epochs: int = field(default=0, metadata=NEW_FIELD)
 
     def __post_init__(self):
-        if self.optimizer not in ("adam", "sgd"):
+        if not isinstance(self.optimizer, str) or self.optimizer not in ("adam", "sgd"):
             raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
+        for name in ("epochs", "batch_size", "seed", "warmup_epochs"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise TypeError(f"{name} must be an integer, got {value!r}")
+        for name in ("lr", "weight_decay", "label_smoothing"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+                    or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be at least 0, got {self.weight_decay}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be at least 0, got {self.seed}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if not 0 <= self.warmup_epochs < self.epochs:
@@ -347,6 +363,8 @@ def train(model: nn.Module, dataset: Dataset, config: TrainConfig = TrainConfig(
     ------
     ValueError
         If ``dataset`` is empty or no parameter requires grad.
+    TypeError
+        If ``config`` is not a :class:`TrainConfig`.
     FloatingPointError
         If the loss becomes NaN or infinite (lower ``config.lr``).
 
@@ -356,6 +374,8 @@ def train(model: nn.Module, dataset: Dataset, config: TrainConfig = TrainConfig(
         When ``config.label_smoothing > 0`` and a custom ``loss_fn`` is given: it does not see
         the smoothing.
     """
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
     if config.label_smoothing > 0:
         if loss_fn is cross_entropy_loss:
             loss_fn = functools.partial(cross_entropy_loss, label_smoothing=config.label_smoothing)
@@ -582,13 +602,29 @@ def train_or_load(module: nn.Module, name: str, key: str, train_fn: Callable[[nn
     Raises
     ------
     ValueError
-        If ``directory`` is a file or cannot be written (before any training).
+        If ``directory`` is a file or cannot be written, or ``name`` or ``key`` is not a
+        non-empty string without path separators (before any training).
+    TypeError
+        If ``module`` is not an ``nn.Module``, ``name`` or ``key`` is not a string, ``train_fn``
+        is not callable, or ``force`` is not a bool.
 
     Warns
     -----
     RuntimeWarning
         When a checkpoint is unreadable or damaged and is moved aside.
     """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be a torch nn.Module, got {type(module).__name__}")
+    for arg, value in (("name", name), ("key", key)):
+        if not isinstance(value, str):
+            raise TypeError(f"{arg} must be a string (part of the checkpoint's file name), got {type(value).__name__}")
+        if not value or any(c in value for c in ("/", "\\", "\0")) or value in (".", ".."):
+            raise ValueError(f"{arg} must be a non-empty string that can be part of a file name (no '/' or '\\'), "
+                             f"got {value!r}")
+    if not callable(train_fn):
+        raise TypeError(f"train_fn must be a function that trains the module in place, got {type(train_fn).__name__}")
+    if not isinstance(force, (bool, np.bool_)):
+        raise TypeError(f"force must be True or False, got {force!r}")
     directory = check_cache_dir(directory, name="directory")
     path = directory / f"{name}-{key}.pt"
     meta_path = path.with_suffix(".json")

@@ -824,12 +824,21 @@ def _flag(name: str, v) -> bool:
 def _device(device) -> torch.device:
     if device is None:
         return default_device()
+    if isinstance(device, bool):  # torch.device(True) would be the second GPU
+        raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:0', ... or a torch.device, got {device!r}")
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:0', ... or a torch.device, got {device!r}") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={str(device)!r} but torch sees no GPU here: use device='cpu' (or None)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device={str(device)!r} but torch sees {torch.cuda.device_count()} GPU(s), numbered from 0")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError(f"device={str(device)!r} but Apple's MPS is not available here: use device='cpu' (or None)")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:0', ... or 'mps', got {str(device)!r}: a transform "
+                         "needs a device that holds data")
     return device
 
 
@@ -996,11 +1005,17 @@ class FittedTransform:
             If the weights hold NaN or infinite values.
         FileNotFoundError
             If the folder of ``path`` does not exist.
+        IsADirectoryError
+            If ``path`` is a folder.
+        TypeError
+            If ``path`` is not a str or path.
         """
         path = _as_path(path)
         data = self.to_bytes()
         if not path.parent.is_dir():
             raise FileNotFoundError(f"path: folder {path.parent} does not exist; create it first")
+        if path.is_dir():
+            raise IsADirectoryError(f"path: {path} is a folder; give a file name, such as {path / 'transform.pt'}")
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
@@ -1039,6 +1054,8 @@ class FittedTransform:
         ------
         FileNotFoundError
             If there is no file at ``path``.
+        IsADirectoryError
+            If ``path`` is a folder.
         TypeError
             If ``path`` is not a str or path.
         ValueError
@@ -1055,6 +1072,8 @@ class FittedTransform:
             damage cannot be detected; save it again to add a checksum.
         """
         path = _as_path(path)
+        if path.is_dir():
+            raise IsADirectoryError(f"path: {path} is a folder, not a transform file (written by {cls.__name__}.save)")
         if not path.is_file():
             raise FileNotFoundError(f"path: no transform file at {path} (write one with {cls.__name__}.save)")
         _device(device)  # a bad device is the caller's error, not the file's: check it first
@@ -1194,6 +1213,8 @@ class FittedTransform:
                              f"(unexpected {extra[:3]}, missing {absent[:3]})")
         for key, tensor in state.items():
             want = expected[key]
+            if tensor.layout != torch.strided:
+                raise ValueError(f"{damaged}: tensor {key!r} is stored as {tensor.layout}, not as a dense tensor")
             if tensor.shape != want.shape or tensor.dtype != want.dtype:
                 raise ValueError(f"{damaged}: tensor {key!r} is {tensor.dtype} of shape {tuple(tensor.shape)}, but "
                                  f"a {cls.__name__} of sizes {dim_in} -> {dim_out} has {want.dtype} of shape "

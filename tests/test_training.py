@@ -366,6 +366,51 @@ class TestCheckpointChecksum:
             training.state_checksum([torch.zeros(1)])
 
 
+class TestArgumentsAreCheckedBeforeTraining:
+    """Issue 16, probe of training.py: bad arguments are named at once, not met deep inside torch (or
+    after the training they would waste)."""
+
+    @pytest.mark.parametrize("kwargs, error, match", [
+        ({"name": "runs/toy"}, ValueError, r"name must be a non-empty string that can be part of a file name"),
+        ({"name": ""}, ValueError, "name must be a non-empty string"),
+        ({"key": ".."}, ValueError, "key must be a non-empty string"),
+        ({"name": None}, TypeError, "name must be a string .*got NoneType"),
+        ({"key": 3}, TypeError, "key must be a string"),
+        ({"train_fn": None}, TypeError, "train_fn must be a function"),
+        ({"module": None}, TypeError, "module must be a torch nn.Module, got NoneType"),
+        ({"force": "no"}, TypeError, "force must be True or False, got 'no'"),
+    ])
+    def test_train_or_load(self, toy, tmp_path, kwargs, error, match):
+        trained = []
+        args = {"module": _model(toy), "name": "toy", "key": "k", "train_fn": trained.append, **kwargs}
+        with pytest.raises(error, match=match):
+            train_or_load(directory=tmp_path, **args)
+        assert trained == [] and list(tmp_path.iterdir()) == []
+
+    def test_train_config_must_be_a_train_config(self, toy):
+        with pytest.raises(TypeError, match="config must be a TrainConfig, got str"):
+            train(_model(toy), toy.train, "fast", device="cpu", progress=False)
+
+    @pytest.mark.parametrize("kwargs, error, match", [
+        ({"epochs": 2.5}, TypeError, "epochs must be an integer, got 2.5"),
+        ({"epochs": "3"}, TypeError, "epochs must be an integer"),
+        ({"batch_size": True}, TypeError, "batch_size must be an integer, got True"),
+        ({"seed": 1.0}, TypeError, "seed must be an integer"),
+        ({"seed": -1}, ValueError, "seed must be at least 0"),
+        ({"lr": float("nan")}, ValueError, "lr must be a finite number, got nan"),
+        ({"lr": float("inf")}, ValueError, "lr must be a finite number"),
+        ({"weight_decay": -1e-4}, ValueError, "weight_decay must be at least 0"),
+        ({"label_smoothing": "0.1"}, ValueError, "label_smoothing must be a finite number"),
+        ({"optimizer": ["adam"]}, ValueError, "optimizer must be 'adam' or 'sgd'"),
+    ])
+    def test_train_config_values(self, kwargs, error, match):
+        with pytest.raises(error, match=match):
+            TrainConfig(**kwargs)
+
+    def test_numpy_integers_are_still_integers(self):
+        assert TrainConfig(epochs=np.int64(3), seed=np.int32(2)).epochs == 3
+
+
 class TestExtractEmbeddings:
     def test_shape_order_and_norm(self, toy):
         model = _model(toy)

@@ -125,6 +125,24 @@ def test_version_1_files_with_nan_weights_are_refused(small):
         FittedTransform.from_bytes(buffer.getvalue(), device="cpu")
 
 
+@pytest.mark.filterwarnings("ignore:Validating sparse tensor invariants")
+def test_version_1_files_with_sparse_weights_are_refused(small):
+    # before: a raw NotImplementedError from torch's sparse backend
+    _, h = small
+    blob = torch.load(io.BytesIO(_version1(h)), weights_only=True)
+    blob["state_dict"]["net.0.bias"] = blob["state_dict"]["net.0.bias"].to_sparse()
+    buffer = io.BytesIO()
+    torch.save(blob, buffer)
+    with pytest.warns(UserWarning, match="without a checksum"), \
+            pytest.raises(ValueError, match="^data is damaged: tensor 'net.0.bias' is stored as torch.sparse_coo"):
+        FittedTransform.from_bytes(buffer.getvalue(), device="cpu")
+    blob["version"] = 2
+    buffer = io.BytesIO()
+    torch.save(blob, buffer)  # a sparse tensor has no checksum: none can match
+    with pytest.raises(ValueError, match="^data is damaged: its weights do not match the checksum"):
+        FittedTransform.from_bytes(buffer.getvalue(), device="cpu")
+
+
 @pytest.mark.parametrize("version", [0, -1, True, "2", 2.0, None])
 def test_a_version_that_was_never_written_is_refused(small, version):
     with pytest.raises(ValueError, match=r"is damaged: its format version .* is not one backfill_lib writes"):
@@ -191,13 +209,30 @@ def test_from_bytes_refuses_what_is_not_bytes_of_a_transform(data, error, match)
         FittedTransform.from_bytes(data)
 
 
-@pytest.mark.parametrize("device", ["gpu0", "cuda:x", [1], 2.5])
+@pytest.mark.parametrize("device", ["gpu0", "cuda:x", [1], 2.5, True, "meta", torch.device("meta")])
 def test_a_bad_device_is_blamed_on_the_device_not_the_file(small, tmp_path, device):
     path = small[1].save(tmp_path / "h.pt")
     for call in (lambda: FittedTransform.load(path, device=device),
-                 lambda: FittedTransform.from_bytes(path.read_bytes(), device=device)):
+                 lambda: FittedTransform.from_bytes(path.read_bytes(), device=device),
+                 lambda: ForwardTransform(device=device)):
         with pytest.raises(ValueError, match="^device must be"):
             call()
+
+
+@pytest.mark.skipif(bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()),
+                    reason="checks the message on a machine without Apple's MPS")
+def test_mps_without_mps_is_refused_before_loading(small):
+    # before: accepted, then a RuntimeError from inside torch when the weights were moved
+    with pytest.raises(ValueError, match="^device='mps' but Apple's MPS is not available here"):
+        FittedTransform.from_bytes(small[1].to_bytes(), device="mps")
+
+
+def test_a_folder_is_not_a_transform_file(small, tmp_path):
+    with pytest.raises(IsADirectoryError, match="is a folder; give a file name, such as .*transform.pt"):
+        small[1].save(tmp_path)
+    with pytest.raises(IsADirectoryError, match="is a folder, not a transform file"):
+        FittedTransform.load(tmp_path)
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("path", [None, 3, b"h.pt"])
