@@ -247,17 +247,33 @@ class _Part:
         graph = self._graph()
         if graph is None:
             return self.index.search(q, k)
+        # efSearch is at least k: an HNSW search keeps efSearch candidates, so a smaller one
+        # returns fewer than k results.
+        ef = max(int(graph.hnsw.efSearch), k)
+        scores, ids = self.index.search(q, k, params=self._hnsw_params(ef))
+        # A search that skips tombstones can still end with fewer than k results while the part
+        # holds k live items: those queries are searched again with a wider beam (at most every
+        # node of the graph, which then finds every live item the graph connects).
+        want = min(k, self.count)
+        while want and ef < self.index.ntotal:
+            rows = np.nonzero(ids[:, want - 1] < 0)[0]
+            if not len(rows):
+                break
+            ef = min(2 * ef, int(self.index.ntotal))
+            scores[rows], ids[rows] = self.index.search(q[rows], k, params=self._hnsw_params(ef))
+        return scores, ids
+
+    def _hnsw_params(self, ef: int):
         # A fresh parameter object per call: IndexIDMap swaps the selector in it during a search,
-        # so threads must not share one. The selector itself is only read. efSearch is at least
-        # k: an HNSW search keeps efSearch candidates, so a smaller one returns fewer than k.
+        # so threads must not share one. The selector itself is only read.
         params = faiss.SearchParametersHNSW()
-        params.efSearch = max(int(graph.hnsw.efSearch), k)
+        params.efSearch = ef
         if len(self.tombs):
             if self._selector is None:
                 batch = faiss.IDSelectorBatch(self.tombs)
                 self._selector = (faiss.IDSelectorNot(batch), batch)  # the pair keeps `batch` alive
             params.sel = self._selector[0]
-        return self.index.search(q, k, params=params)
+        return params
 
     def set_param(self, key: str, value) -> None:
         _set_param(self.index, self.name, self.spec, key, value)
@@ -1576,7 +1592,10 @@ class OnlineBackfillIndex(_TwoPartWrites):
         _remove_stale_temps(path)
         not_index = f"{path!r} is not an OnlineBackfillIndex file (written by OnlineBackfillIndex.save)"
         try:
-            with np.load(path, allow_pickle=False) as data:
+            data = np.load(path, allow_pickle=False)
+            if not isinstance(data, np.lib.npyio.NpzFile):
+                raise ValueError(f"it holds one numpy array of shape {data.shape} (a .npy file), not an index")
+            with data:
                 arrays = {key: data[key] for key in data.files}
             header = json.loads(_bytes_array(arrays["header"], "header").tobytes().decode())
         except Exception as exc:

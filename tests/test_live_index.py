@@ -623,6 +623,33 @@ def test_kill_at_a_random_moment_of_repeated_saves(tmp_path):
     assert loaded.ntotal == 2000
 
 
+def test_a_killed_save_leaves_a_temporary_file_that_the_next_load_removes_but_not_while_it_runs(tmp_path):
+    # The child stops inside save() with its temporary file written (before the rename): while it
+    # lives, that file belongs to a running save and a load or save by another process keeps it;
+    # once the child is killed, the next load removes it.
+    path = str(tmp_path / "live.idx")
+    script = tmp_path / "child.py"
+    script.write_text(CHILD.format(tests=TESTS))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    child = subprocess.Popen([sys.executable, str(script), path, "before_rename"], env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while not os.path.exists(path + ".marker"):
+            assert child.poll() is None and time.monotonic() < deadline, "the child never reached the save"
+            time.sleep(0.02)
+        temps = [f for f in os.listdir(tmp_path) if f.startswith(".live.idx.") and f.endswith(".tmp")]
+        assert len(temps) == 1 and f"-{child.pid}." in temps[0]
+        assert OnlineBackfillIndex.load(path).progress == 0.25  # the file before the save
+        OnlineBackfillIndex.load(path).save(path)  # another writer of the same path
+        assert temps[0] in os.listdir(tmp_path), "the temporary file of a running save was removed"
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    assert temps[0] in os.listdir(tmp_path)  # the kill's leftover
+    assert OnlineBackfillIndex.load(path).progress == 0.25
+    assert sorted(os.listdir(tmp_path)) == ["child.py", "live.idx", "live.idx.marker"]
+
+
 # ---- threads -----------------------------------------------------------------------------------
 
 def test_searches_during_a_backfill_see_every_item_exactly_once():

@@ -450,3 +450,44 @@ def test_accepted_factory_strings_add_search_remove_save_and_load(tmp_path, spec
     for a, b in zip(loaded.search(x[:4], 20, query_old=x[:4]), index.search(x[:4], 20, query_old=x[:4])):
         np.testing.assert_array_equal(a, b)
     assert np.isin(b[b >= 0], np.r_[index.old_ids(), index.new_ids()]).all()
+
+
+# ---- 7. the rest of the public surface, probed -------------------------------------------------
+
+def test_an_hnsw_part_with_many_tombstones_still_returns_every_live_item():
+    # A filtered HNSW search (tombstones skipped) ended with -1s while the part held k live items.
+    rng = np.random.default_rng(0)
+    x = normalize_rows(rng.normal(size=(50, 4)))
+    index = OnlineBackfillIndex(4, 4, "HNSW8", "HNSW8")
+    index.add_old(np.arange(50), x)
+    index.backfill(np.arange(10), x[:10])
+    index.remove(np.arange(10, 40))
+    scores, ids = index.search(x[:5], index.ntotal, query_old=x[:5])
+    for row in ids:
+        np.testing.assert_array_equal(np.sort(row), np.r_[np.arange(10), np.arange(40, 50)])
+    assert np.isfinite(scores).all()
+
+
+@pytest.mark.parametrize("call, err, match", [
+    (lambda ix, tmp: ix.save(tmp), IsADirectoryError, "is a directory; give a file path"),
+    (lambda ix, tmp: ix.save(tmp / "missing" / "x.idx"), FileNotFoundError, "its folder .* does not exist"),
+    (lambda ix, tmp: ix.save(True), TypeError, "path must be a file path"),
+    (lambda ix, tmp: ix.save(3), TypeError, "path must be a file path"),
+    (lambda ix, tmp: ix.save(""), ValueError, "path must be a file path"),
+    (lambda ix, tmp: OnlineBackfillIndex.load(True), TypeError, "path must be a file path"),
+    (lambda ix, tmp: OnlineBackfillIndex.load(tmp), IsADirectoryError, "is a directory, not an index file"),
+    (lambda ix, tmp: (np.save(tmp / "a.npy", np.arange(3)), OnlineBackfillIndex.load(tmp / "a.npy")),
+     ValueError, r"not an OnlineBackfillIndex file.*one numpy array .*\.npy"),
+])
+def test_bad_paths_get_errors_naming_the_path(tmp_path, call, err, match):
+    index = small_index(psi=False)
+    with pytest.raises(err, match=match):
+        call(index, tmp_path)
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+
+
+def test_a_bytes_path_saves_and_loads(tmp_path):
+    index = small_index()
+    path = os.fsencode(str(tmp_path / "live.idx"))
+    index.save(path)
+    assert_same_index(OnlineBackfillIndex.load(path), index)
