@@ -51,7 +51,7 @@ _LAZY = {
     "search": "retrieval",
     "TrainConfig": "training", "cache_key": "training", "default_device": "training",
     "extract_embeddings": "training", "train": "training", "train_or_load": "training",
-    "ReverseTransform": "transforms", "ForwardTransform": "transforms",
+    "ReverseTransform": "transforms", "ForwardTransform": "transforms", "register_transform": "transforms",
     "OnlineBackfillIndex": "live_index",
 }
 

@@ -17,7 +17,8 @@ EXPORTED_BEFORE = [
     "score_matrix", "search", "TrainConfig", "cache_key", "default_device", "extract_embeddings", "train",
     "train_or_load",
 ]
-NEW = {"ReverseTransform": "transforms", "ForwardTransform": "transforms", "OnlineBackfillIndex": "live_index"}
+NEW = {"ReverseTransform": "transforms", "ForwardTransform": "transforms", "OnlineBackfillIndex": "live_index",
+       "register_transform": "transforms"}
 
 
 def _run(code: str) -> subprocess.CompletedProcess:
