@@ -27,8 +27,9 @@ old vector or its new one, never neither). Repeating the interrupted call finish
 Every point must be one this class can represent: an integer id in ``0..2**63-1`` (numpy
 ``int64``; Qdrant also allows UUIDs and ids up to ``2**64-1``) holding exactly one of the two
 vectors. A point that is not (written by another client) is reported by name, with what to do,
-when the index is attached to the collection and by ``progress``, ``old_ids``, ``new_ids`` and
-a search that meets it.
+when the index is attached to the collection, and later by ``old_ids``, ``new_ids`` and a search
+that meets it; ``progress`` refuses a point holding neither or both vectors too (it could not
+count it truthfully), and counts a point with a UUID id as what it holds.
 """
 
 from __future__ import annotations
@@ -262,6 +263,7 @@ class QdrantBackfillIndex:
             raise ValueError(f"collection={collection!r} is not a usable collection name: {exc}") from None
         if exists:
             self._check_collection()
+            self._check_ids()
             self._check_points()
             return
         _check_collection_name(collection)
@@ -291,7 +293,7 @@ class QdrantBackfillIndex:
 
     def _check_collection(self) -> None:
         models = _models()
-        params = self._call("get_collection").config.params
+        params = self.client.get_collection(self.collection).config.params
         vectors, sparse = params.vectors, params.sparse_vectors
         have = _describe(vectors)
         for name, dim in self._dims.items():
@@ -315,34 +317,58 @@ class QdrantBackfillIndex:
                              "point with its new vector alone and would delete them; use a collection with only "
                              "'old' and 'new' vectors")
 
-    def _check_points(self) -> None:
-        """Raise naming a point this class cannot represent: a UUID or large id, or a point
-        holding neither or both of the two vectors."""
+    def _check_points(self) -> tuple[int, int]:
+        """``(points, points stored new)``, after checking that each point is one this class can
+        represent; raises naming one that is not."""
         models = _models()
+        has = [models.HasVectorCondition(has_vector=p) for p in PARTS]
+        total, n_old, n_new = self._count(), self._count("old"), self._count("new")
+        # n_old + n_new = total + (points holding both) - (points holding neither): when the two
+        # sides agree, there are as many of each, and counting one kind settles it.
+        neither = models.Filter(must_not=has)
+        if n_old + n_new != total or self._call("count", count_filter=neither, exact=True).count:
+            bad = models.Filter(should=[neither, models.Filter(must=has)])
+            points, _ = self._call("scroll", scroll_filter=bad, limit=1, with_payload=False, with_vectors=list(PARTS))
+            if points:  # (else another client wrote between the counts: nothing to report)
+                pid = points[0].id
+                _point_id(pid, self.collection)
+                raise _invalid_point(pid, _holds(points[0].vector), self.collection)
+        return total, n_new
+
+    def _check_ids(self) -> None:
+        """Raise naming a point whose id is a UUID or above 2**63-1."""
         # Qdrant orders integer ids before UUIDs, so one point from 2**63 on stands for all of them.
         points, _ = self._call("scroll", offset=MAX_ID + 1, limit=1, with_payload=False, with_vectors=False)
         if points:
             raise _foreign_id(points[0].id, self.collection)
-        has = [models.HasVectorCondition(has_vector=p) for p in PARTS]
-        bad = models.Filter(should=[models.Filter(must_not=has), models.Filter(must=has)])
-        points, _ = self._call("scroll", scroll_filter=bad, limit=1, with_payload=False, with_vectors=list(PARTS))
-        if points:
-            raise _invalid_point(points[0].id, _holds(points[0].vector), self.collection)
 
     def _call(self, method: str, *args, **kwargs):
-        """``client.<method>(collection, ...)``; a collection deleted underneath is reported as such."""
+        """``client.<method>(collection, ...)``; a collection deleted or re-created with other
+        vectors underneath the index is reported as such."""
         try:
             return getattr(self.client, method)(self.collection, *args, **kwargs)
-        except Exception:
+        except Exception as exc:
             try:
                 gone = not self.client.collection_exists(self.collection)
+                changed = None if gone else self._changed()
             except Exception:
-                gone = False
+                raise exc from None
             if gone:
                 raise RuntimeError(f"collection {self.collection!r} no longer exists (deleted by another client?): "
                                    "create a new QdrantBackfillIndex and add the gallery again, or restore the "
                                    "collection from a snapshot") from None
+            if changed:
+                raise RuntimeError(f"collection {self.collection!r} was changed underneath the index (re-created by "
+                                   f"another client?): {changed}") from None
             raise
+
+    def _changed(self) -> str | None:
+        """What is wrong with the collection's vectors now, or None."""
+        try:
+            self._check_collection()
+        except ValueError as exc:
+            return str(exc)
+        return None
 
     # ---- state -------------------------------------------------------------------------------
 
@@ -373,13 +399,12 @@ class QdrantBackfillIndex:
     def progress(self) -> float:
         """Share of the points stored new, in [0, 1] (0 when empty).
 
-        Raises ``ValueError`` naming a point written by another client that is neither stored
-        old nor new (or has an id this class cannot represent).
+        Raises ``ValueError`` naming a point written by another client that holds neither or
+        both of the two vectors (it is neither stored old nor stored new).
         """
         with self._lock.read():
-            self._check_points()
-            total = self._count()
-            return self._count("new") / total if total else 0.0
+            total, n_new = self._check_points()
+            return n_new / total if total else 0.0
 
     def _ids_of(self, part: str) -> np.ndarray:
         models = _models()

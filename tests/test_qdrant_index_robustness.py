@@ -56,14 +56,15 @@ def test_attaching_to_a_collection_with_a_foreign_id_names_it(pid):
 
 
 @pytest.mark.parametrize("pid", FOREIGN_IDS)
-@pytest.mark.parametrize("call", ["old_ids", "new_ids", "progress", "search_old", "search_new"])
+@pytest.mark.parametrize("call", ["old_ids", "new_ids", "search_old", "search_new"])
 def test_a_foreign_id_written_meanwhile_is_named_not_a_numpy_overflow(pid, call):
     index, ids, old, new = make()
     index.backfill(ids[:1], new[:1])
     # Stored as the best match of the query, in the part the call looks at.
     part, vec = ("new", new[0]) if call in ("new_ids", "search_new") else ("old", old[1])
     write_behind(index, pid, {part: vec.tolist()})
-    actions = {"old_ids": index.old_ids, "new_ids": index.new_ids, "progress": lambda: index.progress,
+    assert index.progress == pytest.approx((2 if part == "new" else 1) / (len(ids) + 1))  # counted as what it holds
+    actions = {"old_ids": index.old_ids, "new_ids": index.new_ids,
                "search_old": lambda: index.search(new[:1], 3, query_old=old[1:2]),
                "search_new": lambda: index.search(new[:1], 3, query_old=old[1:2])}
     with pytest.raises(ValueError, match=rf"id {pid!r}.*integer point ids 0\.\.2\*\*63-1"):
@@ -381,3 +382,22 @@ def test_nan_zero_and_empty_vectors_are_refused(vectors, match):
         index.add_old([1] * len(vectors), vectors)
     with pytest.raises(ValueError, match=match):
         index.search(new[:1], 2, query_old=vectors)
+
+
+def test_a_collection_re_created_with_other_vectors_underneath_is_reported_as_such():
+    index, ids, old, new = make()
+    index.client.delete_collection("g")
+    index.client.create_collection("g", vectors_config={
+        name: models.VectorParams(size=dim, distance=models.Distance.DOT) for name, dim in (("old", 5), ("new", D_NEW))})
+    with pytest.raises(RuntimeError, match=r"'g' was changed underneath.*'old' of size 6.*it has 'old': size 5"):
+        index.add_old(ids, old)
+
+
+def test_a_point_whose_vectors_another_client_changed_is_named():
+    index, ids, old, new = make()
+    index.client.update_vectors("g", points=[models.PointVectors(id=int(ids[2]), vector={"new": new[2].tolist()})])
+    with pytest.raises(ValueError, match=rf"point {ids[2]} .*holds both"):
+        index.old_ids()
+    index.client.delete_vectors("g", vectors=["old", "new"], points=[int(ids[2])])
+    with pytest.raises(ValueError, match=rf"point {ids[2]} .*holds neither"):
+        index.progress
