@@ -50,6 +50,20 @@ Index types. Each part is built by ``faiss.index_factory(dim, spec, METRIC_INNER
   *tombstones*, filtered out of every search with a faiss ``IDSelector``; :meth:`~backfill_lib.live_index.OnlineBackfillIndex.compact`
   rebuilds the part without them (and must run before a removed id is stored in that part again).
   One graph per part, so the memory of an HNSW part is its largest size until ``compact()``.
+  A search runs with ``efSearch`` at least the number of results asked, and a query that a
+  search skipping tombstones left short of them is searched again with a wider beam.
+
+Other types faiss can build (``Refine`` wrappers, NSG, a transform in front of HNSW, ...) are
+refused when the index is made (:data:`SUPPORTED_TYPES`): a part must add with ids, search and
+remove.
+
+Files. :meth:`OnlineBackfillIndex.load` runs no code named by a file: the class of ``psi`` is
+looked up among the transforms registered with :func:`backfill_lib.transforms.register_transform`
+(never imported), and every header field is checked against the arrays (each part's ids are the
+ids its faiss storage holds; types, dimensions, counts, search parameters, graph links and exact
+vectors fit), so a file either loads into an index that returns only the items it holds, or is
+refused with a ``ValueError`` naming it. Loading writes nothing; it removes the temporary files
+that killed saves of that path left (only those whose writing process is gone).
 """
 
 from __future__ import annotations
@@ -1137,8 +1151,9 @@ class OnlineBackfillIndex(_TwoPartWrites):
     psi : object, optional
         The fitted reverse transformation ``ψ̂``: any object with ``transform(X)`` mapping
         ``(n, dim_new)`` rows to unit-norm ``(n, dim_old)`` float32 rows, such as
-        :class:`backfill_lib.transforms.ReverseTransform`. Saved with the index if it also has
-        ``save(path)`` and a class method ``load(path)``.
+        :class:`backfill_lib.transforms.ReverseTransform`. Saved with the index if its class is
+        registered with :func:`backfill_lib.transforms.register_transform` (the library's
+        transforms are); :meth:`save` refuses an unregistered one.
     chunk_rows : int, default 8192
         Rows per storage chunk of a flat-codes part (``"Flat"``, ``"SQ8"``, ``"PQ16"``, ...):
         such a part is a list of faiss indices of at most this many vectors, so that the memory
@@ -1160,7 +1175,9 @@ class OnlineBackfillIndex(_TwoPartWrites):
     TypeError
         If a factory string is not a string or ``psi`` has no ``transform`` method.
     ValueError
-        If a dimension is not a positive integer or faiss cannot build a factory string.
+        If a dimension is not a positive integer, faiss cannot build a factory string, or it
+        builds a type a part cannot serve (see the module docstring: e.g. ``Refine`` wrappers,
+        which cannot add with ids, and NSG, which cannot remove, are refused here).
 
     Examples
     --------
