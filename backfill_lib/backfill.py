@@ -26,7 +26,8 @@ import numpy as np
 
 from .evaluation import check_chunk_size, check_order, evaluate_states
 from .metrics import auc, negative_flip_rate, relative_gain
-from .validation import as_embeddings, as_labels, check_choice, check_positive_int, check_ratio, check_ratios
+from .validation import (as_embeddings, as_flags, as_labels, check_choice, check_positive_int, check_ratio,
+                         check_ratios, check_seed)
 
 #: The 11 ratios of METHOD §4.
 DEFAULT_RATIOS: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(11))
@@ -73,12 +74,14 @@ class Strategy:
     Raises
     ------
     TypeError
-        If an embedding matrix is not real numbers, or ``queries_are_gallery`` is not a bool
+        If ``name`` is not a non-empty string, ``backbone_passes`` not an integer, ``offline``
+        not a bool, an embedding matrix not real numbers, or ``queries_are_gallery`` not a bool
         or None.
     ValueError
         If an embedding matrix is not a finite non-empty 2-D array of unit-norm rows, a query
         and its gallery differ in width, the two galleries differ in length, the two query
-        matrices differ in length, or ``queries_are_gallery=True`` with ``n_q != N``.
+        matrices differ in length, ``queries_are_gallery=True`` with ``n_q != N``, or
+        ``backbone_passes < 1``.
     """
 
     name: str
@@ -91,6 +94,14 @@ class Strategy:
     queries_are_gallery: bool | None = None
 
     def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name:
+            raise TypeError(f"name must be a non-empty string (the strategy's key in results), got {self.name!r}")
+        object.__setattr__(self, "backbone_passes",
+                           check_positive_int(self.backbone_passes, "backbone_passes", "forward passes per query"))
+        if not isinstance(self.offline, (bool, np.bool_)):
+            # bool("no") is True: the strategy would silently be evaluated as an offline backfill.
+            raise TypeError(f"offline must be True or False, got {self.offline!r}")
+        object.__setattr__(self, "offline", bool(self.offline))
         go = as_embeddings(self.gallery_old, "gallery_old", unit_norm=True)
         qo = as_embeddings(self.query_old, "query_old", dim=go.shape[1], unit_norm=True)
         gn = as_embeddings(self.gallery_new, "gallery_new", unit_norm=True)
@@ -254,8 +265,12 @@ def rank_merge(old, new, old_query=None, new_query=None, queries_are_gallery: bo
 
 
 def _affine(score_map, name: str) -> tuple[float, float]:
-    scale, offset = (score_map.scale, score_map.offset) if hasattr(score_map, "scale") else score_map
-    scale, offset = float(scale), float(offset)
+    pair = (score_map.scale, score_map.offset) if hasattr(score_map, "scale") else score_map
+    if isinstance(pair, (str, bytes)) or not hasattr(pair, "__len__") or len(pair) != 2:
+        raise TypeError(f"{name} must be a ScoreMap or a (scale, offset) pair, got {score_map!r}")
+    if any(isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)) for v in pair):
+        raise TypeError(f"{name} must hold two real numbers (scale, offset), got {pair!r}")
+    scale, offset = float(pair[0]), float(pair[1])
     if not (np.isfinite(scale) and scale > 0 and np.isfinite(offset)):
         raise ValueError(f"{name} must be an increasing affine map (scale > 0, finite offset), got scale={scale!r}, "
                          f"offset={offset!r}")
@@ -289,15 +304,26 @@ def fold_affine_scores(maps) -> list[tuple[float, float]]:
 
     Raises
     ------
+    TypeError
+        If a map is not a ScoreMap or a pair of real numbers.
     ValueError
-        If a map is not increasing (``scale ≤ 0``) or not finite, or ``maps`` is empty.
+        If a map is not increasing (``scale ≤ 0``) or not finite, ``maps`` is empty, or the
+        maps are too far apart to fold into float32 unit vectors (a scaled space would fall
+        below float32 precision).
     """
     ab = [_affine(m, f"maps[{k}]") for k, m in enumerate(maps)]
     if not ab:
         raise ValueError("maps is empty: give one score map per space")
     offsets = [b for _, b in ab]
-    mid, half = (max(offsets) + min(offsets)) / 2, (max(offsets) - min(offsets)) / 2
+    mid, half = max(offsets) / 2 + min(offsets) / 2, max(offsets) / 2 - min(offsets) / 2
     c = 1.0 / (max(a for a, _ in ab) + half)
+    if not (np.isfinite(c) and c > 0 and np.isfinite(mid)):
+        raise ValueError(f"the maps' scales and offsets are too large to fold into unit vectors, got {ab}: "
+                         "calibrated scores of this size cannot be compared")
+    if min(c * a for a, _ in ab) < 1e-6:
+        # float32 vectors keep about 7 digits: a space scaled below 1e-6 of the other loses its ranking.
+        raise ValueError(f"the maps' scales and offsets differ too much to fold into float32 unit vectors, got {ab}: the "
+                         "scores of one space would shrink below float32 precision and tie")
     angles = []
     for a, b in ab:
         A, B = c * a, c * (b - mid)
@@ -349,8 +375,11 @@ def rank_merge_calibrated(old, new, old_map, new_map, old_query=None, new_query=
 
     Raises
     ------
+    TypeError
+        If a map is not a ScoreMap or a pair of real numbers.
     ValueError
-        If a map is not increasing, or the embeddings are not unit-norm rows of matching shapes.
+        If a map is not increasing, the maps are too far apart to fold (see
+        :func:`fold_affine_scores`), or the embeddings are not unit-norm rows of matching shapes.
     """
     (oq, og), (nq, ng) = fold_affine_scores([(_affine(old_map, "old_map")), _affine(new_map, "new_map")])
     old_g = as_embeddings(old, "old", unit_norm=True)
@@ -455,7 +484,7 @@ def backfill_order(n: int, seed: int = 0, policy: str = "random", uncertainty=No
         Gallery size.
     seed : int
         Seed of the random order (also the tie-break of ``uncertain_first`` and the order within
-        and between groups of ``class_coverage``).
+        and between groups of ``class_coverage``), in ``0 .. 2**32 - 1``.
     policy : {"random", "uncertain_first", "class_coverage"}
         One of :data:`ORDER_POLICIES`.
     uncertainty : array of n floats, optional
@@ -474,11 +503,12 @@ def backfill_order(n: int, seed: int = 0, policy: str = "random", uncertainty=No
     Raises
     ------
     TypeError
-        If ``n`` is not an integer.
+        If ``n`` or ``seed`` is not an integer, ``policy`` is not a string, or
+        ``uncertainty`` is not real numbers.
     ValueError
-        If ``n < 1``, ``policy`` is unknown, or ``uncertain_first`` gets
-        no ``uncertainty`` (or not ``n`` finite values), or ``class_coverage`` no ``groups``
-        (or not ``n`` integers).
+        If ``n < 1``, ``seed`` is outside ``0 .. 2**32 - 1``, ``policy`` is unknown, or
+        ``uncertain_first`` gets no ``uncertainty`` (or not ``n`` finite values), or
+        ``class_coverage`` no ``groups`` (or not ``n`` integers).
 
     Examples
     --------
@@ -491,6 +521,9 @@ def backfill_order(n: int, seed: int = 0, policy: str = "random", uncertainty=No
     [0, 1, 0, 1, 0, 0]
     """
     n = check_positive_int(n, "n", "gallery size")
+    seed = check_seed(seed, "seed")
+    if not isinstance(policy, str):
+        raise TypeError(f"policy must be a string, one of {', '.join(ORDER_POLICIES)}; got {policy!r}")
     check_choice(policy, ORDER_POLICIES, "policy")
     rng = np.random.default_rng(seed)
     perm = rng.permutation(n)
@@ -513,7 +546,11 @@ def backfill_order(n: int, seed: int = 0, policy: str = "random", uncertainty=No
         return perm[np.lexsort((first[gp], turn))]
     if uncertainty is None:
         raise ValueError("policy='uncertain_first' needs uncertainty (one value per gallery item)")
-    u = np.asarray(uncertainty, dtype=np.float64)
+    u = np.asarray(uncertainty)
+    if u.dtype == object or u.dtype == bool or not np.issubdtype(u.dtype, np.number) \
+            or np.issubdtype(u.dtype, np.complexfloating):
+        raise TypeError(f"uncertainty must hold real numbers (one per gallery item), got dtype {u.dtype}")
+    u = u.astype(np.float64)
     if u.shape != (n,) or not np.isfinite(u).all():
         raise ValueError(f"uncertainty must hold {n} finite values, got shape {u.shape}")
     return perm[np.argsort(-u[perm], kind="stable")]
@@ -708,7 +745,8 @@ def evaluate_backfill(strategy: Strategy, query_labels, gallery_labels=None, rat
         Backfill order ``π``, a permutation of ``range(N)``; default a random order drawn with
         ``order_seed``.
     order_seed : int, default 0
-        Seed of the default order (see :func:`backfill_order`); unused when ``order`` is given.
+        Seed of the default order (see :func:`backfill_order`), in ``0 .. 2**32 - 1``; unused
+        (but checked) when ``order`` is given.
     exclude_self : bool, optional
         Leave-one-out: drop query ``i`` from its own ranking. Default: decided by the strategy
         (``strategy.queries_are_gallery``): on when it was built from the gallery's own
@@ -732,14 +770,16 @@ def evaluate_backfill(strategy: Strategy, query_labels, gallery_labels=None, rat
     Raises
     ------
     TypeError
-        If ``strategy`` is not a :class:`Strategy`, or a ratio, label, ``exclude_self`` or
-        ``chunk_size`` has the wrong type.
+        If ``strategy`` is not a :class:`Strategy`, or a ratio, label, ``exclude_self``,
+        ``order_seed``, ``reference_top1`` (booleans or 0/1) or ``chunk_size`` has the wrong
+        type.
     ValueError
         If a ratio is outside [0, 1], the labels do not match the numbers of queries and
         items, ``gallery_labels`` is missing for separate queries, leave-one-out is undecided
-        or asked for separate queries, fewer than 5 items are searchable, ``order`` is not a
-        permutation, ``reference_top1`` has the wrong shape, ``chunk_size < 1`` or ``device`` is
-        not available.
+        or asked for separate queries, fewer than 5 items are searchable, no query has a
+        relevant item, ``order`` is not a permutation, ``order_seed`` is negative,
+        ``reference_top1`` has the wrong shape, ``chunk_size < 1`` or ``device`` is not
+        available.
     """
     if not isinstance(strategy, Strategy):
         raise TypeError(f"strategy must be a Strategy, got {type(strategy).__name__}")
@@ -774,6 +814,7 @@ def _prepare_evaluation(strategy, query_labels, gallery_labels, ratios, order, o
     """
     ratios = check_ratios(ratios)
     chunk_size = check_chunk_size(chunk_size)
+    order_seed = check_seed(order_seed, "order_seed")
     n, n_q = strategy.n_gallery, strategy.n_queries
     loo = _leave_one_out(strategy, exclude_self)
     if loo and n_q != n:
@@ -790,9 +831,18 @@ def _prepare_evaluation(strategy, query_labels, gallery_labels, ratios, order, o
         gy = as_labels(gallery_labels, "gallery_labels", n=n)
     if n - int(loo) < 5:
         raise ValueError(f"the gallery needs at least 5 searchable items for top-5, got {n - int(loo)}")
+    classes, per_class = np.unique(gy, return_counts=True)
+    at = np.minimum(np.searchsorted(classes, qy), len(classes) - 1)
+    n_relevant = np.where(classes[at] == qy, per_class[at], 0) - (loo & (gy == qy) if loo else 0)
+    if not (n_relevant > 0).any():
+        raise ValueError(
+            "no query has a relevant gallery item (an item of its label"
+            f"{', other than itself' if loo else ''}): mAP and top-k are undefined; check the labels (every "
+            "label unique? query and gallery labels from different numberings?)"
+        )
     order = check_order(backfill_order(n, order_seed) if order is None else order, n)
     if reference_top1 is not None:
-        reference_top1 = np.asarray(reference_top1, dtype=bool)
+        reference_top1 = as_flags(reference_top1, "reference_top1")
         if reference_top1.shape != (n_q,):
             raise ValueError(f"reference_top1 must hold one bool per query ({n_q}), got shape {reference_top1.shape}")
     # Negative flips are counted against r = 0 by default: evaluate it even when not asked for.
@@ -854,6 +904,9 @@ def simulate_backfill(strategies, labels, ratios=DEFAULT_RATIOS, order_seed: int
 
     Raises
     ------
+    TypeError
+        If ``strategies`` holds something else than :class:`Strategy` objects, ``reference``
+        is not a :class:`Strategy` or ``order_seed`` is not an integer.
     ValueError
         If ``strategies`` is empty, repeats a name, or mixes strategies whose queries differ
         (number of queries or ``queries_are_gallery``); also the errors of
@@ -867,6 +920,9 @@ def simulate_backfill(strategies, labels, ratios=DEFAULT_RATIOS, order_seed: int
     names = [s.name for s in strategies]
     if len(set(names)) != len(names):
         raise ValueError(f"strategy names must be unique, got {names}")
+    if reference is not None and not isinstance(reference, Strategy):
+        raise TypeError(f"reference must be a Strategy (e.g. old_only(old)) or None, got {type(reference).__name__}")
+    order_seed = check_seed(order_seed, "order_seed")
     if reference is None:
         reference = next((s for s in strategies if s.name == "old"), None)
     everyone = strategies + ([reference] if reference is not None else [])

@@ -44,13 +44,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .validation import as_embeddings, as_labels, check_choice
+from .validation import as_embeddings, as_labels, check_choice, check_seed
 
 #: The calibrations :func:`fit_score_map` offers (``MethodParams.calibration``).
 CALIBRATIONS = ("platt", "negatives")
 
 #: Default largest number of training images whose pairs are scored (``n(n−1)/2`` pairs).
 MAX_ITEMS = 2000
+
+
+def _check_count(n_pairs) -> int:
+    if isinstance(n_pairs, (bool, np.bool_)) or not isinstance(n_pairs, (int, np.integer)) or n_pairs < 0:
+        raise TypeError(f"n_pairs must be a non-negative integer (training pairs fitted on), got {n_pairs!r}")
+    return int(n_pairs)
 
 
 @dataclass(frozen=True)
@@ -72,6 +78,9 @@ class ScoreMap:
 
     Raises
     ------
+    TypeError
+        If ``scale`` or ``offset`` is not a real number, ``method`` not a string, or
+        ``n_pairs`` not a non-negative integer.
     ValueError
         If ``scale`` is not positive and finite or ``offset`` is not finite.
     """
@@ -82,6 +91,13 @@ class ScoreMap:
     n_pairs: int = 0
 
     def __post_init__(self):
+        for name in ("scale", "offset"):
+            value = getattr(self, name)
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+                raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+        if not isinstance(self.method, str):
+            raise TypeError(f"method must be a string naming the calibration, e.g. 'platt', got {self.method!r}")
+        object.__setattr__(self, "n_pairs", _check_count(self.n_pairs))
         if not (np.isfinite(self.scale) and self.scale > 0):
             raise ValueError(f"scale must be positive and finite (an increasing map keeps the ranking within "
                              f"the space), got {self.scale!r}")
@@ -100,8 +116,17 @@ class ScoreMap:
         -------
         ndarray of float64
             ``scale·scores + offset``, same shape.
+
+        Raises
+        ------
+        TypeError
+            If ``scores`` is not real numbers.
         """
-        return self.scale * np.asarray(scores, dtype=np.float64) + self.offset
+        arr = np.asarray(scores)
+        if arr.dtype == object or arr.dtype == bool or not np.issubdtype(arr.dtype, np.number) \
+                or np.issubdtype(arr.dtype, np.complexfloating):
+            raise TypeError(f"scores must be real numbers, got dtype {arr.dtype}")
+        return self.scale * arr.astype(np.float64) + self.offset
 
 
 def training_pairs(labels, max_items: int = MAX_ITEMS, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -114,7 +139,7 @@ def training_pairs(labels, max_items: int = MAX_ITEMS, seed: int = 0) -> tuple[n
     max_items : int, default :data:`MAX_ITEMS`
         Use every item when ``n ≤ max_items``, else a seeded random subset of ``max_items`` items.
     seed : int, default 0
-        Seed of the subset.
+        Seed of the subset, in ``0 .. 2**32 - 1``.
 
     Returns
     -------
@@ -126,11 +151,14 @@ def training_pairs(labels, max_items: int = MAX_ITEMS, seed: int = 0) -> tuple[n
     Raises
     ------
     ValueError
-        If ``max_items < 2`` or there are fewer than two items.
+        If ``max_items < 2``, there are fewer than two items, or ``seed`` is negative.
+    TypeError
+        If ``seed`` is not an integer, or the labels are not integer class labels.
     """
     y = as_labels(labels, "labels")
     if isinstance(max_items, bool) or not isinstance(max_items, (int, np.integer)) or max_items < 2:
         raise ValueError(f"max_items must be an integer of at least 2 (a pair needs two items), got {max_items!r}")
+    seed = check_seed(seed, "seed")
     if len(y) < 2:
         raise ValueError(f"calibration needs at least 2 training items to form a pair, got {len(y)}")
     items = np.arange(len(y))
@@ -178,7 +206,8 @@ def fit_score_map(embeddings, labels, method: str = "platt", max_items: int = MA
     max_items : int, default :data:`MAX_ITEMS`
         At most this many training items form the pairs (see :func:`training_pairs`).
     seed : int, default 0
-        Seed of the subset of items; use the same for every space so that they share the pairs.
+        Seed of the subset of items, in ``0 .. 2**32 - 1``; use the same for every space so that
+        they share the pairs.
 
     Returns
     -------
@@ -187,10 +216,13 @@ def fit_score_map(embeddings, labels, method: str = "platt", max_items: int = MA
 
     Raises
     ------
+    TypeError
+        If ``seed`` or a label is not an integer.
     ValueError
         If ``method`` is unknown, the embeddings are not unit-norm rows matching ``labels``,
-        the pairs are all relevant or all irrelevant, or the scores do not rank relevant pairs
-        higher (the fitted slope is not positive: an increasing map cannot calibrate them).
+        the pairs are all relevant or all irrelevant, every pair has the same score, or the
+        scores do not rank relevant pairs higher (the fitted slope is not positive: an
+        increasing map cannot calibrate them).
 
     Examples
     --------
@@ -209,6 +241,10 @@ def fit_score_map(embeddings, labels, method: str = "platt", max_items: int = MA
         raise ValueError("the training pairs are all relevant or all irrelevant: calibration needs pairs of both "
                          "kinds (at least two classes, one with two items)")
     s = np.einsum("pd,pd->p", e[i].astype(np.float64), e[j].astype(np.float64))
+    if np.ptp(s) <= 1e-9:
+        # Nothing to fit: a slope would be set by the solver's ridge, not by the data.
+        raise ValueError(f"every training pair has the same score ({s[0]:.6g}): the embeddings do not separate "
+                         "anything (a collapsed model?), so no map can be fitted")
     if method == "negatives":
         neg = s[~relevant]
         sd = neg.std()

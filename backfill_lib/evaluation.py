@@ -283,7 +283,7 @@ def check_order(order, n: int | None = None) -> np.ndarray:
 
     Returns
     -------
-    ndarray (n,) of int
+    ndarray (n,) of int64
         ``order`` as an array.
 
     Raises
@@ -291,7 +291,10 @@ def check_order(order, n: int | None = None) -> np.ndarray:
     ValueError
         If ``order`` is not 1-D, not integers, or not a permutation of ``range(n)``.
     """
-    order = np.asarray(order)
+    try:
+        order = np.asarray(order)
+    except (ValueError, TypeError):
+        raise ValueError("order must be a 1-D permutation of the gallery items, got a ragged sequence") from None
     if order.ndim != 1:
         raise ValueError(f"order must be a 1-D permutation of the gallery items, got shape {order.shape}")
     n = len(order) if n is None else n
@@ -299,7 +302,7 @@ def check_order(order, n: int | None = None) -> np.ndarray:
     if order.shape != (n,) or (n and not np.issubdtype(order.dtype, np.integer)) \
             or not np.array_equal(np.sort(order), np.arange(n)):
         raise ValueError(f"order must be a permutation of range({n}), e.g. from backfill_order")
-    return order
+    return order.astype(np.int64, copy=False)
 
 
 def check_chunk_size(chunk_size) -> int:
@@ -346,14 +349,28 @@ class StateMetrics:
     device: str
 
 
+def _check_products(query, gallery, query_name: str, gallery_name: str) -> None:
+    """Refuse vectors whose inner products could overflow float32 (to ±inf, or NaN): they would tie or
+    rank arbitrarily. By Cauchy–Schwarz a product is at most the product of the two largest norms."""
+    q_norm = float(np.sqrt(np.einsum("ij,ij->i", query, query, dtype=np.float64).max(initial=0.0)))
+    g_norm = float(np.sqrt(np.einsum("ij,ij->i", gallery, gallery, dtype=np.float64).max(initial=0.0)))
+    if q_norm * g_norm > 1e37:  # float32 overflows at 3.4e38; summing products keeps a margin
+        raise ValueError(f"{query_name} and {gallery_name} have rows of norm {q_norm:.3g} and {g_norm:.3g}: their inner "
+                         "products would overflow float32 and every score would tie; normalise the rows first, e.g. "
+                         "with backfill_lib.validation.normalize_rows")
+
+
 def _check_run(query_labels, gallery_labels, n_q: int, n: int, exclude_self, ks, chunk_size, device):
     """The checks both engines make of labels, ``exclude_self``, ``ks``, ``chunk_size`` and ``device``."""
     qy = as_labels(query_labels, "query_labels", n=n_q)
     gy = as_labels(gallery_labels, "gallery_labels", n=n)
+    if not isinstance(exclude_self, (bool, np.bool_)):
+        # bool("no") is True: a string or a number would switch leave-one-out on silently.
+        raise TypeError(f"exclude_self must be True or False, got {exclude_self!r}")
     exclude_self = bool(exclude_self)
     if exclude_self and n_q != n:
         raise ValueError(f"exclude_self=True needs one query per gallery item, got {n_q} queries for {n} items")
-    if isinstance(ks, (int, np.integer)) or len(ks) == 0:
+    if isinstance(ks, (str, bytes)) or not hasattr(ks, "__len__") or len(ks) == 0:
         raise TypeError(f"ks must be a non-empty sequence of positive integers, e.g. (1, 5), got {ks!r}")
     ks = tuple(check_k(k, n - exclude_self, f"ks[{i}]") for i, k in enumerate(ks))
     return qy, gy, exclude_self, ks, check_chunk_size(chunk_size), choose_device(device)
@@ -475,11 +492,13 @@ def evaluate_states(query_old, gallery_old, query_new, gallery_new, query_labels
     Raises
     ------
     TypeError
-        If an input has the wrong type (embeddings, labels, ``ks``, ``chunk_size``).
+        If an input has the wrong type (embeddings, labels, ``exclude_self`` not a bool, ``ks``,
+        ``chunk_size``).
     ValueError
         If shapes disagree, ``order`` is not a permutation, ``n_backfilled`` is not
         non-decreasing in ``[0, N]``, ``exclude_self`` is set with ``n_q != N``, a ``k`` is out
-        of range, or ``device`` is not available.
+        of range, the vectors are so long that their inner products would overflow float32,
+        or ``device`` is not available.
 
     Examples
     --------
@@ -498,6 +517,8 @@ def evaluate_states(query_old, gallery_old, query_new, gallery_new, query_labels
         raise ValueError(f"gallery_old has {n} items but gallery_new has {len(gallery_new)}")
     if len(query_new) != n_q:
         raise ValueError(f"query_old has {n_q} rows but query_new has {len(query_new)}")
+    _check_products(query_old, gallery_old, "query_old", "gallery_old")
+    _check_products(query_new, gallery_new, "query_new", "gallery_new")
     qy, gy, exclude_self, ks, chunk_size, device = _check_run(query_labels, gallery_labels, n_q, n, exclude_self,
                                                               ks, chunk_size, device)
     order = check_order(order, n)
@@ -691,13 +712,14 @@ def evaluate_version_states(queries, galleries, versions, query_labels, gallery_
     ------
     TypeError
         If an input has the wrong type (``queries``/``galleries`` not sequences of arrays,
-        labels, ``ks``, ``chunk_size``).
+        labels, ``exclude_self`` not a bool, ``ks``, ``chunk_size``).
     ValueError
         If ``queries`` and ``galleries`` hold different numbers of versions (or none), a query
         matrix and its gallery differ in width, the galleries differ in length or the query
         matrices in rows, ``versions`` has the wrong shape or an index out of range,
-        ``exclude_self`` is set with ``n_q != N``, a ``k`` is out of range, or ``device`` is not
-        available.
+        ``exclude_self`` is set with ``n_q != N``, a ``k`` is out of range, the vectors of a
+        version are so long that their inner products would overflow float32, or ``device`` is
+        not available.
 
     See Also
     --------
@@ -728,6 +750,8 @@ def evaluate_version_states(queries, galleries, versions, query_labels, gallery_
                              "version must hold a vector for every gallery item")
         if len(queries[v]) != n_q:
             raise ValueError(f"queries[0] has {n_q} rows but queries[{v}] has {len(queries[v])}")
+    for v in range(n_versions):
+        _check_products(queries[v], galleries[v], f"queries[{v}]", f"galleries[{v}]")
     qy, gy, exclude_self, ks, chunk_size, device = _check_run(query_labels, gallery_labels, n_q, n, exclude_self,
                                                               ks, chunk_size, device)
     versions = check_versions(versions, n_versions, n)

@@ -575,6 +575,11 @@ def main(argv=None) -> int:
         query_cost = _read_query_cost(args.query_cost)
         if args.table:
             result = _read_results(args.table)
+            try:
+                format_table(result)  # a file with the right keys but the wrong contents fails here, not later
+            except (KeyError, TypeError, AttributeError, IndexError, ValueError) as exc:
+                raise _CliError(f"--table {args.table} is not a results JSON written by --out: its contents do not "
+                                f"fit ({type(exc).__name__}: {exc})") from None
         else:
             result = _run_from_options(args)
     except (ValueError, TypeError, FileNotFoundError) as exc:  # DataNotFoundError is a FileNotFoundError
@@ -605,7 +610,11 @@ def _run_from_options(args) -> dict:
     preset, data_kwargs = _preset_from_options(args)
     params = MethodParams(forward_arch=check_choice(args.forward_arch, FORWARD_ARCHS, "--forward-arch"))
     device = resolve_device(args.device, "--device")
-    check_cache_dir(args.cache, "--cache")
+    try:
+        check_cache_dir(args.cache, "--cache")
+    except OSError as exc:  # e.g. a path under /proc: the folder cannot even be looked at
+        raise _CliError(f"--cache {args.cache}: cannot use it as the checkpoint folder "
+                        f"({exc.strerror or exc}); give a folder you can write to") from None
     return run_experiment(args.dataset, args.old_classes, strategies, seeds, args.setting, ratios, device=device,
                           cache=args.cache, root=args.root, progress=not args.quiet,
                           new_new=True if args.new_new else None, order=order, preset=preset,

@@ -16,24 +16,33 @@ from __future__ import annotations
 
 import numpy as np
 
-from .validation import as_embeddings, as_labels, check_ratio
+from .validation import as_embeddings, as_flags, as_labels, check_real, check_ratio, check_seed
 
 
 def _check_scores(scores, relevant) -> tuple[np.ndarray, np.ndarray]:
-    scores = np.asarray(scores)
-    if scores.dtype == object or not (np.issubdtype(scores.dtype, np.number) or scores.dtype == bool):
-        raise TypeError(f"scores must be an array of numbers, got dtype {scores.dtype}")
+    try:
+        scores = np.asarray(scores)
+    except (ValueError, TypeError):
+        raise ValueError("scores must be a (n_queries, n_gallery) matrix of numbers, got a ragged sequence") from None
+    if scores.dtype == object or not (np.issubdtype(scores.dtype, np.number) or scores.dtype == bool) \
+            or np.issubdtype(scores.dtype, np.complexfloating):
+        raise TypeError(f"scores must be an array of numbers (real, not complex), got dtype {scores.dtype}")
     # Keep float64 input as is: down-casting to float32 would turn close scores into ties and
     # change the ranking.
     if not np.issubdtype(scores.dtype, np.floating):
         scores = scores.astype(np.float64)
-    if scores.ndim != 2 or scores.shape[1] == 0:
+    if scores.ndim != 2 or scores.shape[0] == 0 or scores.shape[1] == 0:
         raise ValueError(f"scores must be a non-empty (n_queries, n_gallery) matrix, got shape {scores.shape}")
     if np.isnan(scores).any() or np.isposinf(scores).any():
         raise ValueError("scores contains NaN or +inf: only -inf is allowed (it excludes an item)")
-    relevant = np.asarray(relevant, dtype=bool)
+    relevant = as_flags(relevant, "relevant")
     if relevant.shape != scores.shape:
         raise ValueError(f"relevant has shape {relevant.shape} but scores has {scores.shape}")
+    excluded = relevant & np.isneginf(scores)
+    if excluded.any():
+        i, j = np.argwhere(excluded)[0]
+        raise ValueError(f"relevant[{i}, {j}] is True but scores[{i}, {j}] is -inf (an excluded item): an excluded "
+                         "item cannot be relevant; set its relevant entry to False")
     return scores, relevant
 
 
@@ -60,10 +69,10 @@ def average_precision(scores, relevant) -> np.ndarray:
     Raises
     ------
     TypeError
-        If ``scores`` is not numeric.
+        If ``scores`` is not real numbers or ``relevant`` is not booleans (or 0/1).
     ValueError
-        If ``scores`` is not a non-empty 2-D matrix, holds NaN or ``+inf``, or ``relevant``
-        has another shape.
+        If ``scores`` is not a non-empty 2-D matrix, holds NaN or ``+inf``, ``relevant``
+        has another shape or values other than 0/1, or an item scored ``-inf`` is relevant.
 
     Examples
     --------
@@ -112,10 +121,12 @@ def topk_hits(scores, relevant, ks=(1, 5)) -> dict[int, np.ndarray]:
     Raises
     ------
     TypeError
-        If ``scores`` is not numeric or ``ks`` is not a sequence of integers.
+        If ``scores`` is not real numbers, ``relevant`` is not booleans (or 0/1), or ``ks`` is
+        not a sequence of integers.
     ValueError
         If ``scores`` is not a non-empty 2-D matrix, holds NaN or ``+inf``, ``relevant`` has
-        another shape, ``ks`` is empty, or a ``k`` is below 1 or exceeds ``n_gallery``.
+        another shape or values other than 0/1, an item scored ``-inf`` is relevant, ``ks`` is
+        empty, or a ``k`` is below 1 or exceeds ``n_gallery``.
 
     Examples
     --------
@@ -160,10 +171,10 @@ def mean_average_precision(scores, relevant) -> float:
     Raises
     ------
     TypeError
-        If ``scores`` is not numeric.
+        If ``scores`` is not real numbers or ``relevant`` is not booleans (or 0/1).
     ValueError
-        If ``scores`` is not a non-empty 2-D matrix, holds NaN or ``+inf``, or ``relevant``
-        has another shape.
+        If ``scores`` is not a non-empty 2-D matrix, holds NaN or ``+inf``, ``relevant``
+        has another shape or values other than 0/1, or an item scored ``-inf`` is relevant.
 
     Examples
     --------
@@ -195,20 +206,32 @@ def auc(ratios, values) -> float:
     Raises
     ------
     TypeError
-        If a ratio is not a number.
+        If ``ratios`` is not a sequence, a ratio is not a number, or ``values`` is not numbers.
     ValueError
-        If a ratio is outside [0, 1] or repeated, the lengths differ, or the ratios do not
-        start at 0 and end at 1.
+        If a ratio is outside [0, 1] or repeated, the lengths differ, a value is NaN or
+        infinite, or the ratios do not start at 0 and end at 1.
 
     Examples
     --------
     >>> auc([0, 0.5, 1], [0.5, 0.5, 1.0])
     0.625
     """
+    if isinstance(ratios, (str, bytes)) or not hasattr(ratios, "__iter__") \
+            or (isinstance(ratios, np.ndarray) and ratios.ndim != 1):
+        raise TypeError(f"ratios must be a 1-D sequence of numbers in [0, 1], got {ratios!r}")
     r = np.array([check_ratio(x, f"ratios[{i}]") for i, x in enumerate(ratios)], dtype=np.float64)
-    v = np.asarray(values, dtype=np.float64)
+    try:
+        v = np.asarray(values, dtype=np.float64)
+    except (ValueError, TypeError):
+        raise TypeError(f"values must be a 1-D sequence of real numbers, got {values!r}") from None
+    if v.ndim != 1:
+        raise ValueError(f"values must be 1-D (one number per ratio), got shape {v.shape}")
     if v.shape != r.shape:
-        raise ValueError(f"values has {v.shape[0] if v.ndim else 0} points but ratios has {r.shape[0]}")
+        raise ValueError(f"values has {v.shape[0]} points but ratios has {r.shape[0]}")
+    if not np.isfinite(v).all():
+        i = int(np.flatnonzero(~np.isfinite(v))[0])
+        raise ValueError(f"values[{i}] is {v[i]}: the area under a curve with an undefined point is undefined "
+                         "(a mAP is NaN when no query has a relevant item)")
     if len(np.unique(r)) != len(r):
         raise ValueError(f"ratios has repeated values {r.tolist()}: give each ratio once")
     # Sort the points together: sorting the ratios alone would pair them with the wrong values.
@@ -241,21 +264,26 @@ def relative_gain(auc_value: float, old_old: float, new_new: float) -> float:
 
     Raises
     ------
+    TypeError
+        If an argument is not one real number.
     ValueError
-        If ``new_new`` equals ``old_old`` (within ``1e-12``) or the gap is not finite.
+        If an argument is NaN or infinite, or ``new_new`` equals ``old_old`` (within ``1e-12``).
 
     Examples
     --------
     >>> relative_gain(0.75, old_old=0.5, new_new=1.0)
     0.5
     """
-    gap = float(new_new) - float(old_old)
+    auc_value = check_real(auc_value, "auc_value", "an area under a backfill curve")
+    old_old = check_real(old_old, "old_old", "the old/old metric")
+    new_new = check_real(new_new, "new_new", "the new/new metric")
+    gap = new_new - old_old
     if not np.isfinite(gap) or abs(gap) < 1e-12:
         raise ValueError(
             f"new_new ({new_new}) must differ from old_old ({old_old}): the relative gain is "
             "undefined when the upgrade brings no gain"
         )
-    return (float(auc_value) - float(old_old)) / gap
+    return (auc_value - old_old) / gap
 
 
 def negative_flip_rate(correct_before, correct_after) -> float:
@@ -277,16 +305,22 @@ def negative_flip_rate(correct_before, correct_after) -> float:
 
     Raises
     ------
+    TypeError
+        If an array is not booleans (or 0/1): a string ``"False"`` or a score would pass for
+        True.
     ValueError
-        If the two arrays have different shapes or are empty.
+        If the arrays are not 1-D, have different shapes, are empty, or hold numbers other
+        than 0 and 1.
 
     Examples
     --------
     >>> negative_flip_rate([True, True, False, False], [True, False, True, False])
     0.25
     """
-    before = np.asarray(correct_before, dtype=bool)
-    after = np.asarray(correct_after, dtype=bool)
+    before = as_flags(correct_before, "correct_before")
+    after = as_flags(correct_after, "correct_after")
+    if before.ndim != 1:
+        raise ValueError(f"correct_before must be 1-D (one flag per query), got shape {before.shape}")
     if before.shape != after.shape:
         raise ValueError(f"correct_after has shape {after.shape} but correct_before has {before.shape}")
     if before.size == 0:
@@ -340,7 +374,7 @@ def linear_probe(train_x, train_y, test_x, test_y, seed: int = 0) -> float:
     train_y, test_y : array (n,) of int
         Their labels (all classes).
     seed : int, default 0
-        Seed of the solver.
+        Seed of the solver, in ``0 .. 2**32 - 1``.
 
     Returns
     -------
@@ -350,9 +384,10 @@ def linear_probe(train_x, train_y, test_x, test_y, seed: int = 0) -> float:
     Raises
     ------
     ValueError
-        If the arrays do not match in length or width (the message names the argument).
+        If the arrays do not match in length or width (the message names the argument), or
+        ``train_y`` holds a single class.
     TypeError
-        If an array is not numeric.
+        If an array is not numeric or ``seed`` is not an integer.
 
     Examples
     --------
@@ -368,6 +403,10 @@ def linear_probe(train_x, train_y, test_x, test_y, seed: int = 0) -> float:
     test_x = as_embeddings(test_x, "test_x", dim=train_x.shape[1]).astype(np.float64)
     train_y = as_labels(train_y, "train_y", n=len(train_x))
     test_y = as_labels(test_y, "test_y", n=len(test_x))
+    seed = check_seed(seed, "seed")
+    if len(np.unique(train_y)) < 2:
+        raise ValueError(f"train_y holds a single class ({int(train_y[0])}): a probe needs at least two classes "
+                         "to tell apart")
     probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000, random_state=seed))
     probe.fit(train_x, train_y)
     return float(probe.score(test_x, test_y))

@@ -132,14 +132,30 @@ def normalize_rows(x, name: str = "x") -> np.ndarray:
     return np.ascontiguousarray(arr / norms, dtype=np.float32)
 
 
+def _as_array(x, name: str, what: str) -> np.ndarray:
+    """``np.asarray(x)``, with a ragged nested list refused in a message naming ``name``."""
+    if hasattr(x, "detach"):  # torch.Tensor, without importing torch here
+        x = x.detach().cpu().numpy()
+    try:
+        return np.asarray(x)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{name} must be {what}, got a ragged or mixed sequence ({exc})") from None
+
+
 def as_labels(y, name: str, n: int | None = None) -> np.ndarray:
     """Return ``y`` as a 1-D integer array, optionally of length ``n``.
+
+    Labels are compared for equality only, so a conversion must keep every label distinct from
+    every other: anything that could merge two labels is refused instead of converted.
 
     Parameters
     ----------
     y : array-like or torch.Tensor
-        Class labels, one per item. Floats that are whole numbers (``3.0``) are accepted and
-        converted.
+        Class labels, one per item: signed or unsigned integers up to ``2**63 - 1``, or floats
+        that are whole numbers (``3.0``) of magnitude below ``2**p`` (``p`` the float's
+        significand bits: ``2**53`` for float64, ``2**24`` for float32, ``2**11`` for
+        float16), where every whole number is stored exactly. Booleans, strings, objects,
+        complex numbers, NaN and infinity are refused.
     name : str
         Argument name used in error messages.
     n : int, optional
@@ -153,23 +169,170 @@ def as_labels(y, name: str, n: int | None = None) -> np.ndarray:
     Raises
     ------
     TypeError
-        If the labels are not integers (or whole-number floats).
+        If the labels are not integers or whole-number floats (a ``bool`` array is refused: it
+        is more often a mask passed by mistake than two classes; convert it with
+        ``y.astype(int)`` if it is meant as labels).
     ValueError
-        If ``y`` is not 1-D or does not hold ``n`` labels.
+        If ``y`` is not 1-D or does not hold ``n`` labels, or a label cannot be held exactly
+        as an int64 (an unsigned label of ``2**63`` or more; a float label that is NaN,
+        infinite, or so large that two different labels may have been rounded to one float).
+
+    Examples
+    --------
+    >>> as_labels([3.0, 1.0], "y").tolist()
+    [3, 1]
+    >>> as_labels([1e19, 2e19], "y")
+    Traceback (most recent call last):
+    ...
+    ValueError: y holds float labels as large as 2e+19: float64 stores whole numbers exactly only below 2**53, so different labels may have been rounded to the same number; give the labels as integers (int64)
     """
-    if hasattr(y, "detach"):
-        y = y.detach().cpu().numpy()
-    arr = np.asarray(y)
+    arr = _as_array(y, name, "a 1-D array of integer class labels")
     if arr.ndim != 1:
         raise ValueError(f"{name} must be 1-D (one label per item), got shape {arr.shape}")
+    if arr.dtype == bool:
+        raise TypeError(f"{name} must hold integer class labels, got dtype bool (a mask?): convert it with "
+                        f"{name}.astype(int) if it is meant as two classes")
+    if arr.size and np.issubdtype(arr.dtype, np.unsignedinteger) and arr.max() > np.iinfo(np.int64).max:
+        raise ValueError(f"{name} holds the label {int(arr.max())}, which does not fit in int64 (at most 2**63 - 1): "
+                         "renumber the classes, e.g. with np.unique(labels, return_inverse=True)[1]")
     if arr.size and not np.issubdtype(arr.dtype, np.integer):
-        if np.issubdtype(arr.dtype, np.floating) and np.all(np.mod(arr, 1) == 0):
-            arr = arr.astype(np.int64)
-        else:
+        if not np.issubdtype(arr.dtype, np.floating):
             raise TypeError(f"{name} must hold integer class labels, got dtype {arr.dtype}")
+        if not np.isfinite(arr).all():
+            raise ValueError(f"{name} holds NaN or infinite labels: every item needs an integer class label")
+        if not np.all(np.mod(arr, 1) == 0):
+            raise TypeError(f"{name} must hold integer class labels, got dtype {arr.dtype} with fractional values "
+                            f"such as {arr[np.mod(arr, 1) != 0][0].item()!r}")
+        bits = np.finfo(arr.dtype).nmant + 1
+        big = np.abs(arr).max()
+        if big >= 2.0 ** bits:
+            raise ValueError(f"{name} holds float labels as large as {big:g}: {arr.dtype} stores whole numbers "
+                             f"exactly only below 2**{bits}, so different labels may have been rounded to the same "
+                             "number; give the labels as integers (int64)")
+        arr = arr.astype(np.int64)
     if n is not None and arr.shape[0] != n:
         raise ValueError(f"{name} has {arr.shape[0]} labels but there are {n} items")
     return arr.astype(np.int64, copy=False)
+
+
+def as_flags(x, name: str, shape: tuple | None = None) -> np.ndarray:
+    """Return ``x`` as a ``bool`` array: booleans, or integers/floats that are all 0 or 1.
+
+    ``np.asarray(x, dtype=bool)`` would turn a score of 0.3, a NaN or the string ``"False"``
+    into True; this refuses them.
+
+    Parameters
+    ----------
+    x : array-like or torch.Tensor
+        Flags (relevance, correctness).
+    name : str
+        Argument name used in error messages.
+    shape : tuple of int, optional
+        Required shape.
+
+    Returns
+    -------
+    ndarray of bool
+        ``x`` as booleans.
+
+    Raises
+    ------
+    TypeError
+        If ``x`` is not booleans or numbers (strings, objects, complex numbers).
+    ValueError
+        If a number is not 0 or 1, or ``x`` does not have ``shape``.
+
+    Examples
+    --------
+    >>> as_flags([1, 0, True], "hits").tolist()
+    [True, False, True]
+    """
+    arr = _as_array(x, name, "an array of booleans")
+    if arr.dtype != bool:
+        if arr.dtype == object or not np.issubdtype(arr.dtype, np.number) \
+                or np.issubdtype(arr.dtype, np.complexfloating):
+            raise TypeError(f"{name} must hold booleans (True/False, or 0/1), got dtype {arr.dtype}")
+        if arr.size and not np.isin(arr, (0, 1)).all():
+            raise ValueError(f"{name} must hold booleans (True/False, or 0/1), got other values such as "
+                             f"{arr[~np.isin(arr, (0, 1))].flat[0].item()!r}: threshold graded values yourself")
+        arr = arr.astype(bool)
+    if shape is not None and arr.shape != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {arr.shape}")
+    return arr
+
+
+def check_seed(seed, name: str = "seed") -> int:
+    """Check a random seed: an integer in ``0 .. 2**32 - 1`` (what numpy, scikit-learn and torch accept).
+
+    Parameters
+    ----------
+    seed : int
+        The seed (a Python or numpy integer; ``bool`` and ``None`` are refused: ``None`` would
+        draw a different, unreproducible order on every call).
+    name : str, default "seed"
+        Argument name used in error messages.
+
+    Returns
+    -------
+    int
+        The seed as a Python int.
+
+    Raises
+    ------
+    TypeError
+        If ``seed`` is not an integer.
+    ValueError
+        If ``seed`` is negative or ``2**32`` or more.
+
+    Examples
+    --------
+    >>> check_seed(7)
+    7
+    """
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer seed in 0 .. 2**32 - 1, got {seed!r}")
+    if not 0 <= seed < 2**32:
+        raise ValueError(f"{name} must be an integer seed in 0 .. 2**32 - 1, got {seed}")
+    return int(seed)
+
+
+def check_real(value, name: str, what: str = "") -> float:
+    """Check that ``value`` is one finite real number (a metric value, a score).
+
+    Parameters
+    ----------
+    value : float
+        A Python or numpy real number, or a 0-d array (``bool`` is refused).
+    name : str
+        Argument name used in the error message.
+    what : str, default ""
+        What the number is, added to the message in brackets.
+
+    Returns
+    -------
+    float
+        ``value`` as a Python float.
+
+    Raises
+    ------
+    TypeError
+        If ``value`` is not one real number.
+    ValueError
+        If ``value`` is NaN or infinite.
+
+    Examples
+    --------
+    >>> check_real(0.5, "auc_value")
+    0.5
+    """
+    about = f" ({what})" if what else ""
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value[()]
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be one real number{about}, got {type(value).__name__} {value!r}")
+    if not np.isfinite(value):
+        raise ValueError(f"{name} must be finite{about}, got {value!r}")
+    return float(value)
 
 
 def check_ratio(r, name: str = "ratio") -> float:
@@ -221,10 +384,14 @@ def check_ratios(ratios: Iterable[float], name: str = "ratios") -> np.ndarray:
     Raises
     ------
     TypeError
-        If an entry is not a number.
+        If ``ratios`` is not a 1-D sequence (a single number, a string) or an entry is not a
+        number.
     ValueError
         If an entry is outside [0, 1] or ``ratios`` is empty.
     """
+    if isinstance(ratios, (str, bytes)) or not hasattr(ratios, "__iter__") \
+            or (isinstance(ratios, np.ndarray) and ratios.ndim != 1):
+        raise TypeError(f"{name} must be a 1-D sequence of numbers in [0, 1], e.g. [0, 0.5, 1], got {ratios!r}")
     vals = [check_ratio(r, f"{name}[{i}]") for i, r in enumerate(ratios)]
     if not vals:
         raise ValueError(f"{name} is empty: give at least one backfill ratio, e.g. [0, 0.5, 1]")

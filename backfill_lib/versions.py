@@ -28,7 +28,7 @@ import numpy as np
 
 from .backfill import DEFAULT_RATIOS, BackfillCurve, _curve_from_states, _prepare_evaluation
 from .evaluation import check_order, check_versions, evaluate_version_states
-from .validation import as_embeddings, as_labels, check_non_negative, check_ratios
+from .validation import as_embeddings, as_labels, check_non_negative, check_positive_int, check_ratios
 
 __all__ = ["MultiVersionStrategy", "evaluate_versions", "fit_multi_reverse", "multi_rank_merge",
            "multi_reverse_heads", "storage_states"]
@@ -68,13 +68,14 @@ class MultiVersionStrategy:
     Raises
     ------
     TypeError
-        If ``queries`` or ``galleries`` is not a list or tuple of arrays, or
-        ``queries_are_gallery`` is not a bool or None.
+        If ``name`` is not a non-empty string, ``backbone_passes`` not an integer, ``queries``
+        or ``galleries`` not a list or tuple of arrays, or ``queries_are_gallery`` not a bool
+        or None.
     ValueError
         If they hold different numbers of versions (or none), a matrix is not a finite 2-D array
         of unit-norm rows, a query matrix and its gallery differ in width, the galleries differ
-        in length or the query matrices in rows, or ``queries_are_gallery=True`` with
-        ``n_q != N``.
+        in length or the query matrices in rows, ``queries_are_gallery=True`` with
+        ``n_q != N``, or ``backbone_passes < 1``.
 
     Examples
     --------
@@ -91,10 +92,14 @@ class MultiVersionStrategy:
     queries_are_gallery: bool | None = None
 
     def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name:
+            raise TypeError(f"name must be a non-empty string (the strategy's key in results), got {self.name!r}")
         qs, gs = _array_list(self.queries, "queries"), _array_list(self.galleries, "galleries")
         if len(qs) != len(gs) or not gs:
             raise ValueError(f"queries and galleries must hold one array per model version (K >= 1 of each), got "
                              f"{len(qs)} query and {len(gs)} gallery arrays")
+        object.__setattr__(self, "backbone_passes",
+                           check_positive_int(self.backbone_passes, "backbone_passes", "forward passes per query"))
         gs = [as_embeddings(g, f"galleries[{v}]", unit_norm=True) for v, g in enumerate(gs)]
         qs = [as_embeddings(q, f"queries[{v}]", dim=gs[v].shape[1], unit_norm=True) for v, q in enumerate(qs)]
         for v in range(1, len(gs)):
@@ -195,10 +200,11 @@ def storage_states(initial, order, ratios, new_version: int, n_versions: int | N
     Raises
     ------
     ValueError
-        If ``order`` is not a permutation, a ratio is outside [0, 1], or a version index is
-        negative or not below ``n_versions``.
+        If ``order`` is not a permutation, a ratio is outside [0, 1], ``n_versions < 1``, or a
+        version index is negative or not below ``n_versions``.
     TypeError
-        If a ratio is not a number.
+        If a ratio is not a number, or ``initial``, ``new_version`` or ``n_versions`` is not
+        integer.
 
     Examples
     --------
@@ -208,6 +214,9 @@ def storage_states(initial, order, ratios, new_version: int, n_versions: int | N
     initial = np.asarray(initial)
     if initial.ndim != 1:
         raise ValueError(f"initial must be a 1-D array of version indices (one per item), got shape {initial.shape}")
+    if initial.size and (initial.dtype == bool or not np.issubdtype(initial.dtype, np.integer)):
+        raise TypeError(f"initial must hold integer version indices, got dtype {initial.dtype}")
+    initial = initial.astype(np.int64) if initial.size else np.zeros(0, dtype=np.int64)
     n = len(initial)
     order = check_order(order, n)
     ratios = check_ratios(ratios)
@@ -215,6 +224,7 @@ def storage_states(initial, order, ratios, new_version: int, n_versions: int | N
         raise TypeError(f"new_version must be an integer version index, got {new_version!r}")
     if n_versions is None:
         n_versions = max(int(initial.max(initial=0)), int(new_version)) + 1
+    n_versions = check_positive_int(n_versions, "n_versions", "number of model versions")
     if not 0 <= new_version < n_versions:
         raise ValueError(f"new_version={new_version} is not a version index in [0, {n_versions - 1}]")
     check_versions(initial[None, :], n_versions, n)
@@ -328,14 +338,21 @@ def multi_reverse_heads(d_new: int, d_targets):
 
     Raises
     ------
+    TypeError
+        If a size is not an integer or ``d_targets`` is not a sequence.
     ValueError
-        If a size is not a positive integer.
+        If a size is below 1.
     """
     from torch import nn
 
     from .transforms import reverse_transformation
 
-    return nn.ModuleList([reverse_transformation(d_new, int(d)) for d in d_targets])
+    d_new = check_positive_int(d_new, "d_new", "an embedding size")
+    if isinstance(d_targets, (str, bytes)) or not hasattr(d_targets, "__iter__"):
+        raise TypeError(f"d_targets must be a sequence of embedding sizes, one per older version, got {d_targets!r}")
+    # int(2.7) would be 2: a size is refused unless it is an integer.
+    sizes = [check_positive_int(d, f"d_targets[{v}]", "an embedding size") for v, d in enumerate(d_targets)]
+    return nn.ModuleList([reverse_transformation(d_new, d) for d in sizes])
 
 
 def fit_multi_reverse(new, targets, labels, tau: float = 0.2, lam_rt: float = 0.0, config=None, steps: int | None = None,
@@ -382,7 +399,8 @@ def fit_multi_reverse(new, targets, labels, tau: float = 0.2, lam_rt: float = 0.
         If ``targets`` is not a list or tuple, or an input is not numeric.
     ValueError
         If ``targets`` is empty, arrays do not have one row per image or are not unit norm,
-        ``tau`` is not positive, or there are fewer than 2 images.
+        ``tau`` is not positive, ``lam_rt`` is negative or not finite, or there are fewer than
+        2 images.
     """
     import torch
     from torch.utils.data import TensorDataset
@@ -396,6 +414,7 @@ def fit_multi_reverse(new, targets, labels, tau: float = 0.2, lam_rt: float = 0.
     if not targets:
         raise ValueError("targets is empty: give the embeddings of at least one older version")
     tau = check_non_negative(tau, "tau", "a temperature", strict=True)
+    lam_rt = check_non_negative(lam_rt, "lam_rt", "the weight of L_rt")
     new = as_embeddings(new, "new", unit_norm=True)
     targets = [as_embeddings(t, f"targets[{v}]", unit_norm=True) for v, t in enumerate(targets)]
     for v, t in enumerate(targets):
