@@ -264,6 +264,20 @@ class TestTableFiles:
         err = _cli_error(capsys, ["--table", str(path)])
         assert err.startswith(f"error: --table {path}") and message in err
 
+    @pytest.mark.parametrize("content,detail", [
+        # The right keys with the wrong contents crashed format_table with a KeyError/TypeError traceback.
+        ({"old_old": {}, "new_new": {}, "strategies": {}}, "KeyError"),
+        ({"old_old": {"map": 1}, "new_new": {}, "strategies": {"x": {k: 1 for k in (
+            "backbone_passes", "map_at", "auc_map", "auc_top1", "relative_gain", "max_negative_flip")}}}, "TypeError"),
+    ])
+    def test_table_with_wrong_contents(self, tmp_path, capsys, content, detail):
+        base = {"dataset": "digits", "setting": "homogeneous", "old_classes": "0-4", "seeds": [0]}
+        path = tmp_path / "r.json"
+        path.write_text(json.dumps(base | content))
+        err = _cli_error(capsys, ["--table", str(path)])
+        assert err.startswith(f"error: --table {path} is not a results JSON written by --out: its contents do not fit")
+        assert detail in err
+
     def test_bad_strategy_entry(self, first, tmp_path, capsys):
         _, result = first
         broken = json.loads(json.dumps(result))
