@@ -21,6 +21,7 @@ import hashlib
 import math
 import json
 import os
+import tempfile
 import time
 import warnings
 import functools
@@ -251,6 +252,19 @@ def check_cache_dir(path=None, name: str = "cache") -> Path:
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"{name} {str(directory)!r}: cannot write in {existing} (permission denied); "
                          "give a folder you can write to")
+    # os.access says yes to root everywhere, and to folders such as /proc where nothing can be
+    # created: try it (a probe file in the folder, or the first missing folder, removed at once).
+    try:
+        if existing == directory:
+            fd, probe = tempfile.mkstemp(dir=directory, prefix=".write-check-")
+            os.close(fd)
+            os.remove(probe)
+        else:
+            probe = tempfile.mkdtemp(dir=existing, prefix=".write-check-")
+            os.rmdir(probe)
+    except OSError as exc:
+        raise ValueError(f"{name} {str(directory)!r}: cannot write in {existing} ({exc.strerror or exc}); "
+                         "give a folder you can write to") from None
     return directory
 
 

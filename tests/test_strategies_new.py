@@ -335,3 +335,11 @@ def test_losses_refuse_a_nan_weight_or_temperature():
     z = torch.nn.functional.normalize(torch.randn(4, 3, generator=torch.Generator().manual_seed(0)), dim=1)
     with pytest.raises(ValueError, match="tau must be positive"):
         metric_compatible_loss(z, z, z, torch.arange(4) % 2, tau=float("nan"))
+
+
+@pytest.mark.parametrize("labels", [[0.0, 1.7, 1.0, 2.0], np.array([0, 1, 2**64 - 1, 2], dtype=np.uint64)])
+def test_pseudo_classifier_refuses_labels_a_cast_would_change(labels):
+    # .long() turned 1.7 into 1 and wrapped huge unsigned labels round to negatives
+    feats = np.eye(4, 3, dtype=np.float32) + 0.1
+    with pytest.raises((TypeError, ValueError), match="labels"):
+        pseudo_classifier(feats, labels, 3)

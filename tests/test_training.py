@@ -1,5 +1,6 @@
 """The training loop, the checkpoint cache and embedding extraction."""
 
+import os
 import json
 import warnings
 
@@ -145,6 +146,16 @@ class TestCheckCacheDir:
     def test_missing_folder_is_fine(self, tmp_path):
         assert check_cache_dir(tmp_path / "a" / "b") == tmp_path / "a" / "b"
         assert not (tmp_path / "a").exists()  # not created before a checkpoint is saved
+
+    @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+    def test_a_folder_where_nothing_can_be_created_is_refused(self, toy, tmp_path):
+        # os.access says yes to root for /proc; the check has to try (the probe found training ran
+        # for a minute and then failed with a bare '[Errno 2]').
+        for path in ("/proc/nope", "/proc/self/nope/deeper"):
+            with pytest.raises(ValueError, match="--cache .*cannot write in"):
+                check_cache_dir(path, name="--cache")
+        assert check_cache_dir(tmp_path) == tmp_path
+        assert list(tmp_path.iterdir()) == []  # the probe file is removed
 
     def test_a_file_is_refused_before_training(self, toy, tmp_path):
         (tmp_path / "file").write_text("x")

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..validation import check_non_negative
+from ..validation import as_labels, check_non_negative
 
 
 def pseudo_classifier(old_features, labels, num_classes: int) -> torch.Tensor:
@@ -65,7 +65,8 @@ def pseudo_classifier(old_features, labels, num_classes: int) -> torch.Tensor:
             [0.0000, 1.0000]])
     """
     feats = torch.as_tensor(np.asarray(old_features, dtype=np.float32))
-    y = torch.as_tensor(np.asarray(labels)).long()
+    # as_labels refuses labels a cast would change (1.7 -> 1, huge unsigned ids wrapping round).
+    y = torch.as_tensor(as_labels(labels, "labels"))
     if feats.ndim != 2 or y.shape != (len(feats),):
         raise ValueError(f"old_features must be (n, d) and labels (n,), got {tuple(feats.shape)} and {tuple(y.shape)}")
     if len(y) and (y.min() < 0 or y.max() >= num_classes):
