@@ -18,6 +18,12 @@ trains the old model alone, and new/new and the relative gain are then reported 
 reason (``--new-new`` trains the new model for them anyway). A metric that is undefined for a
 run (the relative gain when new/new equals old/old) is reported as ``{"status": "n/a",
 "reason": ...}`` instead of failing the run.
+
+A method whose stored embedding is not ``φ_n`` (``ρ̂(φ_n)`` for ``mct``) can end above new/new,
+because its head also makes a better embedding; its relative gain then mixes that with
+compatibility. ``--strategies ...,offline_rho`` adds the reference that separates the two (ours):
+mct's head ρ trained with mct's budget on the new space alone, stored offline; every strategy is
+then also reported with its relative gain against that reference's mAP, next to its final mAP.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ from . import __version__
 from .backfill import DEFAULT_RATIOS, ORDER_POLICIES, evaluate_backfill, old_only
 from .context import PRESETS, SETTINGS, ExperimentContext, MethodParams, Preset, check_seed
 from .data import DATASETS, format_classes, load_dataset
-from .strategies import STRATEGY_REGISTRY, NotApplicable, build_strategy, experiment_order
+from .strategies import RHO_REFERENCE, STRATEGY_REGISTRY, NotApplicable, build_strategy, experiment_order
 from .training import check_cache_dir, resolve_device
 from .transforms import FORWARD_ARCHS
 from .validation import check_choice, check_ratios
@@ -104,18 +110,27 @@ def _check_run_ratios(ratios, name: str = "ratios") -> list[float]:
     return ratios
 
 
-def _gain_or_na(curves, old_old: list[dict], new_new, why_no_new: str = "") -> dict:
-    """Relative gain over seeds, or n/a with the reason (new/new not measured, or equal to old/old)."""
+def _gain_or_na(curves, old_old: list[dict], new_new, why_no_new: str = "", top: str = "new/new") -> dict:
+    """Relative gain over seeds, or n/a with the reason (the top reference not measured, or equal to old/old).
+
+    ``new_new`` holds the top reference of each seed (``{"map": ...}``): new/new, or the mAP of
+    the ρ reference (``top`` names it in the messages).
+    """
     if new_new is None:
-        return _na(f"needs new/new, which was {why_no_new}")
+        return _na(f"needs {top}, which was {why_no_new}")
     gains = []
     for seed_index, (c, oo, nn_) in enumerate(zip(curves, old_old, new_new)):
         try:
             gains.append(c.relative_gain(oo["map"], nn_["map"]))
         except ValueError:
-            return _na(f"new/new mAP equals old/old mAP ({nn_['map']:.4f}) in run {seed_index + 1}: the upgrade "
+            return _na(f"{top} mAP equals old/old mAP ({nn_['map']:.4f}) in run {seed_index + 1}: the upgrade "
                        "brings no gain to share out")
     return _stats(gains)
+
+
+def _end_metrics(curve) -> dict:
+    """mAP, top-1 and top-5 of a curve at r = 1 (the last ratio: ratios are sorted and include 1)."""
+    return {"map": float(curve.map[-1]), "top1": float(curve.top1[-1]), "top5": float(curve.top5[-1])}
 
 
 def _trained_stats(records: list[dict]) -> dict:
@@ -187,8 +202,12 @@ def run_experiment(dataset: str = "digits", old_classes=None, strategies=DEFAULT
     dict
         JSON-ready results: the settings (``dataset``, ``setting``, ``old_classes``, ``seeds``,
         ``order``, ``ratios``, ``models``, ``input_shape``, ``method_params``), old/old and new/new mAP,
-        top-1 and top-5 (``old_old``, ``new_new``; ``new_new`` may be n/a), and per strategy
-        (``strategies``) the AUCs, relative gain (or n/a), largest negative-flip rate and mAP at
+        top-1 and top-5 (``old_old``, ``new_new``; ``new_new`` may be n/a), the ρ reference
+        (``rho_reference``: mAP, top-1 and top-5 of ``offline_rho``, mct's head ρ trained with
+        mct's budget on the new space alone and stored offline; n/a with the reason when that
+        strategy was not run), and per strategy (``strategies``) the AUCs, relative gain against
+        new/new (``relative_gain``) and against the ρ reference (``relative_gain_vs_reference``,
+        n/a without it), final mAP (``final_map``, at r = 1), largest negative-flip rate and mAP at
         r = 0, 0.5, 1 as ``{"mean", "std"}`` over seeds, the curves of every seed, and what was
         trained, how long it took (``seconds``, mean None when unknown) and whether it came from
         the cache (``cached``, one flag per seed); plus ``environment`` (versions, elapsed
@@ -252,6 +271,18 @@ def run_experiment(dataset: str = "digits", old_classes=None, strategies=DEFAULT
         if new_new or (new_new is None and "new" in ctx.trained):
             per_seed["new_new"].append(_point_metrics(old_only(ctx.embeddings("new")), labels)[0])
     measured_new = len(per_seed["new_new"]) == len(seeds)
+    # The ρ reference (issue 17): the mAP of offline_rho's flat curve, seed by seed.
+    ref_run = runs.get(RHO_REFERENCE)
+    if ref_run is not None and ref_run.get("status") != "n/a":
+        per_seed["rho_reference"] = [_end_metrics(c) for c in ref_run["curves"]]
+        rho_reference_entry = {"strategy": RHO_REFERENCE,
+                               **{m: _stats([r[m] for r in per_seed["rho_reference"]]) for m in METRICS}}
+        why_no_ref = ""
+    else:
+        per_seed["rho_reference"] = None
+        why_no_ref = (f"not run (add {RHO_REFERENCE} to the strategies)" if ref_run is None
+                      else f"not applicable ({ref_run['reason']})")
+        rho_reference_entry = _na(f"{RHO_REFERENCE} {why_no_ref}")
     if measured_new:
         new_new_entry = {m: _stats([r[m] for r in per_seed["new_new"]]) for m in METRICS}
     elif new_new is False:
@@ -271,6 +302,7 @@ def run_experiment(dataset: str = "digits", old_classes=None, strategies=DEFAULT
         "method_params": asdict(params) | {"transform": asdict(params.transform) | {"seed": "per run"}},
         "old_old": {m: _stats([r[m] for r in per_seed["old_old"]]) for m in METRICS},
         "new_new": new_new_entry,
+        "rho_reference": rho_reference_entry,
         "strategies": {},
     }
     for name in strategies:
@@ -292,6 +324,9 @@ def run_experiment(dataset: str = "digits", old_classes=None, strategies=DEFAULT
             "auc_top1": _stats([c.auc_top1 for c in curves]),
             "relative_gain": _gain_or_na(curves, per_seed["old_old"], per_seed["new_new"] if measured_new else None,
                                          "" if measured_new else new_new_entry["reason"]),
+            "relative_gain_vs_reference": _gain_or_na(curves, per_seed["old_old"], per_seed["rho_reference"],
+                                                      why_no_ref, top=f"the ρ reference ({RHO_REFERENCE})"),
+            "final_map": _stats([c.map[-1] for c in curves]),
             "max_negative_flip": _stats([c.negative_flips.max() for c in curves]),
             "map_at": {f"{r:.1f}": _stats([c.map_at(r) for c in curves]) for r in REPORT_RATIOS if r in ratios},
             "ratios": ratios,
@@ -345,11 +380,13 @@ def format_table(result: dict, markdown: bool = False) -> str:
     Columns: strategy, what is trained and how long it took, backbone passes per query, measured
     query cost as a multiple of one new-model pass (when ``result["query_cost"]`` holds it *and*
     it was measured with this run's models and input size; otherwise a note says what it was
-    measured on instead), mAP at r = 0, 0.5, 1, AUC of mAP and of top-1, relative gain, largest
-    negative-flip rate. Values are ``mean ± std`` over seeds; a value that could not be measured
-    reads "n/a" (the notes under the table say why). A title line gives the dataset, setting, old
-    classes, seeds, backfill order (``random`` for results saved before orders were recorded) and
-    the old/old and new/new references.
+    measured on instead), mAP at r = 0, 0.5, 1 (r = 1: the final mAP), AUC of mAP and of top-1,
+    relative gain, relative gain against the ρ reference (only when the results hold one, i.e.
+    ``offline_rho`` was run: ``result["rho_reference"]``), largest negative-flip rate. Values are
+    ``mean ± std`` over seeds; a value that could not be measured reads "n/a" (the notes under the
+    table say why). A title line gives the dataset, setting, old classes, seeds, backfill order
+    (``random`` for results saved before orders were recorded) and the old/old and new/new
+    references (and the ρ reference's mAP when there is one).
 
     Parameters
     ----------
@@ -371,22 +408,29 @@ def format_table(result: dict, markdown: bool = False) -> str:
         if mismatch:
             notes.append(f"Query cost not shown: benchmarks/query_cost.py {mismatch}.")
             cost = None
+    ref = result.get("rho_reference")
+    # Results saved before issue 17 have no ρ reference, and runs without offline_rho an n/a one: no column then.
+    ref = ref if isinstance(ref, dict) and ref.get("status") != "n/a" and not _is_na(ref.get("map")) else None
     head = ["strategy", "trained (time)", "passes", *(["query cost"] if cost else []), "mAP r=0", "mAP r=0.5", "mAP r=1", "AUC mAP", "AUC top-1",
-            "rel. gain", "max neg. flip"]
+            "rel. gain", *(["rel. gain (ρ ref)"] if ref else []), "max neg. flip"]
     rows = []
     for name, s in result["strategies"].items():
         if s.get("status") == "n/a":
             rows.append([name, f"n/a: {s['reason']}"] + [""] * (len(head) - 2))
             continue
         gain = s["relative_gain"]
-        if _is_na(gain):
-            reason = gain.get("reason", "not measured") if isinstance(gain, dict) else "not measured"
-            if f"rel. gain n/a: {reason}." not in notes:
-                notes.append(f"rel. gain n/a: {reason}.")
+        ref_gain = s.get("relative_gain_vs_reference", _na("not measured")) if ref else None
+        for label, g in (("rel. gain", gain), ("rel. gain (ρ ref)", ref_gain)):
+            if g is None or not _is_na(g):
+                continue
+            reason = g.get("reason", "not measured") if isinstance(g, dict) else "not measured"
+            if f"{label} n/a: {reason}." not in notes:
+                notes.append(f"{label} n/a: {reason}.")
         rows.append([name, _trained_text(s), str(s["backbone_passes"]),
                      *([f"{cost[name]:.2f}×" if name in cost else ""] if cost else []),
                      *[_pm(s["map_at"][k]) if k in s["map_at"] else "" for k in ("0.0", "0.5", "1.0")],
-                     _pm(s["auc_map"]), _pm(s["auc_top1"]), _pm(gain, 2), _pm(s["max_negative_flip"])])
+                     _pm(s["auc_map"]), _pm(s["auc_top1"]), _pm(gain, 2), *([_pm(ref_gain, 2)] if ref else []),
+                     _pm(s["max_negative_flip"])])
     nn_ = result["new_new"]
     if _is_na(nn_.get("map") if nn_.get("status") != "n/a" else nn_):
         notes.insert(0, f"new/new {nn_.get('reason', 'not measured')}.")
@@ -394,7 +438,15 @@ def format_table(result: dict, markdown: bool = False) -> str:
     title = (f"{result['dataset']} ({result['setting']}, old classes {result['old_classes']}, "
              f"seeds {','.join(map(str, result['seeds']))}, backfill order {result.get('order', 'random')}): "
              f"old/old mAP {_pm(result['old_old']['map'])}, new/new mAP {_pm(nn_['map'])}, "
-             f"old/old top-1 {_pm(result['old_old']['top1'])}, new/new top-1 {_pm(nn_['top1'])}")
+             f"old/old top-1 {_pm(result['old_old']['top1'])}, new/new top-1 {_pm(nn_['top1'])}"
+             + (f", new/new with the ρ reference head ({ref.get('strategy', RHO_REFERENCE)}) mAP {_pm(ref['map'])}"
+                if ref else ""))
+    if ref:
+        notes.append(f"rel. gain (ρ ref) = (AUC mAP − old/old mAP) / (ρ reference mAP − old/old mAP), the ρ reference "
+                     f"being {ref.get('strategy', RHO_REFERENCE)}: mct's head ρ trained with mct's budget on the new "
+                     "space alone and stored offline (ours); rel. gain uses new/new instead. mAP r=1 is each method's "
+                     "final mAP: one above new/new means its head also made a better embedding, which rel. gain "
+                     "counts as compatibility and rel. gain (ρ ref) does not.")
     if markdown:
         lines = [f"**{title}** (our measurements)", "", "| " + " | ".join(head) + " |",
                  "|" + "|".join("---" for _ in head) + "|"]

@@ -281,6 +281,109 @@ _register_mct("mct_new_neg", "ablation: L_mc with negatives from the new-stored 
 _register_mct("mct_no_rho", "ablation: metric-compatible ψ, new embedding kept as it is (ρ = identity)", "both", False)
 
 
+# --- The "new/new with the head" reference of mct's ρ (issue 17; ours) -------------------------------
+
+#: Name of the reference strategy: mct's head ρ, trained on the new space alone, stored offline.
+RHO_REFERENCE = "offline_rho"
+
+
+def rho_reference_objective(d_new: int, tau: float):
+    """The loss of the reference head ``ρ_ref``: the new-space term of ``L_mc`` alone (ours).
+
+    For a batch of cached ``[φ_n(x) | φ_o(x)]`` rows (the layout mct's heads train on), with
+    ``z = ρ̂(φ_n(x))``: logits ``s_ij = z_i · z_j / τ`` (``j ≠ i``), positives the same-label
+    ``j``, one softmax over the new-stored set only. This is ``L_mc`` with the cross logits
+    ``ψ̂(φ_n(x_i)) · φ_o(x_j)`` and their positives taken out (so no compatibility with the old
+    space), i.e. :func:`~backfill_lib.losses.multi_compatible_loss` with the single set
+    ``ρ̂(φ_n)``. The old columns and ``ψ`` are never read.
+
+    Parameters
+    ----------
+    d_new : int
+        ``d_n``: the first ``d_new`` columns of a batch are ``φ_n(x)``.
+    tau : float
+        Temperature (mct's ``τ``, ``MethodParams.mct_tau``).
+
+    Returns
+    -------
+    callable ``(heads, x, y) -> scalar tensor``
+        A ``loss_fn`` for :func:`~backfill_lib.training.train`.
+    """
+    from .losses import multi_compatible_loss
+
+    def loss_fn(heads, x, y):
+        z = heads.rho_hat(x[:, :d_new])
+        return multi_compatible_loss([z], [z], y, tau)  # j = i left out: stored is the query itself
+
+    return loss_fn
+
+
+def fit_rho_reference(new, old, labels, tau: float, config, steps: int | None = None, device=None,
+                      progress: bool = False):
+    """Train ``ρ_ref``: the head of ``mct``'s ``ρ``, with mct's budget, on the new space alone (ours).
+
+    The same code path as mct's heads
+    (:func:`~backfill_lib.transforms.fit_reverse_transform` with ``objective="mc"``,
+    ``learn_rho=True``): the same cached ``[φ_n | φ_o]`` training pairs, the same
+    :class:`~backfill_lib.transforms.CompatibilityHeads` built under ``config.seed`` (so ``ρ``
+    starts from the very weights mct's ``ρ`` starts from), the same schedule
+    (:func:`~backfill_lib.transforms.schedule` of ``config`` and ``steps``: the same optimiser,
+    learning rate, batch size, batches and number of steps) and the same
+    :func:`~backfill_lib.training.train` call; only the loss differs
+    (:func:`rho_reference_objective`). ``ψ`` is built but gets no gradient and is never used.
+
+    Parameters
+    ----------
+    new, old : array (n, d_n), (n, d_o)
+        Cached ``φ_n(x)`` and ``φ_o(x)`` of the training images (unit-norm rows); ``old`` only
+        fixes the layout and ``ψ``'s size, as in mct's fit.
+    labels : array (n,) of int
+        Positives are the same-label items.
+    tau : float
+        Temperature.
+    config : TrainConfig
+        Optimiser and seed of the heads (``ExperimentContext.transform_config``).
+    steps : int or None, default None
+        Minimum number of optimiser steps (``None`` keeps ``config.epochs``), as in mct's fit.
+    device, progress : optional
+        As in :func:`~backfill_lib.transforms.fit_reverse_transform`.
+
+    Returns
+    -------
+    CompatibilityHeads
+        The heads in eval mode; ``heads.rho`` is ``ρ_ref``.
+    """
+    from . import transforms as tf
+    from .training import default_device
+
+    new, old, dataset = tf._pairs(new, old, labels, ("new", "old"))
+    d_new, d_old = new.shape[1], old.shape[1]
+    heads = tf._seeded(lambda: tf.CompatibilityHeads(d_new, d_old, True), config.seed)
+    tf.train(heads, dataset, tf.schedule(config, len(dataset), steps), loss_fn=rho_reference_objective(d_new, tau),
+             device=device or default_device(), desc="rho (new space only)", progress=progress)
+    return heads.eval()
+
+
+@register_strategy(RHO_REFERENCE, "reference (ours): mct's head ρ trained with mct's budget on the new-space term "
+                   "of L_mc alone (no old space), every item and query through it at once: new/new with the head",
+                   trains=("old", "new", RHO_REFERENCE))
+def _offline_rho(ctx: ExperimentContext) -> bf.Strategy:
+    from . import transforms as tf
+
+    tau = ctx.params.mct_tau
+    new_train, old_train = ctx.embeddings("new", split="train"), ctx.embeddings("old", split="train")
+    heads = ctx.fit_head(
+        RHO_REFERENCE, f"ρ on cached embeddings, new-space term of L_mc only (τ={tau:g}), "
+                       f"{ctx.params.transform_steps} steps",
+        uses=("old", "new"), extra_key={"head": "rho_reference", "objective": "new_space_only", "tau": tau},
+        build=lambda: tf.CompatibilityHeads(new_train.shape[1], old_train.shape[1], True),
+        fit=lambda: fit_rho_reference(new_train, old_train, ctx.data.train_labels, tau, ctx.transform_config,
+                                      steps=None, device=ctx.device, progress=ctx.progress))
+    rho_new = tf.apply_transform(heads.rho, ctx.embeddings("new"), "new")
+    # Offline and flat: every gallery item and every query goes through ρ_ref at once.
+    return bf.offline_backfill(rho_new, rho_new)
+
+
 @register_strategy("forward_transform", "forward transformation h (old → new, FCT-style without side information) "
                    "applied to the stored old vectors", trains=("old", "new", "forward_transform"))
 def _forward_transform(ctx: ExperimentContext) -> bf.Strategy:
