@@ -35,7 +35,7 @@ from torch import nn
 
 from .training import NEW_FIELD, spec_dict
 
-ARCHITECTURES = ("mlp", "small_cnn", "resnet18", "resnet50")
+ARCHITECTURES = ("mlp", "small_cnn", "resnet18", "resnet50", "pooled_cnn")
 #: Classifiers on the embedding: ours (linear with bias on the un-normalised embedding), BT²'s
 #: normalised-feature one, and a cosine classifier (normalised features and weights, scale ``s``).
 CLASSIFIERS = ("linear", "normalized", "cosine")
@@ -51,14 +51,18 @@ class ModelSpec:
 
     Parameters
     ----------
-    arch : {"mlp", "small_cnn", "resnet18", "resnet50"}, default "small_cnn"
-        Backbone: a two-layer MLP on the flattened input, a three-block CNN for small images, or
-        a CIFAR-style ResNet-18/50 (:func:`cifar_resnet`).
+    arch : {"mlp", "small_cnn", "resnet18", "resnet50", "pooled_cnn"}, default "small_cnn"
+        Backbone: a two-layer MLP on the flattened input, a three-block CNN for small images
+        (``small_cnn``: one 2×2 max-pool, after its second block, made for 8×8 digits), a
+        CIFAR-style ResNet-18/50 (:func:`cifar_resnet`), or ``pooled_cnn``, a three-block CNN
+        that halves the resolution after each of its first two blocks (28 → 14 → 7 px on
+        Fashion-MNIST; :func:`_pooled_cnn`): on 28-px images about 4× fewer multiply-adds
+        than ``small_cnn`` at the same width (7.5 M against 29 M per image at width 32).
     embed_dim : int, default 32
         Embedding size ``d`` (``d_o`` for the old model, ``d_n`` for the new one).
     width : int, default 32
-        Base width of ``mlp`` (hidden size ``4 · width``) and ``small_cnn`` (channels
-        ``width``, ``2 · width``, ``4 · width``); ignored by the ResNets.
+        Base width of ``mlp`` (hidden size ``4 · width``), ``small_cnn`` and ``pooled_cnn``
+        (channels ``width``, ``2 · width``, ``4 · width``); ignored by the ResNets.
     classifier : {"linear", "normalized", "cosine"}, default "linear"
         ``"linear"``: ``W z + b`` on the un-normalised embedding (ours). ``"normalized"``: ``W ẑ``
         on the L2-normalised embedding, no bias (BT²'s classifier). ``"cosine"``: ``s · ẑ · Ŵᵀ``
@@ -102,6 +106,21 @@ def _small_cnn(in_channels: int, width: int) -> tuple[nn.Module, int]:
         return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
     layers = [*block(in_channels, width), *block(width, 2 * width), nn.MaxPool2d(2),
+              *block(2 * width, 4 * width), nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    return nn.Sequential(*layers), 4 * width
+
+
+def _pooled_cnn(in_channels: int, width: int) -> tuple[nn.Module, int]:
+    """Three conv blocks with a 2×2 max-pool after each of the first two, and global average pooling.
+
+    For 28-px images (Fashion-MNIST): blocks at 28, 14 and 7 px. ``small_cnn`` runs its second
+    block at full resolution (about 29 M multiply-adds per 28-px image at width 32, against 7.5 M
+    here, 1.9 M at width 16) and pools only once before averaging the map away.
+    """
+    def block(cin, cout):
+        return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+    layers = [*block(in_channels, width), nn.MaxPool2d(2), *block(width, 2 * width), nn.MaxPool2d(2),
               *block(2 * width, 4 * width), nn.AdaptiveAvgPool2d(1), nn.Flatten()]
     return nn.Sequential(*layers), 4 * width
 
@@ -277,6 +296,8 @@ class EmbeddingModel(nn.Module):
             raise ValueError(f"arch {spec.arch!r} needs image inputs (C, H, W), got input_shape {input_shape}")
         elif spec.arch == "small_cnn":
             self.backbone, feat = _small_cnn(input_shape[0], spec.width)
+        elif spec.arch == "pooled_cnn":
+            self.backbone, feat = _pooled_cnn(input_shape[0], spec.width)
         else:
             self.backbone, feat = cifar_resnet(18 if spec.arch == "resnet18" else 50, input_shape[0], spec.stem)
         self.embedding = nn.Linear(feat, spec.embed_dim)

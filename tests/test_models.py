@@ -8,6 +8,7 @@ from backfill_lib.models import ARCHITECTURES, EmbeddingModel, ModelSpec, build_
 
 @pytest.mark.parametrize("arch,input_shape", [
     ("mlp", (1, 8, 8)), ("mlp", (5,)), ("small_cnn", (1, 8, 8)), ("resnet18", (3, 32, 32)), ("resnet50", (3, 32, 32)),
+    ("pooled_cnn", (1, 28, 28)), ("pooled_cnn", (1, 8, 8)), ("pooled_cnn", (3, 32, 32)),
 ])
 def test_shapes_and_unit_norm(arch, input_shape):
     model = build_model(ModelSpec(arch, embed_dim=12, width=8), input_shape, num_classes=7, seed=0).eval()
@@ -63,3 +64,34 @@ def test_bad_specs():
 
 def test_spec_to_dict():
     assert ModelSpec("mlp", 16, 32).to_dict() == {"arch": "mlp", "embed_dim": 16, "width": 32}
+
+
+def _conv_macs(model, input_shape):
+    """Multiply-adds of the convolutions of one image, and the side of each convolution's input."""
+    macs, sides = [], []
+
+    def hook(module, inputs, output):
+        sides.append(inputs[0].shape[-1])
+        macs.append(output[0].numel() * module.in_channels * module.kernel_size[0] * module.kernel_size[1])
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    with torch.no_grad():
+        model.eval()(torch.zeros(1, *input_shape))
+    for h in handles:
+        h.remove()
+    return sum(macs), sides
+
+
+def test_pooled_cnn_halves_the_resolution_after_each_of_its_first_blocks():
+    pooled = build_model(ModelSpec("pooled_cnn", 32, 32), (1, 28, 28), 10, seed=0)
+    small = build_model(ModelSpec("small_cnn", 32, 32), (1, 28, 28), 10, seed=0)
+    macs, sides = _conv_macs(pooled, (1, 28, 28))
+    small_macs, small_sides = _conv_macs(small, (1, 28, 28))
+    assert sides == [28, 14, 7] and small_sides == [28, 28, 14]
+    assert [m.out_channels for m in pooled.modules() if isinstance(m, torch.nn.Conv2d)] == [32, 64, 128]
+    assert round(macs / 1e6, 1) == 7.5 and round(small_macs / 1e6) == 29  # the figures of ModelSpec's docstring
+    assert _conv_macs(build_model(ModelSpec("pooled_cnn", 32, 16), (1, 28, 28), 10, seed=0), (1, 28, 28))[0] < 2e6
+
+
+def test_spec_to_dict_of_the_added_arch():
+    assert ModelSpec("pooled_cnn", 32, 16).to_dict() == {"arch": "pooled_cnn", "embed_dim": 32, "width": 16}
