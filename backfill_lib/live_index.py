@@ -68,6 +68,7 @@ that killed saves of that path left (only those whose writing process is gone).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -77,6 +78,7 @@ import threading
 import time
 import uuid
 import warnings
+import zipfile
 import zlib
 from contextlib import contextmanager
 
@@ -88,9 +90,14 @@ from .validation import UNIT_NORM_TOL, as_embeddings, check_k, check_no_repeats,
 
 #: Marks a file written by :meth:`OnlineBackfillIndex.save` (with the format version below).
 FILE_MAGIC = "backfill_lib.OnlineBackfillIndex"
-#: 2: flat-codes parts saved chunk by chunk; 3: IVF-Flat parts saved list by list. Versions 1 and
-#: 2 still load.
-FILE_VERSION = 3
+#: 2: flat-codes parts saved chunk by chunk; 3: IVF-Flat parts saved list by list; 4: a checksum of
+#: every array. Versions 1 to 3 still load (unchecked, with a warning).
+FILE_VERSION = 4
+#: The hash of format 4's checksums (``hashlib``; SHA-256 is hardware-accelerated on most x86 and
+#: ARM CPUs: 0.9 GB/s here, twice BLAKE2b).
+CHECKSUM = "sha256"
+#: The array of a format-4 file holding the checksum of its header (which holds those of the others).
+HEADER_CHECKSUM = "header_checksum"
 PARTS = ("old", "new")
 #: Default rows per storage chunk of a flat-codes part (``chunk_rows`` of :class:`OnlineBackfillIndex`).
 CHUNK_ROWS = 1 << 13
@@ -966,6 +973,62 @@ def _check_graph(graph) -> None:
         raise ValueError(f"the HNSW graph of {n} vectors is inconsistent (levels, neighbour lists or efSearch)")
 
 
+def _array_digest(name: str, arr: np.ndarray) -> str:
+    """The format-4 checksum (:data:`CHECKSUM`, hex) of one array: its name, dtype, shape and bytes.
+
+    The bytes are those of the array in C order, as ``np.save`` writes them; a C-contiguous array
+    (every array a save writes, views of faiss storage included) is hashed in place, anything
+    else (only a crafted file holds one) in blocks of at most 16 MiB: never a copy of the array.
+    """
+    digest = hashlib.new(CHECKSUM, json.dumps([name, arr.dtype.str, list(arr.shape)]).encode() + b"\0")
+    if arr.size and arr.dtype.itemsize:
+        if arr.flags.c_contiguous:
+            digest.update(arr.reshape(-1).view(np.uint8))
+        else:
+            arr = arr.reshape(1) if arr.ndim == 0 else arr
+            step = max(1, (1 << 24) // max(1, arr[:1].nbytes))
+            for i in range(0, len(arr), step):
+                digest.update(np.ascontiguousarray(arr[i:i + step]).reshape(-1).view(np.uint8))
+    return digest.hexdigest()
+
+
+def _seal(header: dict, arrays: dict) -> dict:
+    """The arrays of a format-4 file: ``arrays``, the header and the header's checksum.
+
+    The header gets the checksum of every array (:func:`_array_digest`); its own checksum,
+    which thus covers the whole file, is the array :data:`HEADER_CHECKSUM` (32 bytes).
+    """
+    header = dict(header, checksum=CHECKSUM,
+                  checksums={key: _array_digest(key, value) for key, value in arrays.items()})
+    sealed = dict(arrays, header=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8))
+    sealed[HEADER_CHECKSUM] = np.frombuffer(bytes.fromhex(_array_digest("header", sealed["header"])), dtype=np.uint8)
+    return sealed
+
+
+def _check_digests(path: str, header: dict, arrays: dict) -> None:
+    """``ValueError`` naming the first array of a format-4 file that does not match its checksum.
+
+    Runs before any array is interpreted: the header was checked against its own checksum
+    (:data:`HEADER_CHECKSUM`) by the caller, and it lists every other array of the file.
+    """
+    stored = header.get("checksums")
+    if header.get("checksum") != CHECKSUM or not isinstance(stored, dict):
+        raise ValueError(_damaged(path, "header", f"it lists no {CHECKSUM} checksums"))
+    for key in sorted(set(stored) | (set(arrays) - {"header", HEADER_CHECKSUM})):
+        if key not in arrays:
+            raise ValueError(_damaged(path, key, "the array is missing"))
+        if key not in stored:
+            raise ValueError(_damaged(path, key, "the array has no checksum stored for it"))
+        if stored[key] != _array_digest(key, arrays[key]):
+            raise ValueError(_damaged(path, key))
+
+
+def _damaged(path: str, key: str, why: str | None = None) -> str:
+    """The message of a file whose array ``key`` does not match the checksum stored with it."""
+    what = f"{key} does not match the checksum stored with it" if why is None else f"{key}: {why}"
+    return f"{path!r} is damaged: {what}; restore it from a backup or rebuild the index"
+
+
 def _bytes_array(arr: np.ndarray, key: str) -> np.ndarray:
     if arr.dtype != np.uint8 or arr.ndim != 1:
         raise ValueError(f"{key} is {arr.dtype} {arr.shape}, not serialized bytes")
@@ -1561,10 +1624,11 @@ class OnlineBackfillIndex(_TwoPartWrites):
                 header.update({f"{name}_{key}": value for key, value in part_header.items()})
                 arrays.update({f"{name}_{key}": value for key, value in part_arrays.items()})
                 arrays[f"{name}_ids"] = self._ids[self._in_new == (name == "new")]
-            arrays["header"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
             if psi_bytes is not None:
                 arrays["psi"] = np.frombuffer(psi_bytes, dtype=np.uint8)
-            # Inside the lock: chunk codes are views of the faiss storage, not copies.
+            # Hashed and written inside the lock: chunk codes and IVF lists are views of the faiss
+            # storage (hashed in place, written without a copy).
+            arrays = _seal(header, arrays)
             _atomic_write(path, lambda f: np.savez(f, **arrays))
 
     @classmethod
@@ -1608,20 +1672,50 @@ class OnlineBackfillIndex(_TwoPartWrites):
             raise FileNotFoundError(f"no index file at {path!r}")
         _remove_stale_temps(path)
         not_index = f"{path!r} is not an OnlineBackfillIndex file (written by OnlineBackfillIndex.save)"
+        reading = None  # the array being read
         try:
             data = np.load(path, allow_pickle=False)
             if not isinstance(data, np.lib.npyio.NpzFile):
                 raise ValueError(f"it holds one numpy array of shape {data.shape} (a .npy file), not an index")
+            arrays = {}
             with data:
-                arrays = {key: data[key] for key in data.files}
-            header = json.loads(_bytes_array(arrays["header"], "header").tobytes().decode())
+                for reading in data.files:
+                    arrays[reading] = data[reading]
+            reading = None
+            header_bytes = _bytes_array(arrays["header"], "header")
+        except zipfile.BadZipFile as exc:
+            if reading is not None and "CRC" in str(exc):  # the zip container's CRC-32 of that array
+                raise ValueError(_damaged(path, reading)) from None
+            raise ValueError(f"{not_index}: {type(exc).__name__}: {exc}") from None
+        except Exception as exc:
+            raise ValueError(f"{not_index}: {type(exc).__name__}: {exc}") from None
+        # Format 4: the header is checked against its own checksum before it is read, and every
+        # other array against the checksum the header holds for it before any is interpreted.
+        sealed = HEADER_CHECKSUM in arrays
+        if sealed:
+            stored = arrays[HEADER_CHECKSUM]
+            digest = bytes.fromhex(_array_digest("header", header_bytes))
+            if stored.dtype != np.uint8 or stored.ndim != 1 or stored.tobytes() != digest:
+                raise ValueError(_damaged(path, "header"))
+        try:
+            header = json.loads(header_bytes.tobytes().decode())
         except Exception as exc:
             raise ValueError(f"{not_index}: {type(exc).__name__}: {exc}") from None
         if not isinstance(header, dict) or header.get("magic") != FILE_MAGIC:
             raise ValueError(not_index)
         version = header.get("version")
-        if type(version) is not int or version not in (1, 2, FILE_VERSION):
+        if type(version) is not int or not 1 <= version <= FILE_VERSION:
             raise ValueError(f"{path!r} has index format version {version!r}; this library reads 1 to {FILE_VERSION}")
+        if version >= 4:
+            if not sealed:
+                raise ValueError(_damaged(path, HEADER_CHECKSUM, "the array is missing"))
+            _check_digests(path, header, arrays)
+        elif sealed:
+            raise ValueError(_damaged(path, "header", f"format version {version} has no {HEADER_CHECKSUM}"))
+        else:
+            warnings.warn(f"{path!r} was written in index format version {version}, without a checksum: damage to "
+                          "it cannot be detected; save it again (OnlineBackfillIndex.save) to add one",
+                          UserWarning, stacklevel=2)
         damaged = f"{path!r} is not a valid OnlineBackfillIndex file (damaged or altered)"
         try:
             index = cls._from_arrays(header, arrays, version)

@@ -47,8 +47,18 @@ def read_arrays(path):
     return arrays, json.loads(arrays["header"].tobytes().decode())
 
 
-def write_arrays(path, arrays, header=None):
-    if header is not None:
+def write_arrays(path, arrays, header=None, seal=True):
+    """Write a crafted file. ``seal``: with the checksums of what it holds (``live_index._seal``).
+
+    Checksums detect damage, not alteration: whoever can rewrite a file can rewrite them too, so
+    the checks of every field against the arrays are tested on sealed files.
+    """
+    if header is None:
+        header = json.loads(arrays["header"].tobytes().decode())
+    if seal:
+        body = {k: v for k, v in arrays.items() if k not in ("header", live_index.HEADER_CHECKSUM)}
+        arrays = live_index._seal({k: v for k, v in header.items() if k not in ("checksum", "checksums")}, body)
+    else:
         arrays = dict(arrays, header=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8))
     with open(path, "wb") as f:
         np.savez(f, **arrays)
@@ -387,6 +397,27 @@ def test_fuzzed_files_are_refused_or_load_as_the_original(tmp_path, specs):
             raise AssertionError(f"{what}: loaded into another index") from exc
         outcomes["equal"] += 1
     assert outcomes["refused"] > 100 and outcomes["equal"] > 0, outcomes
+
+
+def test_every_unsealed_change_is_refused_as_damage_before_it_is_read(tmp_path):
+    # The same changes, written without new checksums (what damage does): each is refused by the
+    # checksums alone, before any field or array is interpreted.
+    index = small_index(("Flat", "IVF4,Flat"))
+    path = tmp_path / "live.idx"
+    index.save(path)
+    arrays, header = read_arrays(path)
+    count = 0
+    for what, h, a in _mutations(np.random.default_rng(0), header, arrays):
+        if h == header and a.keys() == arrays.keys() and all(
+                a[k].dtype == arrays[k].dtype and a[k].shape == arrays[k].shape and np.array_equal(a[k], arrays[k])
+                for k in a):
+            continue  # no change (an empty array emptied, ...)
+        write_arrays(tmp_path / "changed.idx", a, h, seal=False)
+        with pytest.raises(ValueError, match=r"is damaged: .*(does not match the checksum stored with it|missing|no "
+                                             r"checksum).*restore it from a backup or rebuild the index"):
+            OnlineBackfillIndex.load(tmp_path / "changed.idx")
+        count += 1
+    assert count > 200
 
 
 # ---- 6. search parameters and factory strings ---------------------------------------------------
