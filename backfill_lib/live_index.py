@@ -64,6 +64,19 @@ ids its faiss storage holds; types, dimensions, counts, search parameters, graph
 vectors fit), so a file either loads into an index that returns only the items it holds, or is
 refused with a ``ValueError`` naming it. Loading writes nothing; it removes the temporary files
 that killed saves of that path left (only those whose writing process is gone).
+
+Damage. A file of format 4 holds a SHA-256 checksum of every array (name, dtype, shape and bytes)
+in its header, and the checksum of the header in an array of its own (``header_checksum``).
+:meth:`OnlineBackfillIndex.load` checks them all before any array is interpreted or any byte
+reaches faiss or psi's reader, so a damaged file (a flipped bit, a lost sector, a bad copy) is
+refused with ``ValueError: '<path>' is damaged: <array> does not match the checksum stored with
+it; restore it from a backup or rebuild the index``, never loaded as another index nor able to
+crash the process in faiss's reader. The zip container's own CRC-32 of each array, checked as
+it is read, gives the same message. Checksums tell damage, not intent: whoever can rewrite the
+file can rewrite them, which the checks of every field above still cover. Files of formats 1 to
+3 still load, unchecked, with a warning; saving them again adds the checksums. Measured at
+10⁶ vectors of dimension 128 (one Flat part, 528 MB; one run each, on a shared and loaded
+machine, /tmp): save 0.77 s (0.48 s in format 3), load 1.48 s (1.15 s), no copy of the data.
 """
 
 from __future__ import annotations
@@ -1643,6 +1656,11 @@ class OnlineBackfillIndex(_TwoPartWrites):
         ``psi`` class named in the file is looked up among registered transforms
         (:func:`backfill_lib.transforms.register_transform`), never imported.
 
+        A file of format 4 (written by this version) is first checked against its checksums
+        (SHA-256 of every array and of the header): a damaged file is refused before any of it
+        is interpreted or handed to faiss, so it loads as the index that was saved or not at
+        all. Files of formats 1 to 3 load without that check, with a warning.
+
         Parameters
         ----------
         path : str or os.PathLike
@@ -1662,8 +1680,15 @@ class OnlineBackfillIndex(_TwoPartWrites):
         IsADirectoryError
             If ``path`` is a directory.
         ValueError
-            If ``path`` is not a file written by :meth:`save`, is damaged or altered, or names
-            a ``psi`` class that is not registered.
+            If ``path`` is not a file written by :meth:`save`, is damaged (``'<path>' is
+            damaged: <array> does not match the checksum stored with it; ...``) or altered, or
+            names a ``psi`` class that is not registered.
+
+        Warns
+        -----
+        UserWarning
+            When the file was written in format 1 to 3, before checksums: it loads, but damage
+            cannot be detected; save it again to add a checksum.
         """
         path = _check_path(path)
         if os.path.isdir(path):
