@@ -17,6 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from backfill_lib import live_index
 from backfill_lib.live_index import CHUNK_ROWS, FILE_MAGIC, OnlineBackfillIndex
 from backfill_lib.retrieval import MixedGallery
 from backfill_lib.validation import normalize_rows
@@ -239,7 +240,7 @@ def test_ivf_save_load_mid_backfill(tmp_path):
     index.save(tmp_path / "ivf.idx")
     with np.load(tmp_path / "ivf.idx") as data:
         header = json.loads(data["header"].tobytes().decode())
-    assert header["version"] == 3 and header["old_layout"] == header["new_layout"] == "ivf_lists"
+    assert header["version"] == live_index.FILE_VERSION and header["old_layout"] == header["new_layout"] == "ivf_lists"
     loaded = OnlineBackfillIndex.load(tmp_path / "ivf.idx")
     for name in ("old", "new"):
         part = loaded._parts[name]
@@ -277,7 +278,8 @@ def test_a_version_2_file_with_ivf_parts_still_loads(tmp_path):
     arrays["header"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
     with open(tmp_path / "v2.idx", "wb") as f:
         np.savez(f, **arrays)
-    loaded = OnlineBackfillIndex.load(tmp_path / "v2.idx")
+    with pytest.warns(UserWarning, match="format version 2, without a checksum"):
+        loaded = OnlineBackfillIndex.load(tmp_path / "v2.idx")
     assert (loaded.n_old, loaded.n_new) == (35, 25)
     for part in loaded._parts.values():
         assert part.capacity == part.ntotal and part.template.ntotal == 0  # lists copied out exactly
@@ -311,7 +313,8 @@ def test_a_version_1_file_still_loads(tmp_path):
                        f"{name}_tombs": np.empty(0, np.int64)})
     with open(tmp_path / "v1.idx", "wb") as f:
         np.savez(f, **arrays)
-    loaded = OnlineBackfillIndex.load(tmp_path / "v1.idx")
+    with pytest.warns(UserWarning, match="format version 1, without a checksum"):
+        loaded = OnlineBackfillIndex.load(tmp_path / "v1.idx")
     np.testing.assert_array_equal(loaded.old_ids(), [3, 5, 7])
     np.testing.assert_array_equal(loaded.new_ids(), [11])
     qo, qn = grid_unit(rng, 2, D_OLD), grid_unit(rng, 2, D_NEW)
@@ -354,8 +357,13 @@ def test_load_refuses_an_id_stored_in_both_parts(tmp_path):
     twice = int(index.old_ids()[0])
     for key in ("new_ids", "new_chunk0_ids"):
         arrays[key] = np.where(arrays[key] == arrays[key].max(), twice, arrays[key])
+    # Sealed again (fresh checksums), so that the check on what the arrays say is reached: an
+    # unsealed edit is refused earlier as damage (tests/test_live_index_flips.py).
+    header = json.loads(arrays.pop("header").tobytes().decode())
+    arrays.pop(live_index.HEADER_CHECKSUM)
+    header = {k: v for k, v in header.items() if k not in ("checksum", "checksums")}
     with open(tmp_path / "twice.idx", "wb") as f:
-        np.savez(f, **arrays)
+        np.savez(f, **live_index._seal(header, arrays))
     with pytest.raises(ValueError, match=rf"ids \[{twice}\] are stored twice"):
         OnlineBackfillIndex.load(tmp_path / "twice.idx")
 
