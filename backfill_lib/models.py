@@ -55,9 +55,10 @@ class ModelSpec:
         Backbone: a two-layer MLP on the flattened input, a three-block CNN for small images
         (``small_cnn``: one 2×2 max-pool, after its second block, made for 8×8 digits), a
         CIFAR-style ResNet-18/50 (:func:`cifar_resnet`), or ``pooled_cnn``, a three-block CNN
-        that halves the resolution after each of its first two blocks (28 → 14 → 7 px on
-        Fashion-MNIST; :func:`_pooled_cnn`): on 28-px images about 4× fewer multiply-adds
-        than ``small_cnn`` at the same width (7.5 M against 29 M per image at width 32).
+        that halves the resolution after each block and flattens the last map (28 → 14 → 7 →
+        3 px on Fashion-MNIST; at least 8×8 inputs; :func:`_pooled_cnn`): on 28-px images
+        about 4× fewer multiply-adds than ``small_cnn`` at the same width (7.5 M against 29 M
+        per image at width 32).
     embed_dim : int, default 32
         Embedding size ``d`` (``d_o`` for the old model, ``d_n`` for the new one).
     width : int, default 32
@@ -110,19 +111,26 @@ def _small_cnn(in_channels: int, width: int) -> tuple[nn.Module, int]:
     return nn.Sequential(*layers), 4 * width
 
 
-def _pooled_cnn(in_channels: int, width: int) -> tuple[nn.Module, int]:
-    """Three conv blocks with a 2×2 max-pool after each of the first two, and global average pooling.
+def _pooled_cnn(input_shape: tuple[int, ...], width: int) -> tuple[nn.Module, int]:
+    """Three conv blocks, each followed by a 2×2 max-pool; the last map is flattened, not averaged.
 
-    For 28-px images (Fashion-MNIST): blocks at 28, 14 and 7 px. ``small_cnn`` runs its second
-    block at full resolution (about 29 M multiply-adds per 28-px image at width 32, against 7.5 M
-    here, 1.9 M at width 16) and pools only once before averaging the map away.
+    For 28-px images (Fashion-MNIST): blocks at 28, 14 and 7 px, then a 3×3 map of ``4 · width``
+    channels flattened (576 features at width 16), so the embedding layer still sees where in
+    the image a feature is. ``small_cnn`` runs its second block at full resolution (about 29 M
+    multiply-adds per 28-px image at width 32, against 7.5 M here, 1.9 M at width 16) and then
+    averages the whole map away. Inputs must be at least 8 px on each side.
     """
-    def block(cin, cout):
-        return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+    channels, height, width_px = input_shape
+    if min(height, width_px) < 8:
+        raise ValueError(f"arch 'pooled_cnn' halves the image three times: it needs at least 8×8 pixels, "
+                         f"got input_shape {tuple(input_shape)}")
 
-    layers = [*block(in_channels, width), nn.MaxPool2d(2), *block(width, 2 * width), nn.MaxPool2d(2),
-              *block(2 * width, 4 * width), nn.AdaptiveAvgPool2d(1), nn.Flatten()]
-    return nn.Sequential(*layers), 4 * width
+    def block(cin, cout):
+        return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+                nn.MaxPool2d(2)]
+
+    layers = [*block(channels, width), *block(width, 2 * width), *block(2 * width, 4 * width), nn.Flatten()]
+    return nn.Sequential(*layers), 4 * width * (height // 8) * (width_px // 8)
 
 
 def _mlp(in_features: int, width: int) -> tuple[nn.Module, int]:
@@ -272,8 +280,9 @@ class EmbeddingModel(nn.Module):
     ------
     ValueError
         If ``spec.arch``, ``spec.classifier`` or ``spec.stem`` is unknown, ``spec.embed_dim < 1``,
-        ``stem="imagenet"`` is asked of an architecture that is not a ResNet, or a convolutional
-        architecture gets an ``input_shape`` that is not ``(C, H, W)``.
+        ``stem="imagenet"`` is asked of an architecture that is not a ResNet, a convolutional
+        architecture gets an ``input_shape`` that is not ``(C, H, W)``, or ``pooled_cnn`` gets
+        images smaller than 8×8.
     """
 
     def __init__(self, spec: ModelSpec, input_shape: tuple[int, ...], num_classes: int):
@@ -297,7 +306,7 @@ class EmbeddingModel(nn.Module):
         elif spec.arch == "small_cnn":
             self.backbone, feat = _small_cnn(input_shape[0], spec.width)
         elif spec.arch == "pooled_cnn":
-            self.backbone, feat = _pooled_cnn(input_shape[0], spec.width)
+            self.backbone, feat = _pooled_cnn(tuple(input_shape), spec.width)
         else:
             self.backbone, feat = cifar_resnet(18 if spec.arch == "resnet18" else 50, input_shape[0], spec.stem)
         self.embedding = nn.Linear(feat, spec.embed_dim)

@@ -91,6 +91,11 @@ def test_pooled_cnn_halves_the_resolution_after_each_of_its_first_blocks():
     assert [m.out_channels for m in pooled.modules() if isinstance(m, torch.nn.Conv2d)] == [32, 64, 128]
     assert round(macs / 1e6, 1) == 7.5 and round(small_macs / 1e6) == 29  # the figures of ModelSpec's docstring
     assert _conv_macs(build_model(ModelSpec("pooled_cnn", 32, 16), (1, 28, 28), 10, seed=0), (1, 28, 28))[0] < 2e6
+    # the last 3×3 map is flattened, not averaged: the embedding layer sees where a feature is
+    assert pooled.embedding.in_features == 128 * 3 * 3
+    assert build_model(ModelSpec("pooled_cnn", 8, 4), (3, 32, 20), 5, seed=0).embedding.in_features == 16 * 4 * 2
+    with pytest.raises(ValueError, match=r"needs at least 8×8 pixels, got input_shape \(1, 7, 28\)"):
+        build_model(ModelSpec("pooled_cnn"), (1, 7, 28), 2)
 
 
 def test_spec_to_dict_of_the_added_arch():
