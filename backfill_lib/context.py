@@ -192,7 +192,9 @@ class MethodParams:
 
 
 #: Strategies that take another strategy's tuned values (the ablations of ``mct`` take ``mct``'s).
-TUNING_FAMILY = {"mct_old_neg": "mct", "mct_new_neg": "mct", "mct_no_rho": "mct"}
+TUNING_FAMILY = {"mct_old_neg": "mct", "mct_new_neg": "mct", "mct_no_rho": "mct",
+                 # the ρ reference must train with mct's own budget (τ, steps), tuned or not
+                 "offline_rho": "mct"}
 
 
 def tuned_params(strategy: str, tuning: dict) -> MethodParams:

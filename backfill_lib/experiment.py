@@ -160,7 +160,7 @@ def run_experiment(dataset: str = "digits", old_classes=None, strategies=DEFAULT
     Parameters
     ----------
     dataset : str, default "digits"
-        ``digits``, ``synthetic``, ``cifar100`` or ``imagefolder``.
+        ``digits``, ``fashion_mnist``, ``synthetic``, ``cifar100`` or ``imagefolder``.
     old_classes : str or sequence of int, optional
         Classes of the old model (default the first half).
     strategies : sequence of str, default ("old", "offline", "rank_merge")
@@ -673,15 +673,22 @@ def _run_from_options(args) -> dict:
                           data_kwargs=data_kwargs, params=params)
 
 
+def _preset_dataset(preset: str) -> str:
+    """The dataset a preset is a recipe for: the longest dataset name it is or starts with plus "_"."""
+    # Not the text before the first "_": "fashion_mnist" is a dataset of its own.
+    return max((d for d in DATASETS if preset == d or preset.startswith(d + "_")), key=len,
+               default=preset.split("_")[0])
+
+
 def _preset_from_options(args) -> tuple[Preset | None, dict]:
     """``--preset`` and ``--image-size``: the preset must be one of the dataset's own."""
     preset = None
     if args.preset is not None:
         check_choice(args.preset, tuple(PRESETS), "--preset")
-        if args.preset.split("_")[0] != args.dataset:
-            raise _CliError(f"--preset {args.preset} is a recipe for {args.preset.split('_')[0]}, not for "
+        if _preset_dataset(args.preset) != args.dataset:
+            raise _CliError(f"--preset {args.preset} is a recipe for {_preset_dataset(args.preset)}, not for "
                             f"--dataset {args.dataset}: choose one of "
-                            f"{', '.join(p for p in PRESETS if p.split('_')[0] == args.dataset)}")
+                            f"{', '.join(p for p in PRESETS if _preset_dataset(p) == args.dataset)}")
         preset = PRESETS[args.preset]
     size = args.image_size
     if size is None and args.preset == "cifar100_bt2":

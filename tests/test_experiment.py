@@ -599,6 +599,12 @@ def test_preset_image_size_and_forward_arch_are_checked_before_any_work(no_work,
     base = ["--cache", str(tmp_path)]
     err = _cli_error(capsys, ["--dataset", "digits", "--preset", "cifar100_bt2", *base])
     assert "--preset cifar100_bt2 is a recipe for cifar100, not for --dataset digits" in err
+    # "fashion_mnist" is one dataset: its preset is not "a recipe for fashion"
+    err = _cli_error(capsys, ["--dataset", "digits", "--preset", "fashion_mnist", *base])
+    assert "--preset fashion_mnist is a recipe for fashion_mnist, not for --dataset digits" in err
+    from backfill_lib.experiment import _preset_dataset
+    assert [_preset_dataset(p) for p in ("fashion_mnist", "cifar100_bt2", "digits")] == [
+        "fashion_mnist", "cifar100", "digits"]
     err = _cli_error(capsys, ["--dataset", "digits", "--preset", "nope", *base])
     assert "--preset" in err and "cifar100_bt2" in err
     err = _cli_error(capsys, ["--dataset", "digits", "--image-size", "224", *base])
@@ -621,3 +627,12 @@ def test_bt2_preset_reaches_the_run_with_224_px_images(monkeypatch, tmp_path):
     assert main(["--dataset", "cifar100", "--image-size", "64", "--cache", str(tmp_path), "--device", "cpu"]) == 0
     assert seen["preset"] is None and seen["data_kwargs"] == {"image_size": 64}
     assert seen["params"].forward_arch == "mlp"
+
+
+def test_the_rho_reference_takes_mcts_tuned_budget():
+    # offline_rho must train with mct's τ and steps, or its gain column compares unequal budgets
+    from backfill_lib.context import tuned_params
+    tuning = {"per_strategy": {"mct": {"mct_tau": 0.3, "transform_steps": 77}}}
+    mct = tuned_params("mct", tuning)
+    ref = tuned_params("offline_rho", tuning)
+    assert (ref.mct_tau, ref.transform_steps) == (mct.mct_tau, mct.transform_steps) == (0.3, 77)
