@@ -31,10 +31,12 @@ from __future__ import annotations
 
 import inspect
 import io
+import json
 import os
 import tempfile
 import threading
 import warnings
+import zipfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -643,7 +645,71 @@ FILE_FORMAT = "backfill_lib.transforms.FittedTransform"
 #: Version 2 names the class by its registered name (:func:`register_transform`) and stores a
 #: SHA-256 checksum of the class, sizes, hyper-parameters and weights; files of version 1 (the
 #: class's bare name, no checksum) still load, with a warning that they cannot be checked.
-FILE_VERSION = 2
+FILE_VERSION = 3
+#: Version 3 and later are written as a NumPy ``.npz`` archive of raw arrays (a JSON header and
+#: one array per tensor), read with ``np.load(allow_pickle=False)``: no pickle is involved at all.
+#: Versions 1 and 2 were ``torch.save`` files; they are still read, with
+#: ``torch.load(weights_only=True)`` (a restricted unpickler that builds only tensors and plain types).
+NPZ_VERSION = 3
+
+
+# --- The file container: raw arrays, no pickle ------------------------------------------------
+
+_NPZ_HEADER = "header"
+
+
+def _npz_bytes(blob: dict) -> bytes:
+    """``blob`` (plain JSON types and a ``state_dict`` of tensors) as an ``.npz`` archive of raw arrays."""
+    state = blob["state_dict"]
+    names = list(state)
+    header = {key: value for key, value in blob.items() if key != "state_dict"}
+    header["tensors"] = names
+    arrays = {_NPZ_HEADER: np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)}
+    for i, name in enumerate(names):
+        arrays[f"t{i}"] = state[name].detach().cpu().contiguous().numpy()
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def _is_npz(data: bytes) -> bool:
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            return f"{_NPZ_HEADER}.npy" in archive.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError, RuntimeError):
+        return False
+
+
+def _parse_blob(data: bytes, not_ours: str, damaged: str) -> dict:
+    """The dict a transform file holds, read without running code.
+
+    Format 3 on: ``np.load(allow_pickle=False)`` of raw arrays. Formats 1 and 2 (``torch.save``):
+    ``torch.load(weights_only=True)``.
+    """
+    if _is_npz(data):
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+                blob = json.loads(archive[_NPZ_HEADER].tobytes().decode())
+                names = blob.pop("tensors")
+                if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+                    raise ValueError("its list of tensors is not a list of names")
+                if set(archive.files) != {_NPZ_HEADER, *(f"t{i}" for i in range(len(names)))}:
+                    raise ValueError("its arrays are not the ones its header lists")
+                blob["state_dict"] = {name: torch.from_numpy(np.array(archive[f"t{i}"]))
+                                      for i, name in enumerate(names)}
+        except Exception as exc:  # noqa: BLE001 - zip, CRC, JSON, npy-header errors of a damaged file
+            raise ValueError(f"{damaged} (it cannot be read: {type(exc).__name__}: {exc}); re-fit or restore "
+                             "the file") from None
+        if not isinstance(blob, dict):
+            raise ValueError(not_ours)
+        return blob
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several kinds (unpickling, zip, EOF) for a foreign file
+        why = f"torch could not read it safely: {type(exc).__name__}"
+        if FILE_FORMAT.encode() in data:  # ours, but damaged
+            raise ValueError(f"{damaged} ({why}); re-fit or restore the file") from None
+        raise ValueError(f"{not_ours} ({why})") from None
 
 
 # --- Registry of the classes a file may name ---------------------------------------------------
@@ -958,11 +1024,11 @@ class FittedTransform:
     def to_bytes(self) -> bytes:
         """The fitted transform as bytes, in the format of :meth:`save` (read back by :meth:`from_bytes`).
 
-        Plain types and tensors written by ``torch.save`` (readable with
-        ``torch.load(weights_only=True)``, no pickled code): the weights, sizes and
-        hyper-parameters, the registered name of the class (:func:`transform_name`; a class that
-        is not registered is named ``"<module>:<qualified name>"`` and must be registered before
-        loading) and a SHA-256 checksum of all four.
+        A NumPy ``.npz`` archive of raw arrays, with no pickle in it: a JSON header (the sizes
+        and hyper-parameters, the registered name of the class (:func:`transform_name`; a class
+        that is not registered is named ``"<module>:<qualified name>"`` and must be registered
+        before loading) and a SHA-256 checksum of all of them and of the weights) and one array
+        per weight tensor.
 
         Returns
         -------
@@ -976,9 +1042,7 @@ class FittedTransform:
         ValueError
             If the weights hold NaN or infinite values.
         """
-        buffer = io.BytesIO()
-        torch.save(self._blob(), buffer)
-        return buffer.getvalue()
+        return _npz_bytes(self._blob())
 
     def save(self, path) -> Path:
         """Write the fitted weights with their dimensions, hyper-parameters, class name and checksum.
@@ -1032,8 +1096,9 @@ class FittedTransform:
     def load(cls, path, device=None) -> "FittedTransform":
         """Read a transform written by :meth:`save`, ready to :meth:`transform`.
 
-        Loading is safe: ``torch.load(weights_only=True)`` runs no code from the file, and the
-        class is looked up among the registered ones (:func:`register_transform`), never
+        Loading is safe: the weights are raw arrays read with ``np.load(allow_pickle=False)``
+        (files of formats 1 and 2, written by ``torch.save``, with ``torch.load(weights_only=True)``),
+        so no code from the file runs, and the class is looked up among the registered ones (:func:`register_transform`), never
         imported. ``FittedTransform.load`` returns whichever class the file holds;
         ``ReverseTransform.load`` and ``ForwardTransform.load`` insist on their own (or a
         subclass). The checks are those of :meth:`from_bytes`.
@@ -1084,7 +1149,8 @@ class FittedTransform:
         """Read a transform from the bytes of :meth:`to_bytes` (or of a file written by :meth:`save`).
 
         The same checks as :meth:`load`, in memory (no file, no temporary file):
-        ``torch.load(weights_only=True)`` on the bytes (no code runs), the class looked up
+        ``np.load(allow_pickle=False)`` on the bytes (``torch.load(weights_only=True)`` for
+        formats 1 and 2; no code runs), the class looked up
         among the registered ones (:func:`register_transform`), the SHA-256 checksum of the
         class, sizes, hyper-parameters and weights compared with the one stored, non-finite
         weights refused, and each tensor's name, shape and dtype compared with the module the
@@ -1139,13 +1205,7 @@ class FittedTransform:
         noun = "transform" if source == "data" else "transform file"
         not_ours = f"{source} is not a {noun} written by ReverseTransform.save or ForwardTransform.save"
         damaged = f"{source} is damaged"
-        try:
-            blob = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        except Exception as exc:  # torch raises several kinds (unpickling, zip, EOF) for a foreign file
-            why = f"torch could not read it safely: {type(exc).__name__}"
-            if FILE_FORMAT.encode() in data:  # ours, but damaged
-                raise ValueError(f"{damaged} ({why}); re-fit or restore the file") from None
-            raise ValueError(f"{not_ours} ({why})") from None
+        blob = _parse_blob(data, not_ours, damaged)
         if not isinstance(blob, dict) or blob.get("format") != FILE_FORMAT:
             raise ValueError(not_ours)
         version = blob.get("version")

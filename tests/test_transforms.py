@@ -146,6 +146,7 @@ def test_rows_off_unit_norm_are_refused_unless_normalize():
 
 # --- ReverseTransform / ForwardTransform (issue 7, section 3) ------------------------------------
 
+from backfill_lib import transforms  # noqa: E402
 from backfill_lib.transforms import (FILE_VERSION, FittedTransform, ForwardTransform, NotFittedError,  # noqa: E402
                                      ReverseTransform)
 
@@ -234,8 +235,11 @@ def test_save_load_round_trip_gives_identical_outputs(fitted, tmp_path):
 
 def test_saved_file_loads_safely_and_holds_its_metadata(fitted, tmp_path):
     psi = fitted[3]
-    blob = torch.load(psi.save(tmp_path / "psi.pt"), weights_only=True)   # plain types and tensors only
-    assert blob["class"] == "backfill_lib.transforms:ReverseTransform" and blob["version"] == FILE_VERSION == 2
+    path = psi.save(tmp_path / "psi.pt")
+    with np.load(path, allow_pickle=False) as archive:  # raw arrays only: no pickle anywhere
+        assert all(archive[key].dtype != object for key in archive.files)
+    blob = transforms._parse_blob(path.read_bytes(), "not ours", "damaged")
+    assert blob["class"] == "backfill_lib.transforms:ReverseTransform" and blob["version"] == FILE_VERSION == 3
     assert isinstance(blob["checksum"], str) and len(blob["checksum"]) == 64
     assert blob["dims"] == {"dim_in": 6, "dim_out": 4}
     assert blob["params"]["objective"] == "mc" and blob["params"]["learn_rho"] is True
@@ -340,7 +344,7 @@ def test_load_errors_name_the_file_and_the_fix(fitted, tmp_path):
     h.save(tmp_path / "h.pt")
     with pytest.raises(ValueError, match="holds a ForwardTransform, not a ReverseTransform: load it with ForwardTransform.load"):
         ReverseTransform.load(tmp_path / "h.pt")
-    blob = torch.load(psi.save(tmp_path / "psi.pt"), weights_only=True)
+    blob = transforms._parse_blob(psi.save(tmp_path / "psi.pt").read_bytes(), "not ours", "damaged")
     torch.save({**blob, "version": FILE_VERSION + 1}, tmp_path / "newer.pt")
     with pytest.raises(ValueError, match="newer than this backfill_lib reads.*upgrade backfill_lib"):
         ReverseTransform.load(tmp_path / "newer.pt")
@@ -363,7 +367,7 @@ def test_save_is_atomic(fitted, tmp_path, monkeypatch):
 
     def crash(*args, **kwargs):
         raise OSError("disk full")
-    monkeypatch.setattr(torch, "save", crash)
+    monkeypatch.setattr(transforms.os, "fsync", crash)  # the temp file is written, then the disk fails
     with pytest.raises(OSError, match="disk full"):
         psi.save(path)
     assert path.read_bytes() == before                          # the old file is intact

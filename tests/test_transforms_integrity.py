@@ -37,7 +37,7 @@ def psi():
 
 
 def _blob(obj):
-    return torch.load(io.BytesIO(obj.to_bytes()), weights_only=True)
+    return transforms._parse_blob(obj.to_bytes(), "not ours", "damaged")
 
 
 def _forged(blob, **changes):
@@ -183,7 +183,7 @@ def test_to_bytes_and_from_bytes_round_trip_without_files(psi, tmp_path, monkeyp
         np.testing.assert_array_equal(back.transform(new), p.transform(new))
         np.testing.assert_array_equal(back.new_embedding(new), p.new_embedding(new))
         assert back.get_params() == p.get_params() and not back.module_.training
-    assert all(isinstance(f, io.BytesIO) and kw.get("weights_only") is True for f, kw in loads)
+    assert loads == []  # format 3 is raw arrays: torch's (restricted) unpickler is never called
     with pytest.raises(ValueError, match="^data holds a ReverseTransform, not a ForwardTransform"):
         ForwardTransform.from_bytes(data, device="cpu")
 
@@ -428,3 +428,37 @@ def test_a_missing_hyper_parameter_is_not_replaced_by_its_default(small):
 def test_a_class_name_that_is_not_a_string_is_refused(small, name):
     with pytest.raises(ValueError, match="^data is damaged: its class name .* is not a string"):
         FittedTransform.from_bytes(_forged(_blob(small[1]), **{"class": name}), device="cpu")
+
+
+def test_a_format_2_file_written_by_torch_save_still_loads_with_weights_only(small, monkeypatch):
+    # Format 2 was a torch.save file; it is read with torch.load(weights_only=True) and checked
+    # against its checksum, which does not depend on the container.
+    x, h = small
+    blob = {**_blob(h), "version": 2}
+    buffer = io.BytesIO()
+    torch.save(blob, buffer)
+    loads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda f, **kw: loads.append(kw) or real_load(f, **kw))
+    back = ForwardTransform.from_bytes(buffer.getvalue(), device="cpu")
+    np.testing.assert_array_equal(back.transform(x), h.transform(x))
+    assert loads and all(kw.get("weights_only") is True for kw in loads)
+    # and a checksum that does not match is refused in that container too
+    blob["state_dict"] = {k: v + 1 if v.is_floating_point() else v for k, v in blob["state_dict"].items()}
+    buffer = io.BytesIO()
+    torch.save(blob, buffer)
+    with pytest.raises(ValueError, match="damaged: its weights do not match the checksum"):
+        ForwardTransform.from_bytes(buffer.getvalue(), device="cpu")
+
+
+def test_an_npz_holding_a_pickled_array_is_refused_without_unpickling(small):
+    # np.load(allow_pickle=False): an object array in the archive is refused, never unpickled
+    x, h = small
+    data = h.to_bytes()
+    with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+        arrays = {k: archive[k] for k in archive.files}
+    arrays["t0"] = np.array([object()], dtype=object)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    with pytest.raises(ValueError, match="data is damaged"):
+        FittedTransform.from_bytes(buffer.getvalue(), device="cpu")
