@@ -30,7 +30,7 @@ from .data import BackfillData
 from .models import EmbeddingModel, ModelSpec, build_model
 from .training import (TrainConfig, cache_key, check_cache_dir, extract_embeddings, resolve_device, train,
                        train_or_load)
-from .validation import check_choice, check_non_negative, check_positive_int
+from .validation import check_choice, check_non_negative, check_positive_int, check_seed  # noqa: F401 (re-exported)
 
 
 @dataclass(frozen=True)
@@ -270,40 +270,6 @@ def init_seed(name: str, seed: int) -> int:
     True
     """
     return zlib.crc32(f"{name}:{seed}".encode())
-
-
-def check_seed(seed, name: str = "seed") -> int:
-    """Check a run's seed: an integer in ``0 .. 2**32 - 1`` (what numpy and torch both accept).
-
-    Parameters
-    ----------
-    seed : int
-        The seed.
-    name : str, default "seed"
-        Argument name used in error messages (e.g. ``"--seeds"`` for the command line).
-
-    Returns
-    -------
-    int
-        The seed as a Python int.
-
-    Raises
-    ------
-    ValueError
-        If ``seed`` is negative or too large.
-    TypeError
-        If ``seed`` is not an integer (a bool or a float is refused).
-
-    Examples
-    --------
-    >>> check_seed(3)
-    3
-    """
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise TypeError(f"{name} must be an integer, got {seed!r}")
-    if not 0 <= seed < 2**32:
-        raise ValueError(f"{name} must be between 0 and 2**32 - 1, got {seed}: give a non-negative integer seed")
-    return int(seed)
 
 
 @dataclass

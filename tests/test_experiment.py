@@ -189,7 +189,7 @@ def _cli_error(capsys, argv) -> str:
     (["--strategies", ""], "error: --strategies is empty: give at least one of: old, offline"),
     (["--strategies", " , "], "error: --strategies is empty"),
     (["--strategies", "old,old"], "error: --strategies lists 'old' twice"),
-    (["--seeds=-1"], "error: --seeds must be between 0 and 2**32 - 1, got -1"),
+    (["--seeds=-1"], "error: --seeds must be an integer seed in 0 .. 2**32 - 1, got -1"),
     (["--seeds", "0,1.5"], "error: --seeds must be comma-separated non-negative integers, e.g. 0,1,2 (got '0,1.5')"),
     (["--seeds", "zero"], "error: --seeds must be comma-separated non-negative integers"),
     (["--seeds", ""], "error: --seeds is empty"),
@@ -232,7 +232,7 @@ def test_cli_out_and_markdown_must_differ(no_work, capsys, tmp_path):
 
 
 def test_run_experiment_checks_before_loading_data(no_work, tmp_path):
-    with pytest.raises(ValueError, match="seeds must be between 0 and 2"):
+    with pytest.raises(ValueError, match=r"seeds must be an integer seed in 0 \.\. 2"):
         _run(tmp_path, seeds=(0, -1))
     with pytest.raises(TypeError, match="seeds must be an integer"):
         _run(tmp_path, seeds=(0.5,))
