@@ -36,6 +36,7 @@ COLORS: dict[str, str] = {
     "mct_old_neg": "#98df8a",
     "mct_new_neg": "#17becf",
     "mct_no_rho": "#e377c2",
+    "offline_rho": "#00441b",       # reference (ours): mct's head ρ on the new space alone, a dark mct green
     # score spaces: what a query is compared with (never a model's colour, see SPACES)
     "old_stored": "#c49a00",        # φ_o(q)·φ_o(g): old query against an old-stored item
     "new_stored": "#00429d",        # new-side query against a new-stored item
@@ -61,6 +62,7 @@ LABELS: dict[str, str] = {
     "mct_old_neg": "MCT, old-space negatives only",
     "mct_new_neg": "MCT, new-space negatives only",
     "mct_no_rho": "MCT without learnable ρ",
+    "offline_rho": "reference: new/new through a head ρ (ours)",
     "old_stored": "old space: φ_o(q)·φ_o(g)",
     "new_stored": "new space: query · new-stored item",
     "cross": "cross: new-side query · old-stored item",
@@ -559,6 +561,11 @@ DIAGRAMS: dict = {  # name -> _Diagram (a private record)
     "mct_no_rho": _Diagram(_STORED_OLD, _STORED_NEW, _Lane(PHI_N, _PSI, _PSI_Q), _Lane(PHI_N, None, _NEW_Q),
                            _ONE_NEW + r" + head $\psi$", "one ranking by score (spaces made comparable)",
                            trained=r"ablation: $\psi$ trained with $L_{mc}$, $\rho$ = identity"),
+    "offline_rho": _Diagram(r"$\hat\rho_{ref}(\varphi_n(g))$", None,
+                            _Lane(PHI_N, _RHO, r"$\hat\rho_{ref}(\varphi_n(q))$", note="every item at once"), None,
+                            _ONE_NEW + r" + head $\rho_{ref}$",
+                            "reference, not a backfill: the whole gallery re-embedded at once",
+                            trained=r"$\rho_{ref}$: mct's head and budget, new-space term of $L_{mc}$ only"),
 }
 
 # Layout of a diagram, in axes coordinates (x, y in [0, 1]).
@@ -598,7 +605,7 @@ def plot_strategy_diagram(strategy: str, ax=None):
         :data:`~backfill_lib.strategies.STRATEGY_REGISTRY`): ``"old"``, ``"offline"``,
         ``"new_on_old"``, ``"bct"``, ``"ra_bct"``, ``"rank_merge"``, ``"reverse_transform"``,
         ``"forward_transform"``, ``"mct"`` and the ablations ``"mct_old_neg"``, ``"mct_new_neg"``,
-        ``"mct_no_rho"``.
+        ``"mct_no_rho"``, and the reference ``"offline_rho"``.
     ax : matplotlib Axes, optional
         Where to draw; default a new 6 × 3 inch figure.
 
