@@ -14,8 +14,10 @@ from dataclasses import dataclass
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.lines import Line2D
-from matplotlib.patches import FancyArrowPatch, FancyBboxPatch, Patch
+from matplotlib.patches import FancyArrowPatch, FancyBboxPatch, Patch, Rectangle
 from matplotlib.ticker import PercentFormatter
+
+from .validation import as_labels, check_k, check_no_repeats, check_positive_int
 
 #: One colour per meaning, book-wide: models, strategies and score spaces never share a colour.
 COLORS: dict[str, str] = {
@@ -43,6 +45,11 @@ COLORS: dict[str, str] = {
     "cross": "#c51b7d",             # transformed or new query against an old-stored item
     # a gallery upgraded twice (chapter 7): v1 is drawn as old_stored, v3 as new_stored
     "v2_stored": "#626e4e",         # the version in between: half-way between those two colours
+    # relevance of a retrieved item (plot_query_results): Okabe-Ito's bluish green and vermillion,
+    # darkened to a contrast of 5.3:1 on white, told apart under red-green colour blindness, and
+    # always drawn with a symbol (✓ / ✗) too, so the meaning never rests on colour alone
+    "relevant": "#007a5a",
+    "irrelevant": "#c13c00",
 }
 
 #: Human-readable names for legends.
@@ -67,6 +74,8 @@ LABELS: dict[str, str] = {
     "new_stored": "new space: query · new-stored item",
     "cross": "cross: new-side query · old-stored item",
     "v2_stored": "stored under the intermediate version v2",
+    "relevant": "✓ same class as the query",
+    "irrelevant": "✗ another class",
 }
 
 #: The score spaces of :func:`plot_score_distributions`, in legend order.
@@ -776,6 +785,408 @@ def show_image(ax, image, stored: str | None = None, correct: bool | None = None
     text = " ".join(t for t in (title, {True: "✓", False: "✗", None: None}[correct]) if t)
     if text:
         ax.set_title(text, fontsize=8)
+    return ax
+
+
+# --- Images: a query and its results, and what a model confuses ----------------------------------
+
+def _as_image_stack(images, name: str) -> np.ndarray:
+    """``images`` as a float (n, C, H, W) array, C in {1, 3}, from (n, H, W), (n, 1, H, W) or (n, 3, H, W)."""
+    if hasattr(images, "detach"):  # torch.Tensor, without importing torch here
+        images = images.detach().cpu().numpy()
+    x = np.asarray(images)
+    if x.dtype == object or x.dtype == bool or not np.issubdtype(x.dtype, np.number) \
+            or np.issubdtype(x.dtype, np.complexfloating):
+        raise TypeError(f"{name} must be an array of real numbers, got dtype {x.dtype}")
+    if x.ndim == 3:
+        x = x[:, None]
+    if x.ndim != 4 or x.shape[1] not in (1, 3) or 0 in x.shape:
+        raise ValueError(f"{name} must have shape (n, H, W), (n, 1, H, W) or (n, 3, H, W) with n, H, W > 0, "
+                         f"got {np.shape(images)}")
+    x = x.astype(np.float64)
+    if not np.isfinite(x).all():
+        raise ValueError(f"{name} holds NaN or infinity")
+    return x
+
+
+def _as_ids(ids, name: str, n: int) -> np.ndarray:
+    """Gallery ids as an int64 array (any shape), each in 0 .. n - 1."""
+    if hasattr(ids, "detach"):
+        ids = ids.detach().cpu().numpy()
+    a = np.asarray(ids)
+    if a.dtype == bool or not np.issubdtype(a.dtype, np.integer):
+        raise TypeError(f"{name} must hold integer gallery ids, got dtype {a.dtype}")
+    bad = a[(a < 0) | (a >= n)]
+    if bad.size:
+        raise ValueError(f"{name} has ids out of range {np.unique(bad)[:5].tolist()}: the gallery has {n} "
+                         f"items (ids 0 .. {n - 1})")
+    return a.astype(np.int64)
+
+
+def _check_class_names(class_names, max_label: int, name: str = "class_names") -> list[str] | None:
+    if class_names is None:
+        return None
+    if isinstance(class_names, str):
+        raise TypeError(f"{name} must be a list of names, one per class, not the string {class_names!r}")
+    names = [str(c) for c in class_names]
+    if len(names) <= max_label:
+        raise ValueError(f"{name} has {len(names)} names, but the labels go up to {max_label}: give one name "
+                         "per class, indexed by label")
+    return names
+
+
+def _wrap_name(text: str, width: int) -> str:
+    """Break a class name longer than ``width`` characters over two lines, after a '/' or at a space.
+
+    The break nearest the middle is taken; a name with no such place stays on one line.
+    """
+    if len(text) <= width:
+        return text
+    cuts = [i + 1 for i, ch in enumerate(text) if ch == "/"] + [i for i, ch in enumerate(text) if ch == " "]
+    if not cuts:
+        return text
+    cut = min(cuts, key=lambda i: abs(i - len(text) / 2))
+    return text[:cut].rstrip() + "\n" + text[cut:].lstrip()
+
+
+def plot_query_results(images, labels, query, rankings: dict, k: int = 8, class_names=None,
+                       denormalize=None, title: str | None = None, width: float = 6.0):
+    """A query image and its top-``k`` results under each model: one row per model.
+
+    The query is drawn once, on the left. Each row shows one model's top-``k`` gallery images,
+    best first, each framed in ``COLORS["relevant"]`` and marked ✓ when its label is the query's,
+    framed in ``COLORS["irrelevant"]`` and marked ✗ when it is not (the symbol carries the meaning
+    without colour); the class name is written under every image. Above each row: the model's
+    legend name (:func:`label`, in its colour from :data:`COLORS` when it has one) and its
+    precision@k, the share of the ``k`` results that are relevant.
+
+    Display of the pixels: with ``denormalize=None`` the images shown (the query and every result)
+    are rescaled together, by one minimum and one maximum over all of them, to [0, 1]. The datasets
+    standardise with one mean and std per dataset (or per channel), an affine map, so this undoes
+    the standardisation up to contrast and keeps the brightness of the images comparable; no
+    image is stretched on its own. Give ``denormalize`` to map the stored values back exactly
+    (e.g. ``lambda x: x * std + mean``); its output is clipped to [0, 1]. One-channel images are
+    drawn with the ``gray_r`` colour map (0 is white), as :func:`show_image` draws them: digits
+    appear as dark ink, Fashion-MNIST's items (stored as negatives, background 0) as dark
+    products on white, as in the original shop photos.
+
+    Parameters
+    ----------
+    images : array-like, shape (n, H, W), (n, 1, H, W) or (n, 3, H, W)
+        The gallery's images as the dataset gives them (a tensor works too), e.g.
+        ``data.test.tensors[0]``; 8 × 8 digits, 28 × 28 Fashion-MNIST or RGB images.
+    labels : array-like of int, shape (n,)
+        The class of every gallery image; relevance is the same class as the query.
+    query : int or (image, label)
+        The query: the index of a gallery image (the book's leave-one-out protocol, as
+        :func:`~backfill_lib.retrieval.search` with ``exclude_self=True``; it must not appear in
+        its own results), or a pair of an image of shape (H, W), (1, H, W) or (3, H, W) and its
+        label, for a query from outside the gallery.
+    rankings : dict of str to array-like of int
+        Model name -> that model's ranking of the gallery for this query: gallery ids (indices into
+        ``images``), best first, at least ``k`` of them, e.g. ``{"old": ids_old[q], "new":
+        ids_new[q]}``. One row per entry, in the dict's order; names with a legend name
+        (``"old"``, ``"new"``, a strategy) are shown by it, others as given.
+    k : int, default 8
+        Results shown per model; 8 fit a 6-inch-wide figure.
+    class_names : sequence of str, optional
+        Name of each class, indexed by label (e.g. ``FASHION_MNIST_CLASSES``); default the label
+        numbers.
+    denormalize : callable, optional
+        Maps one stored image, an array of shape (C, H, W), to displayable values in [0, 1];
+        default one shared min/max rescaling (see above).
+    title : str, optional
+        Default ``"A query and its top <k> results per model (✓ same class, ✗ another class)"``.
+    width : float, default 6.0
+        Figure width in inches (6 reads on a phone); the height follows from the number of rows.
+
+    Returns
+    -------
+    matplotlib Figure
+        The figure. ``fig.axes`` are the query's axes, then ``k`` axes per model, row by row;
+        each result's axes title is its rank and symbol (``"1 ✓"``), its x label the class name.
+
+    Raises
+    ------
+    TypeError
+        If ``rankings`` is not a dict, ids or labels are not integers, ``query`` is neither an
+        index nor an (image, label) pair, or ``denormalize`` is not callable.
+    ValueError
+        If ``images`` has the wrong shape, ``labels`` does not match it, ``rankings`` is empty, a
+        ranking is not 1-D, has ids out of range, repeats an id in its top ``k`` or contains the
+        query itself, ``k`` is larger than a ranking, ``class_names`` is too short, or
+        ``denormalize`` changes an image's shape.
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> fig = plot_query_results(rng.uniform(size=(20, 8, 8)), np.arange(20) % 2, query=0,
+    ...                          rankings={"old": [1, 2, 3, 4], "new": [2, 4, 6, 8]}, k=4)
+    >>> [ax.get_title() for ax in fig.axes[5:9]]
+    ['1 ✓', '2 ✓', '3 ✓', '4 ✓']
+    """
+    x = _as_image_stack(images, "images")
+    n = len(x)
+    y = as_labels(labels, "labels", n=n)
+    if isinstance(query, (int, np.integer)) and not isinstance(query, bool):
+        if not 0 <= query < n:
+            raise ValueError(f"query={query} is out of range: images has {n} items (ids 0 .. {n - 1})")
+        q_image, q_label, q_id = x[int(query)], int(y[query]), int(query)
+    elif isinstance(query, (tuple, list)) and len(query) == 2:
+        q_image = _as_image_stack(np.asarray(query[0])[None], "query's image")[0]
+        q_label, q_id = int(as_labels([query[1]], "query's label")[0]), None
+    else:
+        raise TypeError(f"query must be a gallery index or an (image, label) pair, got {type(query).__name__}")
+    if not isinstance(rankings, dict):
+        raise TypeError(f"rankings must be a dict {{model name: gallery ids}}, got {type(rankings).__name__}")
+    if not rankings:
+        raise ValueError("rankings is empty: give {model name: gallery ids, best first} for at least one model")
+    k = check_k(k, n - (q_id is not None), name="k")
+    tops = {}
+    for name, ids in rankings.items():
+        what = f"rankings[{name!r}]"
+        ids = _as_ids(ids, what, n)
+        if ids.ndim != 1:
+            raise ValueError(f"{what} must be one ranking (1-D gallery ids), got shape {ids.shape}; for the ids "
+                             "of all queries, pass the query's row: ids[query]")
+        if len(ids) < k:
+            raise ValueError(f"k={k} is larger than {what} ({len(ids)} ids): ask for at most {len(ids)}")
+        top = ids[:k]
+        check_no_repeats(top, what, "a ranking lists each gallery item once")
+        if q_id is not None and q_id in top:
+            raise ValueError(f"{what} contains the query itself (id {q_id}) in its top {k}: rank the gallery "
+                             "without the query (search(..., exclude_self=True))")
+        tops[name] = top
+    names = _check_class_names(class_names, int(max(y.max(), q_label)))
+    if denormalize is not None and not callable(denormalize):
+        raise TypeError(f"denormalize must be a function of one image (C, H, W), got {type(denormalize).__name__}")
+
+    # The pixels to show: one shared min/max rescaling, or the caller's denormalize.
+    shown = [q_image] + [x[i] for top in tops.values() for i in top]
+    if denormalize is None:
+        lo, hi = min(im.min() for im in shown), max(im.max() for im in shown)
+        scale = (lambda im: (im - lo) / (hi - lo)) if hi > lo else (lambda im: np.zeros_like(im))
+    else:
+        def scale(im):
+            out = np.asarray(denormalize(im.copy()), dtype=np.float64)
+            if out.shape != im.shape:
+                raise ValueError(f"denormalize must keep an image's shape {im.shape}, returned {out.shape}")
+            return np.clip(out, 0.0, 1.0)
+
+    # Layout in inches: the query on the left, then k results per row, each row with a header.
+    k_cols, rows = k, len(tops)
+    left, right, gap_query, gap = 0.08, 0.08, 0.32, 0.1
+    query_scale = 1.5  # the query is drawn 1.5 times as large as a result
+    side = (width - left - right - gap_query - (k_cols - 1) * gap) / (k_cols + query_scale)
+    head, foot, top_margin = 0.44, 0.3, 0.3   # row label + rank line; class name (two lines); title
+    pitch = head + side + foot
+    height = top_margin + rows * pitch + 0.04
+    fig = plt.figure(figsize=(width, height))
+
+    def axes_at(x0, y0, w, h):  # inches from the bottom left -> a new axes
+        return fig.add_axes((x0 / width, y0 / height, w / width, h / height))
+
+    font = 7.5
+    chars = max(4, int((side + gap) * 72 / (font * 0.56)))  # how many characters fit under an image
+
+    def class_name(lab: int) -> str:
+        return _wrap_name(names[lab] if names is not None else str(lab), chars)
+
+    def draw(ax, im):
+        im = scale(im)
+        if im.shape[0] == 1:
+            ax.imshow(im[0], cmap="gray_r", vmin=0.0, vmax=1.0)
+        else:
+            ax.imshow(im.transpose(1, 2, 0))
+        ax.set_xticks([])
+        ax.set_yticks([])
+
+    q_side = min(query_scale * side, rows * pitch - head - foot)
+    images_bottom = 0.04 + foot                       # bottom of the last row's images
+    images_top = height - top_margin - head           # top of the first row's images
+    q_ax = axes_at(left, (images_bottom + images_top - q_side) / 2, q_side, q_side)
+    draw(q_ax, q_image)
+    for spine in q_ax.spines.values():  # a plain frame: the query is neither relevant nor not
+        spine.set_visible(True)
+        spine.set_edgecolor("#333333")
+        spine.set_linewidth(1.0)
+    q_ax.set_title("query", fontsize=9, fontweight="bold")
+    q_ax.set_xlabel(class_name(q_label), fontsize=font + 1)
+    x_results = left + query_scale * side + gap_query
+    for row, (name, top) in enumerate(tops.items()):
+        y0 = height - top_margin - row * pitch - head - side
+        relevant = y[top] == q_label
+        hits = int(relevant.sum())
+        for j, (item, rel) in enumerate(zip(top, relevant)):
+            ax = axes_at(x_results + j * (side + gap), y0, side, side)
+            draw(ax, x[item])
+            c = color("relevant" if rel else "irrelevant")
+            for spine in ax.spines.values():
+                spine.set_visible(True)
+                spine.set_edgecolor(c)
+                spine.set_linewidth(2.5)
+            ax.set_title(f"{j + 1} {'✓' if rel else '✗'}", fontsize=8, color=c, fontweight="bold", pad=2)
+            ax.set_xlabel(class_name(int(y[item])), fontsize=font, labelpad=2)
+            if j == 0:
+                ax.annotate(f"{label(name)}: precision@{k} = {hits / k:.2f} ({hits} of {k} relevant)",
+                            xy=(0, 1), xycoords="axes fraction", xytext=(0, 15), textcoords="offset points",
+                            ha="left", va="bottom", fontsize=9, fontweight="bold",
+                            color=color(name) if name in COLORS else "black")
+    fig.suptitle(title or f"A query and its top {k} results per model (✓ same class, ✗ another class)",
+                 x=0.5, y=1 - 0.06 / height, va="top", fontsize=10.5)
+    return fig
+
+
+def topk_class_shares(ids, gallery_labels, query_labels, k: int, query_classes=None,
+                      num_classes: int | None = None) -> np.ndarray:
+    """The share of each class among the top-``k`` results, averaged over the queries of each class.
+
+    Row ``i`` is query class ``query_classes[i]``, column ``j`` result class ``j``: entry
+    ``(i, j)`` is, over the queries of class ``query_classes[i]``, the mean share of their top
+    ``k`` results that have label ``j``. Each row sums to 1; the entry at the query's own class
+    is the mean precision@k of those queries, the others say which classes a model confuses
+    them with. (A computation on rankings, kept here beside :func:`plot_confusions`, which draws
+    it; it would sit as well in :mod:`~backfill_lib.metrics`.)
+
+    Parameters
+    ----------
+    ids : array-like of int, shape (n_queries, >= k)
+        Each query's ranking, gallery ids best first: the ``ids`` of
+        :func:`~backfill_lib.retrieval.search` (with ``exclude_self=True`` when the queries are
+        the gallery).
+    gallery_labels : array-like of int, shape (n_gallery,)
+        The class of every gallery item.
+    query_labels : array-like of int, shape (n_queries,)
+        The class of every query.
+    k : int
+        How many results per query count.
+    query_classes : sequence of int, optional
+        The rows, in order, e.g. the classes the old model never saw; default every class that
+        has a query. Queries of other classes are left out.
+    num_classes : int, optional
+        The number of columns; default one more than the largest label.
+
+    Returns
+    -------
+    ndarray, shape (len(query_classes), num_classes)
+        The shares, in [0, 1], rows summing to 1.
+
+    Raises
+    ------
+    TypeError
+        If ids or labels are not integers, or ``k`` is not an integer.
+    ValueError
+        If ``ids`` is not 2-D with one row per query and at least ``k`` columns, has ids out of
+        range, a query class has no query, or a label is not below ``num_classes``.
+
+    Examples
+    --------
+    >>> topk_class_shares([[1, 2], [0, 2]], gallery_labels=[0, 0, 1], query_labels=[0, 0], k=2)
+    array([[0.5, 0.5]])
+    """
+    g = as_labels(gallery_labels, "gallery_labels")
+    q = as_labels(query_labels, "query_labels")
+    a = _as_ids(ids, "ids", len(g))
+    if a.ndim != 2 or len(a) != len(q):
+        raise ValueError(f"ids must have one row of gallery ids per query, shape ({len(q)}, >= k), got {a.shape}")
+    k = check_k(k, a.shape[1], name="k")
+    top_labels = g[a[:, :k]]
+    largest = int(max(g.max(), q.max()))
+    if (g < 0).any() or (q < 0).any():
+        raise ValueError("labels must be class numbers 0, 1, 2, ...: got a negative label")
+    if num_classes is None:
+        num_classes = largest + 1
+    num_classes = check_positive_int(num_classes, "num_classes")
+    if largest >= num_classes:
+        raise ValueError(f"num_classes={num_classes}, but a label is {largest}: labels must be below num_classes")
+    rows = np.unique(q) if query_classes is None else as_labels(query_classes, "query_classes")
+    shares = np.zeros((len(rows), num_classes))
+    for i, c in enumerate(rows):
+        mine = top_labels[q == c]
+        if len(mine) == 0:
+            raise ValueError(f"query_classes has class {int(c)}, but no query has that class")
+        shares[i] = np.bincount(mine.ravel(), minlength=num_classes) / mine.size
+    return shares
+
+
+def plot_confusions(shares, query_classes, class_names=None, k: int | None = None, model: str | None = None,
+                    seen_classes=None, ax=None, title: str | None = None):
+    """What a model confuses: a heatmap of the classes among the top-``k`` results, per query class.
+
+    Rows are query classes, columns result classes, each cell the share of the top-``k`` results
+    (annotated in percent; colour scale fixed to 0-100 % so two models' matrices compare). The
+    cell where the result class is the query's own is outlined: its share is the mean
+    precision@k; the rest of the row is what the queries are confused with.
+
+    Parameters
+    ----------
+    shares : array-like, shape (n_query_classes, n_classes)
+        Shares in [0, 1], e.g. from :func:`topk_class_shares`.
+    query_classes : sequence of int
+        The class of each row (e.g. the classes the old model never saw).
+    class_names : sequence of str, optional
+        Name of each class, indexed by label (e.g. ``FASHION_MNIST_CLASSES``); default the label
+        numbers.
+    k : int, optional
+        The ``k`` the shares were computed with, for the title and the colour bar.
+    model : str, optional
+        The model or strategy the rankings come from, e.g. ``"old"``; shown by its legend name
+        (:func:`label`) in the default title.
+    seen_classes : sequence of int, optional
+        Classes the model was trained on (e.g. ``data.old_classes`` for the old model): their
+        column labels get a ``*``, explained in the x label.
+    ax : matplotlib Axes, optional
+        Where to draw; default a new figure 6 inches wide.
+    title : str, optional
+        Default ``"<model>: classes of the top-<k> results, per query class"``.
+
+    Returns
+    -------
+    matplotlib Axes
+        The axes drawn on (its figure also holds the colour bar).
+
+    Raises
+    ------
+    ValueError
+        If ``shares`` is not 2-D with one row per query class, holds values outside [0, 1], a
+        class is out of range, or ``class_names`` is too short.
+    """
+    import seaborn as sns
+
+    m = np.asarray(shares, dtype=float)
+    rows = as_labels(query_classes, "query_classes")
+    if m.ndim != 2 or len(m) != len(rows) or m.shape[1] == 0:
+        raise ValueError(f"shares has shape {m.shape}, but there are {len(rows)} query classes: give one row "
+                         "per query class and one column per class")
+    if not np.isfinite(m).all() or (m < 0).any() or (m > 1 + 1e-9).any():
+        raise ValueError("shares must be finite shares in [0, 1] (from topk_class_shares)")
+    n_classes = m.shape[1]
+    if (rows < 0).any() or (rows >= n_classes).any():
+        raise ValueError(f"query_classes must be classes 0 .. {n_classes - 1} (one column each), got {rows.tolist()}")
+    seen = set() if seen_classes is None else {int(c) for c in as_labels(seen_classes, "seen_classes")}
+    names = _check_class_names(class_names, n_classes - 1) or [str(c) for c in range(n_classes)]
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6.0, 0.36 * len(rows) + 2.3))
+    top = f"top-{k}" if k is not None else "top-k"
+    annot = np.array([[f"{100 * v:.0f}" for v in row] for row in m])
+    sns.heatmap(m, ax=ax, annot=annot, fmt="", annot_kws={"fontsize": 8}, cmap="viridis", vmin=0.0, vmax=1.0,
+                linewidths=0.5, linecolor="white",
+                cbar_kws={"label": f"share of the {top} results", "format": PercentFormatter(xmax=1.0, decimals=0)},
+                xticklabels=[names[c] + (" *" if c in seen else "") for c in range(n_classes)],
+                yticklabels=[names[c] for c in rows])
+    for i, c in enumerate(rows):  # the query's own class: the hits
+        ax.add_patch(Rectangle((c, i), 1, 1, fill=False, edgecolor="white", lw=3.0))
+        ax.add_patch(Rectangle((c, i), 1, 1, fill=False, edgecolor="black", lw=1.2))
+    ax.tick_params(axis="x", labelrotation=45, labelsize=8)
+    ax.tick_params(axis="y", labelrotation=0, labelsize=8)
+    for tick in ax.get_xticklabels():
+        tick.set_horizontalalignment("right")
+        tick.set_rotation_mode("anchor")
+    ax.set_xlabel(f"class of a {top} result" + (" (* = seen in the model's training)" if seen else ""))
+    ax.set_ylabel("query class")
+    who = label(model) if model is not None else "Results"
+    ax.set_title(title or f"{who}: classes of the {top} results,\nper query class (outlined: the query's own)",
+                 fontsize=10.5)
     return ax
 
 
