@@ -49,12 +49,18 @@ class Preset:
         The new model in the heterogeneous setting (another architecture and embedding size).
     train : TrainConfig
         Schedule of the old and new models, BCT and RA-BCT (its seed is replaced by the run's).
+    old_label_map : tuple of int, optional
+        Train the old model on coarse labels (see :attr:`ExperimentContext.old_label_map`, which
+        takes this value when it is not given itself); default None, the old model on the fine
+        labels of the old classes. Here so that a preset given to
+        :func:`~backfill_lib.experiment.run_experiment` can carry it.
     """
 
     old: ModelSpec
     new: ModelSpec
     new_heterogeneous: ModelSpec
     train: TrainConfig
+    old_label_map: tuple[int, ...] | None = None
 
 
 #: The :class:`Preset` of each dataset name (what :class:`ExperimentContext` uses when given none).
@@ -244,6 +250,77 @@ def tuned_params(strategy: str, tuning: dict) -> MethodParams:
     return MethodParams(**values)
 
 
+def check_label_map(label_map, num_classes: int) -> tuple[int, ...]:
+    """Check a coarse label map (fine class ``c`` → coarse class ``label_map[c]``) and return it as a tuple.
+
+    Parameters
+    ----------
+    label_map : sequence of int
+        One entry per fine class; the coarse classes ``0 .. k - 1`` must each be used.
+    num_classes : int
+        Number of fine classes.
+
+    Returns
+    -------
+    tuple of int
+
+    Raises
+    ------
+    ValueError
+        If the map has another length than ``num_classes``, an entry that is not an integer
+        ``>= 0``, an unused coarse class, or ``k < 2`` or ``k >= num_classes`` coarse classes
+        (a map onto as many classes is no coarser).
+    TypeError
+        If ``label_map`` is not a sequence.
+
+    Examples
+    --------
+    >>> check_label_map([0, 2, 0, 0, 0, 1, 0, 1, 2, 1], 10)
+    (0, 2, 0, 0, 0, 1, 0, 1, 2, 1)
+    """
+    if isinstance(label_map, (str, bytes)) or not hasattr(label_map, "__len__"):
+        raise TypeError(f"old_label_map must be a sequence of ints (coarse class of each class), got {label_map!r}")
+    values = []
+    for v in label_map:
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+            raise ValueError(f"old_label_map entries must be integers >= 0 (coarse classes), got {v!r}")
+        values.append(int(v))
+    if len(values) != num_classes:
+        raise ValueError(f"old_label_map has {len(values)} entries but the dataset has {num_classes} classes: "
+                         "give the coarse class of every class")
+    k = max(values) + 1
+    unused = sorted(set(range(k)) - set(values))
+    if unused:
+        raise ValueError(f"old_label_map leaves coarse class(es) {unused} empty: number them 0 .. k - 1")
+    if not 2 <= k < num_classes:
+        raise ValueError(f"old_label_map has {k} coarse classes: use 2 .. {num_classes - 1} (fewer than the "
+                         f"{num_classes} classes, or it is no coarser)")
+    return tuple(values)
+
+
+class RelabelledDataset(torch.utils.data.Dataset):
+    """A view of a dataset of ``(x, y)`` items that yields ``(x, label_map[y])`` (coarse labels).
+
+    Parameters
+    ----------
+    base : Dataset
+        Items ``(x, y)`` with an integer label ``y``.
+    label_map : sequence of int
+        ``label_map[y]`` is the new label of ``y``.
+    """
+
+    def __init__(self, base, label_map):
+        self.base = base
+        self.label_map = torch.as_tensor(list(label_map), dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i):
+        x, y = self.base[i]
+        return x, self.label_map[int(y)]
+
+
 def init_seed(name: str, seed: int) -> int:
     """Initial-weight seed of the model ``name`` in run ``seed``.
 
@@ -302,6 +379,19 @@ class ExperimentContext:
         Show progress bars while training.
     params : MethodParams, optional
         Hyper-parameters of the methods; default ``MethodParams()``.
+    old_label_map : sequence of int, optional
+        Train the old model on coarse labels: entry ``c`` is the coarse class of fine class ``c``
+        (one entry per class, coarse classes ``0 .. k - 1`` each used, ``2 <= k < num_classes``),
+        e.g. :data:`~backfill_lib.data.FASHION_MNIST_COARSE` (tops / footwear / other). The old
+        model then trains on the images of **every** class with their coarse labels (not on
+        ``data.old_classes``), and its classifier has ``k`` outputs. Default None: ``preset.old_label_map``
+        (None in every built-in preset: the old model on the fine labels of ``data.old_classes``).
+        Stored as a tuple. When set, it goes into the checkpoint key of every model trained
+        through :meth:`train_model` except the plain new model (``"new"``, which never sees the
+        old one): the old model, and BCT-type models trained through it; heads are keyed by the
+        old model's key. Unset, no key changes. Strategies that read the old classifier's
+        columns through ``data.old_classes`` (``bct``'s influence loss, the ``uncertain_first``
+        order) do not support a coarse old model.
     trained : dict, optional
         Filled as models and heads are trained or loaded: name → ``{"what": str, "seconds": float
         or None, "cached": bool}`` (``seconds`` is the original training time for a cached
@@ -314,8 +404,9 @@ class ExperimentContext:
     ------
     ValueError
         If ``setting`` is not one of :data:`SETTINGS`, ``seed`` is not a non-negative integer,
-        the dataset has no preset and none is given, ``device`` is not usable here, or ``cache``
-        is not a folder that can be written.
+        the dataset has no preset and none is given, ``device`` is not usable here, ``cache``
+        is not a folder that can be written, or ``old_label_map`` is not a coarse map of the
+        dataset's classes.
     TypeError
         If ``device`` is neither a string nor a ``torch.device``.
     """
@@ -328,6 +419,7 @@ class ExperimentContext:
     cache: Path | str | None = None
     progress: bool = True
     params: MethodParams = field(default_factory=MethodParams)
+    old_label_map: tuple[int, ...] | None = None
     trained: dict = field(default_factory=dict)  # name -> {"what": str, "seconds": float, "cached": bool}
     _models: dict = field(default_factory=dict, repr=False)
     _heads: dict = field(default_factory=dict, repr=False)
@@ -345,6 +437,10 @@ class ExperimentContext:
             self.preset = PRESETS[self.data.name]
         self.device = resolve_device(self.device)
         check_cache_dir(self.cache)
+        if self.old_label_map is None:
+            self.old_label_map = self.preset.old_label_map
+        if self.old_label_map is not None:
+            self.old_label_map = check_label_map(self.old_label_map, self.data.num_classes)
 
     @property
     def old_spec(self) -> ModelSpec:
@@ -367,7 +463,8 @@ class ExperimentContext:
                 "n_train": len(self.data.train_labels)}
 
     def train_model(self, name: str, spec: ModelSpec, classes=None, loss_fn=None, config: TrainConfig | None = None,
-                    what: str | None = None, extra_key: dict | None = None) -> EmbeddingModel:
+                    what: str | None = None, extra_key: dict | None = None,
+                    label_map: tuple[int, ...] | None = None) -> EmbeddingModel:
         """Train (or load from the checkpoint cache) a model and keep it under ``name``.
 
         The checkpoint is found by a :func:`~backfill_lib.training.cache_key` of the name, spec,
@@ -393,7 +490,12 @@ class ExperimentContext:
             Description recorded in ``trained``; default ``"<arch> d=<embed_dim>, <epochs> epochs"``.
         extra_key : dict, optional
             Anything else that changes the weights (a loss's hyper-parameters, a frozen model
-            used); it goes into the cache key.
+            used); it goes into the cache key. With :attr:`old_label_map` set, it is added to
+            the key of every model but ``"new"``.
+        label_map : tuple of int, optional
+            Train on ``label_map[y]`` instead of ``y`` (checked by :func:`check_label_map`); the
+            classifier then has ``max(label_map) + 1`` outputs. Default None: the dataset's
+            labels, ``num_classes`` outputs. Goes into the cache key when given.
 
         Returns
         -------
@@ -405,9 +507,17 @@ class ExperimentContext:
         config = config or self.train_config
         classes = tuple(range(self.data.num_classes)) if classes is None else tuple(classes)
         dataset = self.data.train_subset(classes)
-        module = build_model(spec, self.data.input_shape, self.data.num_classes, seed=init_seed(name, self.seed))
+        outputs = self.data.num_classes
+        extra_key = dict(extra_key or {})
+        if label_map is not None:
+            label_map = check_label_map(label_map, self.data.num_classes)
+            dataset, outputs = RelabelledDataset(dataset, label_map), max(label_map) + 1
+            extra_key["label_map"] = list(label_map)
+        if self.old_label_map is not None and name != "new":  # only when set: existing keys do not change
+            extra_key["old_label_map"] = list(self.old_label_map)
+        module = build_model(spec, self.data.input_shape, outputs, seed=init_seed(name, self.seed))
         key = cache_key(name=name, spec=spec, classes=classes, config=config, data=self._data_key(),
-                        init_seed=init_seed(name, self.seed), extra=extra_key or {})
+                        init_seed=init_seed(name, self.seed), extra=extra_key)
         self._keys[name] = key
         kwargs = {} if loss_fn is None else {"loss_fn": loss_fn}
         model, info = train_or_load(
@@ -426,7 +536,8 @@ class ExperimentContext:
         Parameters
         ----------
         role : str
-            ``"old"``: the old model on the old classes; ``"new"``: the new model on all classes
+            ``"old"``: the old model on the old classes (with :attr:`old_label_map`: on every
+            class's images with their coarse labels); ``"new"``: the new model on all classes
             (both with cross-entropy); or a name already given to :meth:`train_model`.
 
         Returns
@@ -438,6 +549,11 @@ class ExperimentContext:
         ValueError
             If ``role`` is none of these.
         """
+        if role == "old" and self.old_label_map is not None:
+            k = max(self.old_label_map) + 1
+            return self.train_model("old", self.old_spec, label_map=self.old_label_map,
+                                    what=f"old {self.old_spec.arch} on {k} coarse labels of all "
+                                         f"{self.data.num_classes} classes {list(self.old_label_map)}")
         if role == "old":
             return self.train_model("old", self.old_spec, self.data.old_classes,
                                     what=f"old {self.old_spec.arch} on classes {self.data.old_classes[0]}-{self.data.old_classes[-1]}")

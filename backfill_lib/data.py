@@ -444,6 +444,15 @@ DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 
+#: Names of the coarse classes of :data:`FASHION_MNIST_COARSE`.
+FASHION_MNIST_COARSE_NAMES = ("tops", "footwear", "other")
+
+#: A coarse label of each Fashion-MNIST class (issue 17's old model that knows little): tops
+#: (T-shirt/top, Pullover, Dress, Coat, Shirt) 0, footwear (Sandal, Sneaker, Ankle boot) 1, other
+#: (Trouser, Bag) 2. ``ExperimentContext(old_label_map=FASHION_MNIST_COARSE)`` trains the old model
+#: on every image with these 3 labels.
+FASHION_MNIST_COARSE = (0, 2, 0, 0, 0, 1, 0, 1, 2, 1)
+
 #: The four files of each split (``images``, ``labels``), without the optional ``.gz``.
 FASHION_MNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
                        "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}

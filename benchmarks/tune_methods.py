@@ -1,17 +1,22 @@
 """Give every method the same validation budget over its own knobs, and record what it chose.
 
-The digits *training* split is cut again into train' and a validation split
-(``validation_sweep.validation_data``, the protocol of the earlier ``mct`` sweep). For each method,
+The dataset's *training* split is cut again into train' and a validation split
+(``validation_sweep.validation_data``, the protocol of the earlier ``mct`` sweep: stratified, 2/3
+train', 1/3 validation, seed 0; :func:`validation_data_for` applies it to Fashion-MNIST too). For each method,
 each of its settings (the same number for every method, :data:`BUDGET`, unless the method has
 fewer possible values) trains the old, new and compatible models on train' and the heads on
 their train' embeddings, and is scored by the relative gain of its backfill curve on the
 validation items (leave-one-out, random order, 3 seeds). The setting with the largest mean
 validation gain is chosen; the largest negative-flip rate is reported next to it. The test split
 is never loaded into a model. Writes ``results/tuning.json`` and ``results/tuning.md``; with
-``--experiment`` it then runs the experiment (test split) with the chosen values, every strategy,
-random and (when the library has it) uncertain-first order: ``results/digits_tuned*.json/.md``.
+``--experiment`` it then runs the experiment (test split) with the chosen values, every strategy
+and the ρ reference ``offline_rho``, random and (when the library has it) uncertain-first order:
+``results/digits_tuned*.json/.md``. With ``--dataset fashion_mnist`` (``PRESETS["fashion_mnist"]``,
+``load_dataset("fashion_mnist")``'s 20,000 train / 3,000 test images unless ``--n-train`` /
+``--n-test`` say otherwise) the files are ``results/fashion_tuning.json/.md`` and
+``results/fashion_tuned*.json/.md`` (:data:`OUTPUTS`).
 
-    python benchmarks/tune_methods.py [--seeds 0,1,2] [--experiment] [--experiment-only]
+    python benchmarks/tune_methods.py [--dataset digits|fashion_mnist] [--seeds 0,1,2] [--experiment] [--experiment-only]
 
 ``transform_steps`` is one field of ``MethodParams`` shared by ``ψ``, ``ρ`` and ``h``: each head
 method chooses its own, recorded in ``per_strategy``; :func:`params_for` builds one
@@ -38,6 +43,7 @@ from validation_sweep import validation_data  # noqa: E402  (the validation prot
 
 from backfill_lib import strategies as st  # noqa: E402
 from backfill_lib.backfill import evaluate_backfill, old_only  # noqa: E402
+from backfill_lib.data import BackfillData, load_dataset  # noqa: E402
 from backfill_lib.experiment import format_table, run_experiment  # noqa: E402
 from backfill_lib.context import tuned_params  # noqa: E402
 from backfill_lib.strategies import PRESETS, ExperimentContext, MethodParams, NotApplicable, build_strategy  # noqa: E402
@@ -49,6 +55,84 @@ BUDGET = 6
 STEPS = (125, 250, 500, 1000, 2000, 4000)
 #: Weights of an influence loss (BCT, BCT with pseudo-classifier): 10 is BT²'s α.
 LAMBDAS = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
+#: Datasets the script runs on, and the stems of what it writes for each: the tuning file
+#: (``<tuning>.json/.md``) and the tuned experiment (``<tuned>.json/.md``, ``<tuned>_<order>.json/.md``).
+#: The digits names are the ones the committed results and the book read.
+OUTPUTS = {"digits": {"tuning": "tuning", "tuned": "digits_tuned"},
+           "fashion_mnist": {"tuning": "fashion_tuning", "tuned": "fashion_tuned"}}
+#: Strategies of the tuned experiment (the ones the library registers), with the ρ reference next to mct.
+EXPERIMENT_STRATEGIES = ("old", "offline", "rank_merge", "rank_merge_calibrated", "new_on_old", "bct", "bct_pseudo",
+                         "ra_bct", "reverse_transform", "mct", "offline_rho", "mct_old_neg", "mct_new_neg",
+                         "mct_no_rho", "forward_transform")
+
+
+def validation_data_for(dataset: str = "digits", data_kwargs: dict | None = None, setting_seed: int = 0) -> BackfillData:
+    """The validation protocol on ``dataset``: its training split cut again (stratified, 1/3 validation).
+
+    Digits is ``validation_sweep.validation_data`` itself (the committed digits tuning); any other
+    dataset gets the same cut of ``load_dataset(dataset, **data_kwargs)``'s training split (for
+    Fashion-MNIST's default 20,000 training images: 13,333 train' / 6,667 validation). The test
+    split is not used.
+
+    Parameters
+    ----------
+    dataset : str, default "digits"
+        A key of :data:`OUTPUTS`.
+    data_kwargs : dict, optional
+        Passed on to ``load_dataset`` (``n_train``, ``n_test``, ...); digits takes none.
+    setting_seed : int, default 0
+        Seed of the cut.
+
+    Returns
+    -------
+    BackfillData
+        Named ``"<dataset>-validation"``; its ``test`` split is the validation items.
+
+    Raises
+    ------
+    ValueError
+        If ``dataset`` is not a key of :data:`OUTPUTS`, or digits is given ``data_kwargs``.
+    """
+    if dataset not in OUTPUTS:
+        raise ValueError(f"unknown dataset {dataset!r}; choose one of: {', '.join(OUTPUTS)}")
+    if dataset == "digits":
+        if data_kwargs:
+            raise ValueError(f"digits takes no data_kwargs (got {data_kwargs})")
+        return validation_data(setting_seed)
+    from sklearn.model_selection import train_test_split
+    from torch.utils.data import Subset
+
+    full = load_dataset(dataset, **(data_kwargs or {}))
+    idx = np.arange(len(full.train_labels))
+    tr, va = train_test_split(idx, test_size=1 / 3, stratify=full.train_labels, random_state=setting_seed)
+    tr, va = np.sort(tr), np.sort(va)
+    return BackfillData(f"{dataset}-validation", Subset(full.train, tr.tolist()), Subset(full.train_plain, tr.tolist()),
+                        Subset(full.train_plain, va.tolist()), full.train_labels[tr], full.train_labels[va],
+                        full.num_classes, full.old_classes, full.input_shape,
+                        {**{k: v for k, v in full.info.items() if k != "root"}, "validation": "1/3 of train, stratified",
+                         "validation_seed": setting_seed})
+
+
+def command(script: str, dataset: str, seeds, data_kwargs: dict | None = None, epochs: int | None = None,
+            extra: str = "") -> str:
+    """The command line that reproduces a result (digits: exactly the committed one)."""
+    parts = [f"python benchmarks/{script}"] + ([extra] if extra else [])
+    if dataset != "digits":
+        parts.append(f"--dataset {dataset}")
+    for k, v in (data_kwargs or {}).items():
+        parts.append(f"--{k.replace('_', '-')} {v}")
+    if epochs is not None:
+        parts.append(f"--epochs {epochs}")
+    parts.append("--seeds " + ",".join(map(str, seeds)))
+    return " ".join(parts)
+
+
+def dataset_preset(dataset: str, epochs: int | None = None):
+    """``PRESETS[dataset]``, with ``epochs`` training epochs when given (smoke runs only)."""
+    preset = PRESETS[dataset]
+    if epochs is None:
+        return preset
+    return dataclasses.replace(preset, train=dataclasses.replace(preset.train, epochs=epochs))
 
 
 def _ra_bct_settings() -> list[dict]:
@@ -186,13 +270,14 @@ def _stats(values) -> dict:
     return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0}
 
 
-def _validate(method: str, setting: dict, data, seeds, refs, cache) -> dict:
+def _validate(method: str, setting: dict, data, seeds, refs, cache, preset=None) -> dict:
     """Validation gain and worst negative flip of one setting (a fresh context per seed: the
     context keeps heads and models by name, so a reused one would return the first setting's)."""
     gains, flips = [], []
     params = MethodParams(**setting)
     for seed, (oo, nn_, ref) in zip(seeds, refs):
-        ctx = ExperimentContext(data, seed=seed, preset=PRESETS["digits"], cache=cache, progress=False, params=params)
+        ctx = ExperimentContext(data, seed=seed, preset=preset or PRESETS["digits"], cache=cache, progress=False,
+                                params=params)
         curve = evaluate_backfill(build_strategy(method, ctx), data.test_labels, order_seed=seed, reference_top1=ref)
         gains.append(curve.relative_gain(oo, nn_))
         flips.append(float(curve.negative_flips.max()))
@@ -200,7 +285,8 @@ def _validate(method: str, setting: dict, data, seeds, refs, cache) -> dict:
             "max_flip_mean": float(np.mean(flips)), "per_seed_gain": gains}
 
 
-def tune(seeds, cache=None, methods=None) -> dict:
+def tune(seeds, cache=None, methods=None, dataset: str = "digits", data_kwargs: dict | None = None,
+         epochs: int | None = None) -> dict:
     """Run the validation search of every available method (see the module docstring).
 
     Parameters
@@ -211,6 +297,12 @@ def tune(seeds, cache=None, methods=None) -> dict:
         Checkpoint folder.
     methods : sequence of str, optional
         Only these methods (default every method of :func:`search_spaces`).
+    dataset : str, default "digits"
+        A key of :data:`OUTPUTS` (:func:`validation_data_for`, ``PRESETS[dataset]``).
+    data_kwargs : dict, optional
+        ``load_dataset`` arguments (Fashion-MNIST's ``n_train``, ``n_test``).
+    epochs : int, optional
+        Training epochs instead of the preset's (smoke runs).
 
     Returns
     -------
@@ -218,10 +310,11 @@ def tune(seeds, cache=None, methods=None) -> dict:
         The ``results/tuning.json`` content (CONTRACTS.md).
     """
     start = time.perf_counter()
-    data = validation_data()
+    data = validation_data_for(dataset, data_kwargs)
+    preset = dataset_preset(dataset, epochs)
     refs = []
     for seed in seeds:
-        ctx = ExperimentContext(data, seed=seed, preset=PRESETS["digits"], cache=cache, progress=False)
+        ctx = ExperimentContext(data, seed=seed, preset=preset, cache=cache, progress=False)
         oo = evaluate_backfill(old_only(ctx.embeddings("old")), data.test_labels, ratios=[0.0])
         nn_ = evaluate_backfill(old_only(ctx.embeddings("new")), data.test_labels, ratios=[0.0])
         refs.append((float(oo.map[0]), float(nn_.map[0]), oo.per_query_top1[0]))
@@ -238,7 +331,7 @@ def tune(seeds, cache=None, methods=None) -> dict:
         for i, setting in enumerate(settings):
             t0 = time.perf_counter()
             try:
-                row = _validate(method, setting, data, seeds, refs, cache)
+                row = _validate(method, setting, data, seeds, refs, cache, preset)
             except NotApplicable as exc:
                 skipped[method] = str(exc)
                 break
@@ -256,8 +349,11 @@ def tune(seeds, cache=None, methods=None) -> dict:
         print(f"{method}: chose {out_methods[method]['chosen']}", flush=True)
     per_strategy = {m: v["chosen"] for m, v in out_methods.items()}
     method_params, conflicts = _merge_params(per_strategy)
+    extra = {} if dataset == "digits" else {"dataset": dataset, "data_kwargs": data_kwargs or {},
+                                             "preset_epochs": preset.train.epochs}
     return {
-        "command": "python benchmarks/tune_methods.py --seeds " + ",".join(map(str, seeds)),
+        "command": command("tune_methods.py", dataset, seeds, data_kwargs, epochs),
+        **extra,
         "protocol": __doc__.split("\n\n")[1].replace("\n", " "),
         "validation": {"train": int(len(data.train_labels)), "validation": int(len(data.test_labels))},
         "seeds": list(seeds),
@@ -296,7 +392,7 @@ def tuning_markdown(result: dict) -> str:
     """
     v = result["validation"]
     lines = [f"**Validation tuning** (our measurements): {v['train']} train' / {v['validation']} validation items "
-             f"(digits training split), seeds {','.join(map(str, result['seeds']))}, budget {result['budget']} "
+             f"({result.get('dataset', 'digits')} training split), seeds {','.join(map(str, result['seeds']))}, budget {result['budget']} "
              f"settings per method; criterion: {result['criterion']}. Validation old/old mAP "
              f"{result['old_old_map']:.3f}, new/new {result['new_new_map']:.3f}.", ""]
     for method, m in result["methods"].items():
@@ -385,8 +481,12 @@ def _write(path: Path, text: str) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dataset", default="digits", choices=list(OUTPUTS))
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--cache", default=None)
+    parser.add_argument("--n-train", type=int, default=None, help="fashion_mnist: training images (default 20,000)")
+    parser.add_argument("--n-test", type=int, default=None, help="fashion_mnist: test images (default 3,000)")
+    parser.add_argument("--epochs", type=int, default=None, help="training epochs instead of the preset's (smoke runs)")
     parser.add_argument("--methods", default=None, help="comma-separated subset of the tuned methods")
     parser.add_argument("--experiment", action="store_true", help="then run the tuned experiment on the test split")
     parser.add_argument("--experiment-only", action="store_true", help="only the tuned experiment, from tuning.json")
@@ -394,13 +494,20 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     out = Path(args.out)
+    data_kwargs = {k: v for k, v in (("n_train", args.n_train), ("n_test", args.n_test)) if v is not None}
+    if data_kwargs and args.dataset == "digits":
+        parser.error("--n-train and --n-test are for fashion_mnist (digits has its fixed split)")
+    stem = OUTPUTS[args.dataset]
+    tuning_json = out / f"{stem['tuning']}.json"
     if args.experiment_only:
-        tuning = json.loads((out / "tuning.json").read_text())
+        tuning = json.loads(tuning_json.read_text())
+        if tuning.get("dataset", "digits") != args.dataset:
+            parser.error(f"{tuning_json} was tuned on {tuning.get('dataset', 'digits')}, not {args.dataset}")
     else:
         methods = args.methods.split(",") if args.methods else None
-        tuning = tune(seeds, args.cache, methods)
+        tuning = tune(seeds, args.cache, methods, args.dataset, data_kwargs, args.epochs)
         if methods:  # a partial re-run keeps the other methods' committed results
-            old = json.loads((out / "tuning.json").read_text()) if (out / "tuning.json").exists() else {}
+            old = json.loads(tuning_json.read_text()) if tuning_json.exists() else {}
             for key in ("methods", "skipped"):
                 tuning[key] = {**{k: v for k, v in old.get(key, {}).items() if k not in methods}, **tuning[key]}
             for m in tuning["methods"]:
@@ -411,20 +518,21 @@ def main(argv=None) -> int:
             tuning["elapsed_seconds"] = round(tuning["elapsed_seconds"] + old.get("elapsed_seconds", 0.0), 1)
             fixed = _merge_params(tuning["per_strategy"])
             tuning["method_params"], tuning["conflicts"] = fixed
-        _write(out / "tuning.json", json.dumps(tuning, indent=1) + "\n")
-        _write(out / "tuning.md", tuning_markdown(tuning) + "\n")
+        _write(tuning_json, json.dumps(tuning, indent=1) + "\n")
+        _write(out / f"{stem['tuning']}.md", tuning_markdown(tuning) + "\n")
     if args.experiment or args.experiment_only:
-        names = [n for n in ("old", "offline", "rank_merge", "rank_merge_calibrated", "new_on_old", "bct", "bct_pseudo",
-                             "ra_bct", "reverse_transform", "mct", "mct_old_neg", "mct_new_neg", "mct_no_rho",
-                             "forward_transform") if n in st.STRATEGY_REGISTRY]
+        names = [n for n in EXPERIMENT_STRATEGIES if n in st.STRATEGY_REGISTRY]
         orders = ["random"] + (["uncertain_first"] if _supports_order() else [])
+        preset = dataset_preset(args.dataset, args.epochs)
         for order in orders:
-            r = run_tuned_experiment(tuning, names, order=order, dataset="digits", seeds=seeds, cache=args.cache)
-            r["command"] = "python benchmarks/tune_methods.py --experiment-only --seeds " + ",".join(map(str, seeds))
-            stem = "digits_tuned" + ("" if order == "random" else f"_{order}")
+            r = run_tuned_experiment(tuning, names, order=order, dataset=args.dataset, seeds=seeds, cache=args.cache,
+                                     preset=preset, data_kwargs=data_kwargs or None)
+            r["command"] = command("tune_methods.py", args.dataset, seeds, data_kwargs, args.epochs,
+                                   extra="--experiment-only")
+            name = stem["tuned"] + ("" if order == "random" else f"_{order}")
             print(format_table(r))
-            _write(out / f"{stem}.json", json.dumps(r, indent=1) + "\n")
-            _write(out / f"{stem}.md", format_table(r, markdown=True) + "\n")
+            _write(out / f"{name}.json", json.dumps(r, indent=1) + "\n")
+            _write(out / f"{name}.md", format_table(r, markdown=True) + "\n")
     return 0
 
 

@@ -146,3 +146,99 @@ def test_figure_data_lays_out_na_as_none():
     fig = wmw.figure_data(points, ["bct"], ["random"])
     assert fig["probe"] == [0.9, 0.6]
     assert fig["random"]["bct"] == {"gain": [0.5, None], "gain_std": [0.1, None], "worst_flip": [0.02, None]}
+
+
+# --- Fashion-MNIST (issue 17): dataset-named outputs, the starving points, tiny smoke runs ---------
+
+def test_digits_outputs_and_commands_are_unchanged():
+    assert tm.OUTPUTS["digits"] == {"tuning": "tuning", "tuned": "digits_tuned"}
+    assert wmw.SWEEPS["digits"][2:] == ("tuning.json", "which_method_when.json")
+    assert tm.command("tune_methods.py", "digits", [0, 1, 2]) == "python benchmarks/tune_methods.py --seeds 0,1,2"
+    assert tm.command("tune_methods.py", "digits", [0, 1, 2], extra="--experiment-only") \
+        == "python benchmarks/tune_methods.py --experiment-only --seeds 0,1,2"
+    assert tm.command("which_method_when.py", "fashion_mnist", [0], {"n_train": 300}, 1) \
+        == "python benchmarks/which_method_when.py --dataset fashion_mnist --n-train 300 --epochs 1 --seeds 0"
+    assert all("old_label_map" not in p for p in wmw.sweep_points())  # the digits points as committed
+    assert "offline_rho" in tm.EXPERIMENT_STRATEGIES and "offline_rho" in wmw.STRATEGIES
+
+
+def test_fashion_sweep_has_the_starving_points_fixed_in_advance():
+    from backfill_lib.data import FASHION_MNIST_CLASSES, FASHION_MNIST_COARSE, FASHION_MNIST_COARSE_NAMES
+
+    points = wmw.sweep_points("fashion_mnist")
+    ref = PRESETS["fashion_mnist"].old
+    assert points[0]["axis"] == "reference" and points[0]["old_spec"] == ref.to_dict()
+    assert [p["value"] for p in points if p["axis"] == "d_old"] == [2, 4, 8, 16]
+    assert [p["old_classes"] for p in points if p["axis"] == "old_classes"] == ["0-1", "0-7"]
+    assert [p["old_spec"]["arch"] for p in points if p["axis"] == "old_arch"] == ["mlp"]
+    (coarse,) = [p for p in points if p["axis"] == "old_labels"]
+    assert coarse["old_spec"] == ref.to_dict() and coarse["old_label_map"] == list(FASHION_MNIST_COARSE)
+    groups = {name: sorted(FASHION_MNIST_CLASSES[c] for c in range(10) if FASHION_MNIST_COARSE[c] == k)
+              for k, name in enumerate(FASHION_MNIST_COARSE_NAMES)}
+    assert groups == {"tops": sorted(["T-shirt/top", "Pullover", "Dress", "Coat", "Shirt"]),
+                      "footwear": sorted(["Sandal", "Sneaker", "Ankle boot"]), "other": sorted(["Trouser", "Bag"])}
+    assert len({p["label"] for p in points}) == len(points) == 9
+    preset = wmw.point_preset(coarse, "fashion_mnist", epochs=1)
+    assert preset.old_label_map == FASHION_MNIST_COARSE and preset.train.epochs == 1
+    assert preset.new == PRESETS["fashion_mnist"].new
+    assert wmw.point_preset(points[0], "fashion_mnist").old_label_map is None
+
+
+def test_fashion_validation_split_is_carved_from_training_data(fake_fashion):
+    data = tm.validation_data_for("fashion_mnist", {"n_train": 300, "n_test": 200})
+    assert data.name == "fashion_mnist-validation"
+    assert (len(data.train_labels), len(data.test_labels)) == (200, 100)  # 2/3 train', 1/3 validation of 300
+    assert sorted(np.bincount(data.test_labels)) == [10] * 10  # stratified
+    with pytest.raises(ValueError, match="unknown dataset"):
+        tm.validation_data_for("cifar100")
+
+
+@pytest.fixture
+def fake_fashion(tmp_path, monkeypatch):
+    """The fake IDX Fashion-MNIST (tests/fake_fashion_mnist.py) as the data folder."""
+    from fake_fashion_mnist import write_fake_fashion_mnist
+
+    write_fake_fashion_mnist(tmp_path / "data", n_train=400, n_test=250)
+    monkeypatch.setenv("BACKFILL_DATA", str(tmp_path / "data"))
+    monkeypatch.setenv("BACKFILL_CACHE", str(tmp_path / "cache"))
+    return tmp_path
+
+
+def test_fashion_smoke_runs_write_dataset_named_outputs(fake_fashion, tmp_path):
+    import json
+
+    out = tmp_path / "results"
+    common = ["--dataset", "fashion_mnist", "--n-train", "300", "--n-test", "200", "--epochs", "1", "--seeds", "0"]
+    assert tm.main(common + ["--methods", "rank_merge_calibrated", "--out", str(out)]) == 0
+    tuning = json.loads((out / "fashion_tuning.json").read_text())
+    assert tuning["dataset"] == "fashion_mnist" and tuning["validation"] == {"train": 200, "validation": 100}
+    assert tuning["command"].startswith("python benchmarks/tune_methods.py --dataset fashion_mnist --n-train 300")
+    assert not (out / "tuning.json").exists()
+    assert "rank_merge_calibrated" in tuning["per_strategy"]
+    # The coarse point alone (the other points run the same code as the digits sweep), short heads.
+    tuning["method_params"]["transform_steps"] = 20
+    names = ("old", "offline", "rank_merge", "mct", "offline_rho", "bct", "bct_pseudo", "ra_bct", "forward_transform")
+    coarse = [p for p in wmw.sweep_points("fashion_mnist") if p["axis"] == "old_labels"]
+    point = wmw.run_point(coarse[0], tuning, names, orders=("random", "uncertain_first"), seeds=(0,),
+                          dataset="fashion_mnist", data_kwargs={"n_train": 300, "n_test": 200}, epochs=1)
+    for order in ("random", "uncertain_first"):
+        assert set(point["results"][order]) == set(names)
+    random, uncertain = point["results"]["random"], point["results"]["uncertain_first"]
+    assert random["bct"] == {"status": "n/a", "reason": wmw.COARSE_NA["bct"]}
+    assert all(c == {"status": "n/a", "reason": wmw.COARSE_NA["uncertain_first"]} for c in uncertain.values())
+    for name in ("mct", "offline_rho", "bct_pseudo", "ra_bct", "forward_transform"):
+        assert "relative_gain" in random[name] and "relative_gain_vs_reference" in random[name], name
+    assert random["offline_rho"]["relative_gain_vs_reference"]["mean"] == pytest.approx(1.0)
+    fig = wmw.figure_data([point], names, ["random", "uncertain_first"])
+    assert fig["random"]["bct"]["gain"] == [None] and fig["uncertain_first"]["mct"]["gain"] == [None]
+
+
+def test_fashion_which_method_when_cli_needs_fashion_tuning(tmp_path):
+    import json
+
+    tuning = tmp_path / "tuning.json"
+    tuning.write_text(json.dumps({"method_params": {}, "per_strategy": {}}))  # a digits tuning (no "dataset")
+    with pytest.raises(SystemExit):
+        wmw.main(["--dataset", "fashion_mnist", "--tuning", str(tuning), "--out", str(tmp_path / "x.json")])
+    with pytest.raises(SystemExit):
+        tm.main(["--n-train", "300", "--experiment-only", "--out", str(tmp_path)])
