@@ -192,6 +192,10 @@ def _bct(ctx: ExperimentContext) -> bf.Strategy:
     from .losses import bct_objective
 
     _same_dimension(ctx, "BCT")
+    if ctx.old_label_map is not None:
+        raise NotApplicable("BCT applies the old classifier to new embeddings with the old classes, but this old "
+                            "model was trained on coarse labels (old_label_map): its classifier has no per-class "
+                            "columns; bct_pseudo (class means of old features) applies")
     lam = ctx.params.bct_lambda
     old_model = ctx.model("old")
     ctx.train_model("new_bct", ctx.new_spec, loss_fn=bct_objective(old_model, ctx.data.old_classes, lam),
@@ -410,7 +414,11 @@ def _old_uncertainty(ctx: ExperimentContext):
 
     from .training import extract_embeddings
 
-    old_classes = list(ctx.data.old_classes)
+    # The old model's own head: its old classes, or its coarse classes when it was trained on those.
+    if ctx.old_label_map is not None:
+        old_classes = list(range(max(ctx.old_label_map) + 1))
+    else:
+        old_classes = list(ctx.data.old_classes)
 
     def probs(model, x):
         return torch.softmax(model.classifier(model.features(x))[:, old_classes], dim=1)

@@ -87,3 +87,13 @@ def test_check_label_map_type_and_relabelled_view():
     base = torch.utils.data.TensorDataset(torch.zeros(4, 2), torch.tensor([0, 1, 2, 1]))
     view = RelabelledDataset(base, (0, 1, 1))
     assert len(view) == 4 and [int(view[i][1]) for i in range(4)] == [0, 1, 1, 1]
+
+
+def test_bct_is_not_applicable_and_uncertainty_uses_the_coarse_head(digits, tmp_path):
+    # BCT read the fine old-class columns of a 3-output classifier: an IndexError, not a reason
+    from backfill_lib.strategies import NotApplicable, _old_uncertainty, build_strategy
+    ctx = _ctx(digits, tmp_path, old_label_map=FASHION_MNIST_COARSE)
+    with pytest.raises(NotApplicable, match="coarse labels"):
+        build_strategy("bct", ctx)
+    u = _old_uncertainty(ctx)
+    assert u.shape == (len(digits.test_labels),) and ((u >= 0) & (u <= 1 - 1 / 3 + 1e-6)).all()
