@@ -56,7 +56,7 @@ class ModelSpec:
         (``small_cnn``: one 2×2 max-pool, after its second block, made for 8×8 digits), a
         CIFAR-style ResNet-18/50 (:func:`cifar_resnet`), or ``pooled_cnn``, a three-block CNN
         that halves the resolution after each block and flattens the last map (28 → 14 → 7 →
-        3 px on Fashion-MNIST; at least 8×8 inputs; :func:`_pooled_cnn`): on 28-px images
+        3 px on Fashion-MNIST; at least 8×8 inputs; ``_pooled_cnn``): on 28-px images
         about 4× fewer multiply-adds than ``small_cnn`` at the same width (7.5 M against 29 M
         per image at width 32).
     embed_dim : int, default 32

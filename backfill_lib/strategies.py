@@ -298,7 +298,7 @@ def rho_reference_objective(d_new: int, tau: float):
     ``z = ρ̂(φ_n(x))``: logits ``s_ij = z_i · z_j / τ`` (``j ≠ i``), positives the same-label
     ``j``, one softmax over the new-stored set only. This is ``L_mc`` with the cross logits
     ``ψ̂(φ_n(x_i)) · φ_o(x_j)`` and their positives taken out (so no compatibility with the old
-    space), i.e. :func:`~backfill_lib.losses.multi_compatible_loss` with the single set
+    space), i.e. :func:`~backfill_lib.losses.multi_compatible.multi_compatible_loss` with the single set
     ``ρ̂(φ_n)``. The old columns and ``ψ`` are never read.
 
     Parameters
