@@ -50,7 +50,7 @@ class Preset:
     train : TrainConfig
         Schedule of the old and new models, BCT and RA-BCT (its seed is replaced by the run's).
     old_label_map : tuple of int, optional
-        Train the old model on coarse labels (see :attr:`ExperimentContext.old_label_map`, which
+        Train the old model on coarse labels (see ``ExperimentContext.old_label_map``, which
         takes this value when it is not given itself); default None, the old model on the fine
         labels of the old classes. Here so that a preset given to
         :func:`~backfill_lib.experiment.run_experiment` can carry it.
@@ -490,7 +490,7 @@ class ExperimentContext:
             Description recorded in ``trained``; default ``"<arch> d=<embed_dim>, <epochs> epochs"``.
         extra_key : dict, optional
             Anything else that changes the weights (a loss's hyper-parameters, a frozen model
-            used); it goes into the cache key. With :attr:`old_label_map` set, it is added to
+            used); it goes into the cache key. With ``old_label_map`` set, it is added to
             the key of every model but ``"new"``.
         label_map : tuple of int, optional
             Train on ``label_map[y]`` instead of ``y`` (checked by :func:`check_label_map`); the
@@ -536,7 +536,7 @@ class ExperimentContext:
         Parameters
         ----------
         role : str
-            ``"old"``: the old model on the old classes (with :attr:`old_label_map`: on every
+            ``"old"``: the old model on the old classes (with ``old_label_map``: on every
             class's images with their coarse labels); ``"new"``: the new model on all classes
             (both with cross-entropy); or a name already given to :meth:`train_model`.
 
