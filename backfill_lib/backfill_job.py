@@ -74,7 +74,7 @@ from tqdm.auto import tqdm
 
 from .backfill import backfill_order
 from .live_index import _atomic_write
-from .validation import as_embeddings, check_no_repeats
+from .validation import as_embeddings, check_no_repeats, check_path, check_seed
 
 try:  # POSIX
     import fcntl
@@ -126,23 +126,7 @@ def _check_positive(name: str, value, allow_none: bool = False, integer: bool = 
     return value
 
 
-def _check_seed(seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer (the seed of the default random order), got {seed!r}")
-    return int(seed)
-
-
 # ---- paths and the lock --------------------------------------------------------------------------
-
-def _as_path(name: str, value) -> str:
-    try:
-        path = os.fsdecode(os.fspath(value))
-    except TypeError:
-        raise TypeError(f"{name} must be a file path (str or os.PathLike), got {type(value).__name__}") from None
-    if not path:
-        raise ValueError(f"{name} is empty: give a file path")
-    return path
-
 
 @dataclass(frozen=True)
 class _Paths:
@@ -157,8 +141,8 @@ def _job_paths(state_path, checkpoint_path) -> _Paths:
     """The job's files, resolved; refuse two that are one file, or a place a file cannot go."""
     # Resolved (``..`` and symbolic links), so that every spelling of one state file shares one
     # order file and one lock.
-    state = os.path.realpath(_as_path("state_path", state_path))
-    checkpoint = None if checkpoint_path is None else os.path.realpath(_as_path("checkpoint_path", checkpoint_path))
+    state = os.path.realpath(check_path(state_path, "state_path"))
+    checkpoint = None if checkpoint_path is None else os.path.realpath(check_path(checkpoint_path, "checkpoint_path"))
     paths = _Paths(state, state + ".order.npy", state + ".lock", checkpoint,
                    None if checkpoint is None else checkpoint + ".lock")
     named = [("state_path", paths.state), ("the order file (state_path + '.order.npy')", paths.order),
@@ -388,7 +372,7 @@ def _check_args(index, batch_size, rate_limit, checkpoint_every, seed, checkpoin
     _check_positive("batch_size", batch_size)
     _check_positive("rate_limit", rate_limit, allow_none=True, integer=False)
     _check_positive("checkpoint_every", checkpoint_every)
-    _check_seed(seed)
+    check_seed(seed)
 
 
 # ---- writing -------------------------------------------------------------------------------------

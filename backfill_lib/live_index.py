@@ -99,7 +99,7 @@ import faiss
 import numpy as np
 
 from .retrieval import _as_ids, _sorted_topk
-from .validation import UNIT_NORM_TOL, as_embeddings, check_k, check_no_repeats, repeated
+from .validation import UNIT_NORM_TOL, as_embeddings, check_k, check_no_repeats, check_path, repeated
 
 #: Marks a file written by :meth:`OnlineBackfillIndex.save` (with the format version below).
 FILE_MAGIC = "backfill_lib.OnlineBackfillIndex"
@@ -1624,7 +1624,7 @@ class OnlineBackfillIndex(_TwoPartWrites):
         IsADirectoryError
             If ``path`` is a directory.
         """
-        path = _check_path(path)
+        path = check_path(path)
         psi_bytes, psi_class = _psi_payload(self.psi)
         with self._lock.read():
             arrays = {}
@@ -1690,7 +1690,7 @@ class OnlineBackfillIndex(_TwoPartWrites):
             When the file was written in format 1 to 3, before checksums: it loads, but damage
             cannot be detected; save it again to add a checksum.
         """
-        path = _check_path(path)
+        path = check_path(path)
         if os.path.isdir(path):
             raise IsADirectoryError(f"path {path!r} is a directory, not an index file written by OnlineBackfillIndex.save")
         if not os.path.isfile(path):
@@ -1835,15 +1835,6 @@ def _isin_sorted(values: np.ndarray, sorted_array: np.ndarray) -> np.ndarray:
     pos = np.searchsorted(sorted_array, values)
     pos[pos == len(sorted_array)] = 0
     return sorted_array[pos] == values
-
-
-def _check_path(path, name: str = "path") -> str:
-    if isinstance(path, bool) or not isinstance(path, (str, bytes, os.PathLike)):
-        raise TypeError(f"{name} must be a file path (str or os.PathLike), got {type(path).__name__} {path!r}")
-    path = os.fsdecode(os.fspath(path))
-    if not path or "\0" in path:
-        raise ValueError(f"{name} must be a file path, got {path!r}")
-    return path
 
 
 def _psi_payload(psi) -> tuple:

@@ -48,7 +48,7 @@ from torch.utils.data import TensorDataset
 
 from .losses import NEGATIVES, metric_compatible_loss, regression_loss, reverse_loss
 from .training import TrainConfig, default_device, state_checksum, train
-from .validation import as_embeddings, as_labels, check_choice, check_positive_int, normalize_rows
+from .validation import as_embeddings, as_labels, check_choice, check_path, check_positive_int, normalize_rows
 
 #: Optimiser of the heads (contrastive losses over the batch want large batches; data are tiny vectors).
 TRANSFORM_CONFIG = TrainConfig(epochs=60, batch_size=256, lr=2e-3, weight_decay=1e-4)
@@ -1074,7 +1074,7 @@ class FittedTransform:
         TypeError
             If ``path`` is not a str or path.
         """
-        path = _as_path(path)
+        path = Path(check_path(path)).expanduser()
         data = self.to_bytes()
         if not path.parent.is_dir():
             raise FileNotFoundError(f"path: folder {path.parent} does not exist; create it first")
@@ -1136,7 +1136,7 @@ class FittedTransform:
             When the file was written in format version 1, before checksums: it loads, but
             damage cannot be detected; save it again to add a checksum.
         """
-        path = _as_path(path)
+        path = Path(check_path(path)).expanduser()
         if path.is_dir():
             raise IsADirectoryError(f"path: {path} is a folder, not a transform file (written by {cls.__name__}.save)")
         if not path.is_file():
@@ -1286,12 +1286,6 @@ class FittedTransform:
         module.load_state_dict(state)
         obj.dim_in_, obj.dim_out_ = dim_in, dim_out
         return obj, module
-
-
-def _as_path(path) -> Path:
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"path must be a str or pathlib.Path, got {type(path).__name__}")
-    return Path(path).expanduser()
 
 
 def _non_finite(state: dict) -> str | None:

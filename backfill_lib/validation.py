@@ -7,6 +7,7 @@ library the data is trusted.
 
 from __future__ import annotations
 
+import os
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -294,6 +295,42 @@ def check_seed(seed, name: str = "seed") -> int:
     if not 0 <= seed < 2**32:
         raise ValueError(f"{name} must be an integer seed in 0 .. 2**32 - 1, got {seed}")
     return int(seed)
+
+
+def check_path(value, name: str = "path") -> str:
+    """Check a file path argument and return it as a ``str``.
+
+    Parameters
+    ----------
+    value : str, bytes or os.PathLike
+        The path (``~`` is not expanded here).
+    name : str, default "path"
+        Argument name used in error messages.
+
+    Returns
+    -------
+    str
+        The path, decoded with the file-system encoding.
+
+    Raises
+    ------
+    TypeError
+        If ``value`` is not a path (a ``bool``, a number, ``None``...).
+    ValueError
+        If it is empty or holds a NUL character (no file system accepts one).
+
+    Examples
+    --------
+    >>> from pathlib import Path
+    >>> check_path(Path("index") / "gallery.npz")
+    'index/gallery.npz'
+    """
+    if isinstance(value, bool) or not isinstance(value, (str, bytes, os.PathLike)):
+        raise TypeError(f"{name} must be a file path (str or os.PathLike), got {type(value).__name__} {value!r}")
+    path = os.fsdecode(os.fspath(value))
+    if not path or "\0" in path:
+        raise ValueError(f"{name} must be a file path, got {path!r}: give the name of a file")
+    return path
 
 
 def check_real(value, name: str, what: str = "") -> float:

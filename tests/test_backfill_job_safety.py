@@ -481,11 +481,13 @@ def test_an_order_of_uint64_or_a_list_works(tmp_path):
         check_done(index, ids)
 
 
-@pytest.mark.parametrize("seed", [-1, 1.5, None, True, "0"])
-def test_a_bad_seed_is_refused(tmp_path, seed):
+@pytest.mark.parametrize("seed, error", [(-1, ValueError), (2**32, ValueError), (1.5, TypeError), (None, TypeError),
+                                         (True, TypeError), ("0", TypeError)])
+def test_a_bad_seed_is_refused(tmp_path, seed, error):
     index, _ = make_index(5)
-    with pytest.raises(ValueError, match="seed must be a non-negative integer"):
+    with pytest.raises(error, match="^seed must be an integer seed in 0 .. 2\\*\\*32 - 1"):
         run_backfill(index, new_vector, tmp_path / "job.json", seed=seed, **quiet)
+    assert not (tmp_path / "job.json").exists()
 
 
 @pytest.mark.parametrize("kwargs, error, match", [

@@ -235,11 +235,19 @@ def test_a_folder_is_not_a_transform_file(small, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("path", [None, 3, b"h.pt"])
+@pytest.mark.parametrize("path", [None, 3, True])
 def test_a_path_that_is_not_a_path_is_a_clear_error(small, path):
-    with pytest.raises(TypeError, match="^path must be a str or pathlib.Path"):
+    with pytest.raises(TypeError, match="^path must be a file path"):
         FittedTransform.load(path)
-    with pytest.raises(TypeError, match="^path must be a str or pathlib.Path"):
+    with pytest.raises(TypeError, match="^path must be a file path"):
+        small[1].save(path)
+
+
+@pytest.mark.parametrize("path", ["", "a\0b"])
+def test_an_empty_path_is_a_clear_error(small, path):
+    with pytest.raises(ValueError, match="^path must be a file path"):
+        FittedTransform.load(path)
+    with pytest.raises(ValueError, match="^path must be a file path"):
         small[1].save(path)
 
 

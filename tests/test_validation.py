@@ -201,3 +201,18 @@ def test_repeated_equals_counting(seed):
     counts = collections.Counter(values.tolist())
     assert repeated(values).tolist() == sorted(v for v, c in counts.items() if c > 1)
 
+
+
+@pytest.mark.parametrize("value, want", [("a/b.npz", "a/b.npz"), (b"a/b.npz", "a/b.npz"),
+                                         (__import__("pathlib").Path("x") / "y", "x/y")])
+def test_check_path_returns_a_str(value, want):
+    from backfill_lib.validation import check_path
+    assert check_path(value) == want
+
+
+@pytest.mark.parametrize("value, error", [(None, TypeError), (3, TypeError), (True, TypeError), (1.5, TypeError),
+                                          ("", ValueError), ("a\0b", ValueError), (b"", ValueError)])
+def test_check_path_refuses_what_is_not_a_path(value, error):
+    from backfill_lib.validation import check_path
+    with pytest.raises(error, match="^state_path must be a file path"):
+        check_path(value, "state_path")
