@@ -336,6 +336,57 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def merge_parts(parts: list[dict], dataset: str = "digits") -> dict:
+    """Join sweep files run with ``--points`` into the file one full run writes.
+
+    Parameters
+    ----------
+    parts : list of dict
+        ``which_method_when`` JSON contents, each with a disjoint set of points.
+    dataset : str, default "digits"
+        Whose sweep (:func:`sweep_points` gives the order of the points).
+
+    Returns
+    -------
+    dict
+        The joined content: the first part's fields, every point in the sweep's order, the figure
+        recomputed, ``elapsed_seconds`` summed and ``parts`` listing the parts' commands.
+
+    Raises
+    ------
+    ValueError
+        If the parts differ in dataset, seeds, tuned values, strategies or orders, repeat a point,
+        or hold a point this sweep does not have.
+    """
+    if not parts:
+        raise ValueError("no part to merge")
+    first = parts[0]
+    for key in ("dataset", "seeds", "method_params", "strategies", "orders", "data_kwargs", "preset_epochs"):
+        for other in parts[1:]:
+            if first.get(key) != other.get(key):
+                raise ValueError(f"the parts differ in {key!r}: {first.get(key)!r} vs {other.get(key)!r}")
+    if first.get("dataset", "digits") != dataset:
+        raise ValueError(f"the parts are a {first.get('dataset', 'digits')} sweep, not {dataset}")
+    order = [p["label"] for p in sweep_points(dataset)]
+    points = {}
+    for part in parts:
+        for point in part["points"]:
+            if point["label"] not in order:
+                raise ValueError(f"point {point['label']!r} is not one of this sweep's points {order}")
+            if point["label"] in points:
+                raise ValueError(f"point {point['label']!r} is in two parts")
+            points[point["label"]] = point
+    joined = [points[label] for label in order if label in points]
+    result = {**first, "points": joined, "figure": figure_data(joined, first["strategies"], first["orders"]),
+              "elapsed_seconds": round(sum(p["elapsed_seconds"] for p in parts), 1),
+              "parts": [p["command"] for p in parts]}
+    result["command"] = result["command"].split(" --points")[0]
+    missing = [label for label in order if label not in points]
+    if missing:
+        result["missing_points"] = missing
+    return result
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dataset", default="digits", choices=list(SWEEPS))
@@ -348,7 +399,22 @@ def main(argv=None) -> int:
                                                        "results/fashion_tuning.json (fashion_mnist)")
     parser.add_argument("--out", default=None, help="default results/which_method_when.json (digits), "
                                                     "results/fashion_which_method_when.json (fashion_mnist)")
+    parser.add_argument("--points", default=None,
+                        help="comma-separated indices into the sweep's points (0 = the reference): run only these, "
+                             "e.g. one part per core; join the parts' files with --merge")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="PART",
+                        help="join the JSON files of runs with --points (same dataset, seeds and tuned values) into "
+                             "--out, points in the sweep's order; trains nothing")
     args = parser.parse_args(argv)
+    if args.merge:
+        out = Path(args.out) if args.out else RESULTS / SWEEPS[args.dataset][3]
+        try:
+            result = merge_parts([json.loads(Path(f).read_text()) for f in args.merge], args.dataset)
+        except (OSError, ValueError) as err:
+            parser.error(f"--merge: {err}")
+        _write(out, json.dumps(result, indent=1) + "\n")
+        _write(out.with_suffix(".md"), markdown(result) + "\n")
+        return 0
     start = time.perf_counter()
     seeds = [int(s) for s in args.seeds.split(",")]
     data_kwargs = {k: v for k, v in (("n_train", args.n_train), ("n_test", args.n_test)) if v is not None}
@@ -362,8 +428,18 @@ def main(argv=None) -> int:
     strategies = [s for s in STRATEGIES if s in st.STRATEGY_REGISTRY]
     missing = [s for s in STRATEGIES if s not in st.STRATEGY_REGISTRY]
     orders = ["random"] + (["uncertain_first"] if _supports_order() else [])
+    all_points = sweep_points(args.dataset)
+    chosen = range(len(all_points))
+    if args.points is not None:
+        try:
+            chosen = sorted({int(i) for i in args.points.split(",")})
+        except ValueError:
+            parser.error(f"--points takes comma-separated integers, got {args.points!r}")
+        if not chosen or chosen[0] < 0 or chosen[-1] >= len(all_points):
+            listing = ", ".join(f"{i} = {p['label']}" for i, p in enumerate(all_points))
+            parser.error(f"--points: indices must lie in 0 .. {len(all_points) - 1} ({listing})")
     points = []
-    for point in tqdm(sweep_points(args.dataset), desc="sweep points"):
+    for point in tqdm([all_points[i] for i in chosen], desc="sweep points"):
         t0 = time.perf_counter()
         points.append(run_point(point, tuning, strategies, orders, seeds, args.cache, dataset=args.dataset,
                                 data_kwargs=data_kwargs, epochs=args.epochs))
@@ -377,7 +453,8 @@ def main(argv=None) -> int:
         "preset_epochs": dataset_preset(args.dataset, args.epochs).train.epochs,
         "protocol_fashion_mnist": __doc__.split("\n\n")[2].replace("\n", " "), "coarse_na": COARSE_NA}
     result = {
-        "command": command("which_method_when.py", args.dataset, seeds, data_kwargs, args.epochs),
+        "command": command("which_method_when.py", args.dataset, seeds, data_kwargs, args.epochs)
+        + ("" if args.points is None else f" --points {','.join(map(str, chosen))}"),
         **extra,
         "protocol": __doc__.split("\n\n")[1].replace("\n", " "),
         "seeds": seeds,

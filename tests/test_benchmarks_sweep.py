@@ -242,3 +242,53 @@ def test_fashion_which_method_when_cli_needs_fashion_tuning(tmp_path):
         wmw.main(["--dataset", "fashion_mnist", "--tuning", str(tuning), "--out", str(tmp_path / "x.json")])
     with pytest.raises(SystemExit):
         tm.main(["--n-train", "300", "--experiment-only", "--out", str(tmp_path)])
+
+
+# --- a sweep run in parts (--points) and joined (--merge) ------------------------------------------
+
+def _part(labels, seeds=(0, 1, 2), elapsed=10.0):
+    cell = {"relative_gain": {"mean": 0.5, "std": 0.1}, "max_negative_flip": {"mean": 0.02, "std": 0.0}}
+    points = [{"label": label, "axis": "d_old", "probe": {"mean": 0.9, "std": 0.0},
+               "results": {"random": {"bct": dict(cell)}}} for label in labels]
+    return {"command": "python benchmarks/which_method_when.py --dataset fashion_mnist --points 1",
+            "dataset": "fashion_mnist", "seeds": list(seeds), "method_params": {"bct": {}}, "strategies": ["bct"],
+            "orders": ["random"], "points": points, "figure": {}, "elapsed_seconds": elapsed}
+
+
+def test_merge_joins_parts_in_the_sweeps_order():
+    labels = [p["label"] for p in wmw.sweep_points("fashion_mnist")]
+    a, b = _part(labels[3:]), _part(labels[:3], elapsed=5.0)
+    joined = wmw.merge_parts([a, b], "fashion_mnist")
+    assert [p["label"] for p in joined["points"]] == labels
+    assert joined["figure"]["labels"] == labels and "missing_points" not in joined
+    assert joined["elapsed_seconds"] == 15.0 and len(joined["parts"]) == 2
+    assert "--points" not in joined["command"]
+    assert wmw.merge_parts([a], "fashion_mnist")["missing_points"] == labels[:3]
+
+
+@pytest.mark.parametrize("change, match", [(lambda b: b.update(seeds=[0]), "differ in 'seeds'"),
+                                           (lambda b: b["points"].__setitem__(0, {**b["points"][0], "label": "x"}),
+                                            "not one of this sweep's points"),
+                                           (lambda b: b.update(points=_part([wmw.sweep_points(
+                                               "fashion_mnist")[0]["label"]])["points"]), "in two parts")])
+def test_merge_refuses_parts_that_do_not_belong_together(change, match):
+    labels = [p["label"] for p in wmw.sweep_points("fashion_mnist")]
+    a, b = _part(labels[:1]), _part(labels[1:2])
+    change(b)
+    with pytest.raises(ValueError, match=match):
+        wmw.merge_parts([a, b], "fashion_mnist")
+    with pytest.raises(ValueError, match="not digits"):
+        wmw.merge_parts([a], "digits")
+
+
+@pytest.mark.parametrize("points", ["x", "99", "-1", ""])
+def test_points_out_of_range_is_a_clear_error(tmp_path, points, capsys):
+    import json
+
+    tuning = tmp_path / "t.json"
+    tuning.write_text(json.dumps({"dataset": "fashion_mnist", "method_params": {}, "per_strategy": {}}))
+    with pytest.raises(SystemExit):
+        wmw.main(["--dataset", "fashion_mnist", "--tuning", str(tuning), "--points", points,
+                  "--out", str(tmp_path / "x.json")])
+    assert "--points" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
