@@ -20,9 +20,9 @@ values of ``results/fashion_tuning.json``, and its points, fixed before any Fash
 result was seen (:data:`FASHION_AXES`): ``d_o`` ∈ {2, 4, 8, 16, 32} (d_o = 2 meant to starve the
 old embedding), 2, 5 or 8 old classes, an MLP old model (width 16), and an old model trained on
 coarse labels (tops / footwear / other, :data:`~backfill_lib.data.FASHION_MNIST_COARSE`) over the
-images of all 10 classes, the other point meant to starve it. The coarse point runs neither
-``bct`` nor the ``uncertain_first`` order (:data:`COARSE_NA`): both read the old classifier's
-fine-class columns. Writes ``results/fashion_which_method_when.json`` and ``.md``.
+images of all 10 classes, the other point meant to starve it. The coarse point does not run
+``bct`` (:data:`COARSE_NA`: its loss reads the old classifier's fine-class columns); the
+``uncertain_first`` order runs there on the coarse head's softmax (``strategies._old_uncertainty``). Writes ``results/fashion_which_method_when.json`` and ``.md``.
 
     python benchmarks/which_method_when.py [--dataset digits|fashion_mnist] [--seeds 0,1,2] [--cache DIR]
 """
@@ -69,8 +69,6 @@ COARSE_NA = {
     "bct": "BCT's influence loss is the old classifier's cross-entropy on new embeddings over the old classes' "
            "fine labels (backfill_lib.losses.bct, strategies._bct); a coarse old classifier has 3 outputs, so BCT "
            "here would be a different loss (coarse labels of every image), which the library does not implement",
-    "uncertain_first": "the uncertain-first order is the old classifier's softmax over data.old_classes' fine "
-                       "columns (strategies._old_uncertainty); a coarse old classifier has 3 outputs",
 }
 
 
