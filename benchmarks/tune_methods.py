@@ -45,6 +45,7 @@ from backfill_lib import strategies as st  # noqa: E402
 from backfill_lib.backfill import evaluate_backfill, old_only  # noqa: E402
 from backfill_lib.data import BackfillData, load_dataset  # noqa: E402
 from backfill_lib.experiment import format_table, run_experiment  # noqa: E402
+from backfill_lib.metrics import auc, relative_gain  # noqa: E402
 from backfill_lib.context import tuned_params  # noqa: E402
 from backfill_lib.strategies import PRESETS, ExperimentContext, MethodParams, NotApplicable, build_strategy  # noqa: E402
 
@@ -416,6 +417,57 @@ def _supports_order() -> bool:
     return "order" in inspect.signature(run_experiment).parameters
 
 
+def fill_reference_gains(result: dict) -> list[str]:
+    """Give every strategy its gain against the ρ reference when the reference ran in another group.
+
+    :func:`run_tuned_experiment` runs one experiment per distinct ``MethodParams``; only the group
+    holding ``offline_rho`` (``mct``'s tuned values: the reference is mct's head) knows the
+    reference, so the other groups' strategies come back with ``relative_gain_vs_reference`` n/a.
+    Per seed, the reference is ``offline_rho``'s mAP at r = 1 and old/old the ``old`` strategy's
+    mAP (the same seeds, so the same old and new models, in every group); the gain is computed
+    from each strategy's stored curves exactly as the experiment computes it.
+
+    Parameters
+    ----------
+    result : dict
+        A merged ``run_experiment`` result; changed in place.
+
+    Returns
+    -------
+    list of str
+        The strategies whose gain was filled in (none when the reference or ``old`` is missing).
+    """
+    strategies = result["strategies"]
+    ref, old = strategies.get(st.RHO_REFERENCE), strategies.get("old")
+    if not ref or ref.get("status") == "n/a" or not old or old.get("status") == "n/a":
+        return []
+    refs = [curve[-1] for curve in ref["curve_map"]]
+    old_old = [curve[0] for curve in old["curve_map"]]
+    filled = []
+    for name, s in strategies.items():
+        if s.get("status") == "n/a" or s.get("relative_gain_vs_reference", {}).get("status") != "n/a":
+            continue
+        if len(s["curve_map"]) != len(refs):
+            raise ValueError(f"{name}: {len(s['curve_map'])} seeds, but the ρ reference has {len(refs)}")
+        gains = [relative_gain(auc(s["ratios"], c), oo, rr) for c, oo, rr in zip(s["curve_map"], old_old, refs)]
+        v = np.asarray(gains, dtype=np.float64)
+        s["relative_gain_vs_reference"] = {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0}
+        filled.append(name)
+    if result.get("rho_reference", {}).get("status") == "n/a":
+        result["rho_reference"] = {"strategy": st.RHO_REFERENCE,
+                                   **{m: ref_stats for m, ref_stats in _end_stats(ref).items()}}
+    return filled
+
+
+def _end_stats(entry: dict) -> dict:
+    """mAP, top-1 and top-5 at r = 1 over seeds of one strategy entry (its stored curves)."""
+    out = {}
+    for metric, key in (("map", "curve_map"), ("top1", "curve_top1"), ("top5", "curve_top5")):
+        v = np.asarray([curve[-1] for curve in entry[key]], dtype=np.float64)
+        out[metric] = {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0}
+    return out
+
+
 def run_tuned_experiment(tuning: dict, strategies, order: str = "random", progress: bool = True, **kwargs) -> dict:
     """:func:`~backfill_lib.experiment.run_experiment` with each strategy's tuned ``MethodParams``.
 
@@ -465,6 +517,7 @@ def run_tuned_experiment(tuning: dict, strategies, order: str = "random", progre
         for n in names:
             merged["method_params"][n] = used
     merged["strategies"] = {n: merged["strategies"][n] for n in strategies}
+    fill_reference_gains(merged)
     merged["order"] = order
     merged["environment"]["elapsed_seconds"] = round(elapsed, 1)
     merged["tuning"] = "per-strategy MethodParams from results/tuning.json (validation split)"

@@ -294,3 +294,33 @@ def test_points_out_of_range_is_a_clear_error(tmp_path, points, capsys):
                   "--out", str(tmp_path / "x.json")])
     assert "--points" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
+
+
+# --- the ρ reference reaches strategies tuned in another group -------------------------------------
+
+def test_fill_reference_gains_recomputes_what_the_experiment_computes():
+    import copy
+    import json
+
+    result = json.loads((Path(__file__).resolve().parents[1] / "results" / "fashion_tuned.json").read_text())
+    measured = {n: s["relative_gain_vs_reference"] for n, s in result["strategies"].items()
+                if s.get("status") != "n/a" and s["relative_gain_vs_reference"].get("status") != "n/a"}
+    assert {"mct", "rank_merge", "offline_rho"} <= set(measured)
+    blank = copy.deepcopy(result)
+    for name in measured:
+        blank["strategies"][name]["relative_gain_vs_reference"] = {"status": "n/a", "reason": "not run"}
+    assert set(tm.fill_reference_gains(blank)) >= set(measured)
+    for name, want in measured.items():
+        got = blank["strategies"][name]["relative_gain_vs_reference"]
+        assert got["mean"] == pytest.approx(want["mean"], abs=1e-12) and got["std"] == pytest.approx(want["std"], abs=1e-12)
+    assert blank["strategies"]["forward_transform"]["relative_gain_vs_reference"]["mean"] > 0.5
+
+
+def test_fill_reference_gains_needs_the_reference_and_old():
+    import json
+
+    result = json.loads((Path(__file__).resolve().parents[1] / "results" / "fashion_tuned.json").read_text())
+    del result["strategies"]["offline_rho"]
+    before = json.dumps(result, sort_keys=True)
+    assert tm.fill_reference_gains(result) == []
+    assert json.dumps(result, sort_keys=True) == before
