@@ -133,6 +133,90 @@ def load_result(name: str) -> dict | list | str:
                             + "; ".join(f"{what} ({folder})" for what, folder in places))
 
 
+#: The committed result files of each dataset, by kind (``results/README.md`` says which command
+#: made each). Digits' tuning and sweep files keep their first names.
+RESULT_FILES = {
+    "digits": {"homogeneous": "digits_homogeneous", "heterogeneous": "digits_heterogeneous",
+               "tuning": "tuning", "tuned": "digits_tuned", "tuned_uncertain_first": "digits_tuned_uncertain_first",
+               "which_method_when": "which_method_when"},
+    "fashion_mnist": {"homogeneous": "fashion_homogeneous", "heterogeneous": "fashion_heterogeneous",
+                      "tuning": "fashion_tuning", "tuned": "fashion_tuned",
+                      "tuned_uncertain_first": "fashion_tuned_uncertain_first",
+                      "which_method_when": "fashion_which_method_when"},
+}
+_RESULT_KINDS = tuple(RESULT_FILES["digits"])
+
+
+def result_name(dataset: str, kind: str, suffix: str = ".json") -> str | None:
+    """The file name of one committed result of ``dataset``, or None when it has none.
+
+    Parameters
+    ----------
+    dataset : str
+        A chapter's ``DATASET`` ("fashion_mnist", "digits", "cifar100", ...).
+    kind : {"homogeneous", "heterogeneous", "tuning", "tuned", "tuned_uncertain_first", "which_method_when"}
+        Which result.
+    suffix : {".json", ".md"}, default ".json"
+        The JSON data or its Markdown table.
+
+    Returns
+    -------
+    str or None
+        E.g. ``"fashion_homogeneous.json"``; None for a dataset with no committed results (the
+        paper-scale ``cifar100``: a chapter then shows its own run only).
+
+    Raises
+    ------
+    ValueError
+        If ``kind`` or ``suffix`` is not one of the values above.
+
+    Examples
+    --------
+    >>> result_name("fashion_mnist", "tuned")
+    'fashion_tuned.json'
+    >>> result_name("digits", "tuning", ".md")
+    'tuning.md'
+    >>> result_name("cifar100", "homogeneous") is None
+    True
+    """
+    if kind not in _RESULT_KINDS:
+        raise ValueError(f"kind must be one of {', '.join(_RESULT_KINDS)}, got {kind!r}")
+    if suffix not in _RESULT_SUFFIXES:
+        raise ValueError(f"suffix must be '.json' or '.md', got {suffix!r}")
+    files = RESULT_FILES.get(dataset)
+    return None if files is None else files[kind] + suffix
+
+
+def dataset_result(dataset: str, kind: str, suffix: str = ".json"):
+    """:func:`load_result` of :func:`result_name`: a committed result of ``dataset``, or None.
+
+    Parameters
+    ----------
+    dataset, kind, suffix
+        As in :func:`result_name`.
+
+    Returns
+    -------
+    dict or str or None
+        The parsed JSON (or Markdown text); None for a dataset with no committed results, so a
+        chapter can write ``if committed is not None:`` around what only the committed runs show.
+
+    Raises
+    ------
+    FileNotFoundError
+        If the dataset has committed results but this file is missing (a broken checkout or wheel).
+
+    Examples
+    --------
+    >>> dataset_result("digits", "homogeneous")["dataset"]
+    'digits'
+    >>> dataset_result("cifar100", "tuned") is None
+    True
+    """
+    name = result_name(dataset, kind, suffix)
+    return None if name is None else load_result(name)
+
+
 # --- Tables, formatted numbers and source listings the chapters share ---------------------------
 
 def _cell(value, floatfmt: str) -> str:

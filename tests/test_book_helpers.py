@@ -103,3 +103,18 @@ def test_bad_names_are_refused(no_env, name):
 def test_name_must_be_a_string(no_env, name):
     with pytest.raises(TypeError, match="name"):
         load_result(name)
+
+
+@pytest.mark.parametrize("kind, suffix", [("homogenous", ".json"), ("tuned", "json"), ("tuned", ".csv")])
+def test_result_name_refuses_an_unknown_kind_or_suffix(kind, suffix):
+    from backfill_lib.book import result_name
+
+    with pytest.raises(ValueError, match="kind must be|suffix must be"):
+        result_name("fashion_mnist", kind, suffix)
+
+
+def test_a_dataset_without_committed_results_reads_none():
+    from backfill_lib.book import dataset_result
+
+    assert dataset_result("cifar100", "homogeneous") is None
+    assert dataset_result("cifar100", "which_method_when", ".md") is None
