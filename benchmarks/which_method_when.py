@@ -261,6 +261,46 @@ def run_point(point: dict, tuning: dict, strategies=STRATEGIES, orders=("random"
     return out
 
 
+def fill_point_reference_gains(point: dict) -> list[tuple[str, str]]:
+    """Fill each strategy's gain against the ρ reference at one sweep point where it is n/a.
+
+    Strategies tuned in another ``MethodParams`` group than ``mct`` ran without the reference
+    before ``tune_methods.fill_reference_gains`` (files written by older code). ``offline_rho``
+    stores ``ρ_ref(φ_n)`` for every item at every ratio, so its curve is flat at the reference mAP
+    and its per-seed gain against new/new is ``(ref − old/old) / (new/new − old/old)``; a
+    strategy's gain against the reference is then, per seed, its gain against new/new divided by
+    that. The result equals the experiment's own computation up to rounding (tested).
+
+    Parameters
+    ----------
+    point : dict
+        One sweep point (:func:`run_point`); changed in place.
+
+    Returns
+    -------
+    list of (str, str)
+        ``(order, strategy)`` pairs filled in.
+    """
+    filled = []
+    for order, cells in point["results"].items():
+        ref = cells.get(st.RHO_REFERENCE, {})
+        if ref.get("status") == "n/a" or "per_seed_gain" not in ref:
+            continue
+        for name, cell in cells.items():
+            if cell.get("status") == "n/a" or "per_seed_gain" not in cell:
+                continue
+            if cell.get("relative_gain_vs_reference", {}).get("status") != "n/a":
+                continue
+            if len(cell["per_seed_gain"]) != len(ref["per_seed_gain"]):
+                raise ValueError(f"{point['label']}, {order}, {name}: {len(cell['per_seed_gain'])} seeds, "
+                                 f"the ρ reference {len(ref['per_seed_gain'])}")
+            v = np.asarray(cell["per_seed_gain"], dtype=np.float64) / np.asarray(ref["per_seed_gain"], dtype=np.float64)
+            cell["relative_gain_vs_reference"] = {"mean": float(v.mean()),
+                                                  "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0}
+            filled.append((order, name))
+    return filled
+
+
 def figure_data(points: list[dict], strategies, orders) -> dict:
     """Figure-ready arrays: per order, per strategy, one value per point (None where n/a).
 
@@ -375,6 +415,8 @@ def merge_parts(parts: list[dict], dataset: str = "digits") -> dict:
                 raise ValueError(f"point {point['label']!r} is in two parts")
             points[point["label"]] = point
     joined = [points[label] for label in order if label in points]
+    for point in joined:
+        fill_point_reference_gains(point)
     result = {**first, "points": joined, "figure": figure_data(joined, first["strategies"], first["orders"]),
               "elapsed_seconds": round(sum(p["elapsed_seconds"] for p in parts), 1),
               "parts": [p["command"] for p in parts]}

@@ -324,3 +324,21 @@ def test_fill_reference_gains_needs_the_reference_and_old():
     before = json.dumps(result, sort_keys=True)
     assert tm.fill_reference_gains(result) == []
     assert json.dumps(result, sort_keys=True) == before
+
+
+def test_fill_point_reference_gains_matches_the_experiment():
+    import json
+
+    result = json.loads((Path(__file__).resolve().parents[1] / "results" / "fashion_tuned.json").read_text())
+    names = ["old", "offline", "rank_merge", "mct", "offline_rho", "bct", "forward_transform"]
+    summary = wmw.summarise(result, names)
+    want = {n: dict(summary[n]["relative_gain_vs_reference"]) for n in names}
+    for n in names:
+        summary[n]["relative_gain_vs_reference"] = {"status": "n/a", "reason": "not run"}
+    point = {"label": "reference", "results": {"random": summary}}
+    assert {n for _, n in wmw.fill_point_reference_gains(point)} == set(names)
+    for n in names:
+        got = point["results"]["random"][n]["relative_gain_vs_reference"]
+        assert got["mean"] == pytest.approx(want[n]["mean"], abs=1e-9), n
+        assert got["std"] == pytest.approx(want[n]["std"], abs=1e-9), n
+    assert wmw.fill_point_reference_gains(point) == []  # nothing left to fill
