@@ -105,6 +105,19 @@ def test_name_must_be_a_string(no_env, name):
         load_result(name)
 
 
+def test_every_committed_result_name_exists_and_matches_its_dataset():
+    from backfill_lib.book import RESULT_FILES, dataset_result, result_name
+
+    for dataset, kinds in RESULT_FILES.items():
+        for kind in kinds:
+            name = result_name(dataset, kind)
+            assert (ROOT / "results" / name).is_file(), name
+            content = dataset_result(dataset, kind)
+            if kind != "tuning" or dataset != "digits":  # digits' first tuning file predates the field
+                assert content.get("dataset", "digits") == dataset, name
+            assert isinstance(dataset_result(dataset, kind, ".md"), str)
+
+
 @pytest.mark.parametrize("kind, suffix", [("homogenous", ".json"), ("tuned", "json"), ("tuned", ".csv")])
 def test_result_name_refuses_an_unknown_kind_or_suffix(kind, suffix):
     from backfill_lib.book import result_name
