@@ -1,6 +1,6 @@
 """Re-execute chapters in place and store their outputs (what the website shows and nbval compares).
 
-    OMP_NUM_THREADS=1 python scripts/execute_chapters.py book/03_rank_merge.ipynb [more chapters]
+    OMP_NUM_THREADS=1 python scripts/execute_chapters.py book/02_rank_merge.ipynb [more chapters]
 
 Run it on an otherwise idle machine: a loaded machine writes its timings into the outputs, and
 the prose may quote them. The checkpoint cache is ``$BACKFILL_CACHE`` (default
