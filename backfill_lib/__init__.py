@@ -28,9 +28,11 @@ from .backfill import (  # noqa: E402
     evaluate_backfill,
     forward_transform,
     offline_backfill,
+    new_query_on_stored,
     old_only,
     rank_merge,
     reverse_transform,
+    same_model,
     simulate_backfill,
 )
 from .metrics import (  # noqa: E402
@@ -57,8 +59,8 @@ _LAZY = {
 
 __all__ = sorted(
     ["DEFAULT_RATIOS", "BackfillCurve", "Strategy", "backfill_order", "backfilled_mask", "compatible_single_space",
-     "evaluate_backfill", "forward_transform", "offline_backfill", "old_only", "rank_merge", "reverse_transform",
-     "simulate_backfill", "auc", "average_precision", "mean_average_precision", "negative_flip_rate",
+     "evaluate_backfill", "forward_transform", "new_query_on_stored", "offline_backfill", "old_only", "rank_merge",
+     "reverse_transform", "same_model", "simulate_backfill", "auc", "average_precision", "mean_average_precision", "negative_flip_rate",
      "relative_gain", "same_label", "topk_hits", *_LAZY]
 )
 

@@ -236,6 +236,82 @@ def compatible_single_space(old, new, new_query=None, name: str = "compatible",
                     queries_are_gallery=_queries_are_gallery(queries_are_gallery, new_query))
 
 
+def same_model(vectors, query=None, name: str = "old", queries_are_gallery: bool | None = None) -> Strategy:
+    """One model embeds both the queries and the whole gallery, whatever the ratio.
+
+    The readable way to write the two references of every chapter: ``same_model(old)`` is
+    old/old retrieval (no upgrade, the same strategy as :func:`old_only`), and
+    ``same_model(new, name="new")`` is new/new retrieval (the gallery fully re-embedded).
+
+    Parameters
+    ----------
+    vectors : array (N, d)
+        The gallery items' embeddings under one model.
+    query : array (n_q, d), optional
+        The queries' embeddings under the same model; default ``vectors`` (leave-one-out: the
+        queries are the gallery items).
+    name : str, default "old"
+        The strategy's name (``"old"`` for old/old, ``"new"`` for new/new: the names
+        :mod:`~backfill_lib.plots` colours).
+    queries_are_gallery : bool, optional
+        Whether query ``i`` is gallery item ``i``; default True when ``query`` is not given.
+
+    Returns
+    -------
+    Strategy
+        One backbone pass per query; its curve is flat.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> x = np.eye(3)
+    >>> same_model(x, name="new").name, same_model(x).backbone_passes
+    ('new', 1)
+    """
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"name must be a non-empty string such as 'old' or 'new', got {name!r}")
+    q = _same_items(vectors, query)
+    return Strategy(name, q, vectors, q, vectors, backbone_passes=1,
+                    queries_are_gallery=_queries_are_gallery(queries_are_gallery, query))
+
+
+def new_query_on_stored(old, new, new_query=None, name: str = "new_on_old",
+                        queries_are_gallery: bool | None = None) -> Strategy:
+    """The new model's query searches whatever is stored: old vectors, then re-embedded ones.
+
+    With an ordinary (incompatible) new model this is the shortcut that fails: at ``r = 0`` a
+    new query meets only old vectors. It is the same scoring rule as
+    :func:`compatible_single_space`, which the book uses for compatible new models (BCT,
+    RA-BCT); this name says what happens without compatibility.
+
+    Parameters
+    ----------
+    old : array (N, d)
+        Old embeddings ``φ_o(g)`` of the gallery items.
+    new : array (N, d)
+        New embeddings ``φ_n(g)`` of the gallery items, the same dimension as ``old`` (a new
+        query cannot even be compared with old vectors of another size).
+    new_query : array (n_q, d), optional
+        ``φ_n(q)`` of the queries; default ``new`` (leave-one-out).
+    name : str, default "new_on_old"
+        The strategy's name.
+    queries_are_gallery : bool, optional
+        Whether query ``i`` is gallery item ``i``; default True when ``new_query`` is not given.
+
+    Returns
+    -------
+    Strategy
+        One backbone pass (new) per query.
+
+    Raises
+    ------
+    ValueError
+        If ``old`` and ``new`` differ in dimension.
+    """
+    return compatible_single_space(old, new, new_query=new_query, name=name,
+                                   queries_are_gallery=queries_are_gallery)
+
+
 def rank_merge(old, new, old_query=None, new_query=None, queries_are_gallery: bool | None = None) -> Strategy:
     """Distance rank merge: ``φ_o(q)`` against old-stored items, ``φ_n(q)`` against new-stored
     ones, one ranking by distance. Two backbone passes per query.

@@ -5,7 +5,8 @@ import pytest
 
 from backfill_lib.backfill import (DEFAULT_RATIOS, BackfillCurve, Strategy, backfill_order, backfilled_mask,
                                    compatible_single_space, evaluate_backfill, forward_transform, offline_backfill,
-                                   old_only, rank_merge, reverse_transform, simulate_backfill)
+                                   new_query_on_stored, old_only, rank_merge, reverse_transform, same_model,
+                                   simulate_backfill)
 from backfill_lib.metrics import average_precision, same_label
 from backfill_lib.retrieval import MixedGallery
 from core_helpers import unit
@@ -28,6 +29,30 @@ class TestStrategyConstructors:
         s = old_only(spaces["old"])
         assert (s.name, s.backbone_passes, s.offline) == ("old", 1, False)
         assert all(_same(a, spaces["old"]) for a in (s.query_old, s.gallery_old, s.query_new, s.gallery_new))
+
+    def test_same_model_is_old_only_or_new_new(self, spaces, rng):
+        s = same_model(spaces["old"])
+        ref = old_only(spaces["old"])
+        assert (s.name, s.backbone_passes, s.offline, s.queries_are_gallery) == ("old", 1, False, True)
+        assert all(_same(getattr(s, f), getattr(ref, f)) for f in ("query_old", "gallery_old", "query_new", "gallery_new"))
+        q = unit(rng.normal(size=(3, 5)))
+        n = same_model(spaces["new"], q, name="new")
+        assert n.name == "new" and n.queries_are_gallery is False
+        assert _same(n.query_old, q) and _same(n.query_new, q) and _same(n.gallery_new, spaces["new"])
+        # new/new's curve is flat at new/new's mAP: the same at r = 0 and r = 1
+        labels = np.arange(12) % 3
+        curve = evaluate_backfill(same_model(spaces["new"], name="new"), labels, ratios=[0.0, 1.0])
+        assert curve.map[0] == curve.map[1]
+        with pytest.raises(TypeError, match="name"):
+            same_model(spaces["old"], name="")
+
+    def test_new_query_on_stored_is_the_single_space_rule(self, spaces):
+        new4 = unit(spaces["new"][:, :4])
+        s = new_query_on_stored(spaces["old"], new4)
+        assert (s.name, s.backbone_passes) == ("new_on_old", 1)
+        assert _same(s.query_old, new4) and _same(s.gallery_old, spaces["old"]) and _same(s.gallery_new, new4)
+        with pytest.raises(ValueError):
+            new_query_on_stored(spaces["old"], spaces["new"])     # 4 vs 5 dimensions
 
     def test_offline_backfill(self, spaces):
         s = offline_backfill(spaces["old"], spaces["new"])
