@@ -19,7 +19,8 @@ from matplotlib.ticker import PercentFormatter
 
 from .validation import as_labels, check_k, check_no_repeats, check_positive_int
 
-#: One colour per meaning, book-wide: models, strategies and score spaces never share a colour.
+#: One colour per meaning, book-wide: models, strategies and score spaces never share a colour. Every
+#: colour has a contrast of at least 3:1 on white (WCAG 2; checked by :func:`figure_problems` and the tests).
 COLORS: dict[str, str] = {
     # models
     "old": "#7f7f7f",               # the old model φ_o, old/old retrieval
@@ -28,19 +29,19 @@ COLORS: dict[str, str] = {
     "offline": "#4d4d4d",
     "new_on_old": "#d62728",        # incompatible: new query, old gallery
     "rank_merge": "#1f77b4",
-    "rank_merge_calibrated": "#aec7e8",  # ours: a lighter rank-merge blue
-    "bct": "#ff7f0e",
-    "bct_pseudo": "#ffbb78",        # BCT's open-class variant: a lighter BCT orange
+    "rank_merge_calibrated": "#00798c",  # ours: a teal, rank merge's blue moved towards green
+    "bct": "#d95f02",
+    "bct_pseudo": "#8c2d04",        # BCT's open-class variant: a dark BCT rust, dashed (LINESTYLES)
     "ra_bct": "#9467bd",
     "forward_transform": "#8c564b",
-    "reverse_transform": "#bcbd22",
+    "reverse_transform": "#7f7f00",
     "mct": "#2ca02c",
-    "mct_old_neg": "#98df8a",
-    "mct_new_neg": "#17becf",
-    "mct_no_rho": "#e377c2",
+    "mct_old_neg": "#1b7837",        # mct's ablations: greens of mct's family, told apart by LINESTYLES/MARKERS
+    "mct_new_neg": "#4d9221",
+    "mct_no_rho": "#5b8c1a",
     "offline_rho": "#00441b",       # reference (ours): mct's head ρ on the new space alone, a dark mct green
     # score spaces: what a query is compared with (never a model's colour, see SPACES)
-    "old_stored": "#c49a00",        # φ_o(q)·φ_o(g): old query against an old-stored item
+    "old_stored": "#9c7a00",        # φ_o(q)·φ_o(g): old query against an old-stored item (a dark gold)
     "new_stored": "#00429d",        # new-side query against a new-stored item
     "cross": "#c51b7d",             # transformed or new query against an old-stored item
     # a gallery upgraded twice (chapter 7): v1 is drawn as old_stored, v3 as new_stored
@@ -51,6 +52,20 @@ COLORS: dict[str, str] = {
     "relevant": "#007a5a",
     "irrelevant": "#c13c00",
 }
+
+#: Neutral inks for what is not a model, strategy or space: annotation text and arrows (INK), and
+#: guide lines such as a slider's position or a threshold (GUIDE). Both read on white (>= 7:1).
+INK = "#333333"
+GUIDE = "#555555"
+
+#: Line style per strategy where a colour family is shared (a variant keeps its parent's hue) or
+#: where two curves coincide over much of the backfill (offline and old/old until r = 0.9).
+LINESTYLES: dict[str, str] = {"offline": "-.", "old": ":", "bct_pseudo": "--", "rank_merge_calibrated": "--",
+                              "mct_old_neg": "--", "mct_new_neg": ":", "mct_no_rho": "-.", "offline_rho": ":"}
+#: Marker per strategy (default ``"o"``), so that curves that coincide stay told apart.
+MARKERS: dict[str, str] = {"offline": "s", "old": "", "new": "", "bct_pseudo": "v", "rank_merge_calibrated": "D",
+                           "mct_old_neg": "^", "mct_new_neg": "v", "mct_no_rho": "x", "offline_rho": "P",
+                           "reverse_transform": "^", "forward_transform": "D", "ra_bct": "s"}
 
 #: Human-readable names for legends.
 LABELS: dict[str, str] = {
@@ -203,11 +218,13 @@ def _legend_once(ax, **kwargs):
 def plot_backfill_curves(curves: dict, metric: str = "map", old_old: float | None = None,
                          new_new: float | None = None, ax=None, title: str | None = None,
                          source: str = "our measurement", percent: bool | None = None,
-                         upto: float | None = None, show_seeds: bool = False, legend_loc: str = "best"):
+                         upto: float | None = None, show_seeds: bool = False, legend_loc: str = "below"):
     """Plot backfill curves ``m(r)``, one line per strategy, mean ± std band over seeds.
 
-    Colours and legend names come from :func:`color` and :func:`label`; the ``offline`` curve
-    is drawn as a step. The legend lists each entry once: the ``old_old`` reference line is
+    Colours, line styles, markers and legend names come from :data:`COLORS`, :data:`LINESTYLES`,
+    :data:`MARKERS` and :func:`label`. Every curve, ``offline`` included, is drawn with straight
+    segments between the measured ratios, the trapezoids its area (:func:`~backfill_lib.metrics.auc`)
+    integrates; the legend sits outside the axes. The legend lists each entry once: the ``old_old`` reference line is
     left out of it when the ``"old"`` strategy is plotted too (they are the same level).
 
     Parameters
@@ -235,8 +252,9 @@ def plot_backfill_curves(curves: dict, metric: str = "map", old_old: float | Non
         ``upto``, with a dotted vertical line at ``upto``.
     show_seeds : bool, default False
         Also draw every seed's values as × markers (one legend entry, "one seed").
-    legend_loc : str, default "best"
-        Matplotlib legend location.
+    legend_loc : str, default "below"
+        Where the legend goes: ``"below"`` the axes or to the ``"right"`` (outside, never over a
+        curve), or a matplotlib location inside the axes (see :func:`outside_legend`).
 
     Returns
     -------
@@ -261,17 +279,19 @@ def plot_backfill_curves(curves: dict, metric: str = "map", old_old: float | Non
             continue
         r, v = _curves_of(entry, metric)
         mean = v.mean(axis=0)
-        style = dict(color=color(name), drawstyle="steps-post" if name == "offline" else "default")
+        # Every curve, offline included, is drawn as the AUC integrates it: straight lines between
+        # the measured ratios (offline's jump is the segment from r = 0.9 to 1).
+        style = dict(color=color(name), ls=LINESTYLES.get(name, "-"))
+        marker = MARKERS.get(name, "o")
         if upto is None:
-            ax.plot(r, mean, marker="o", ms=3, label=label(name), **style)
+            ax.plot(r, mean, marker=marker, ms=4, label=label(name), **style)
         else:
             shown = r <= upto + 1e-9
             ax.plot(r, mean, alpha=0.2, **style)
-            ax.plot(r[shown], mean[shown], marker="o", ms=4, label=label(name), **style)
+            ax.plot(r[shown], mean[shown], marker=marker, ms=4, label=label(name), **style)
         if len(v) > 1:
             std = v.std(axis=0, ddof=1)  # the same spread as the "mean ± std" of the results tables
-            ax.fill_between(r, mean - std, mean + std, color=color(name), alpha=0.15, lw=0,
-                            step="post" if name == "offline" else None)
+            ax.fill_between(r, mean - std, mean + std, color=color(name), alpha=0.15, lw=0)
         if show_seeds:
             for seed_values in v:
                 ax.plot(r, seed_values, ls="none", marker="x", ms=4, color=color(name), alpha=0.6,
@@ -287,11 +307,44 @@ def plot_backfill_curves(curves: dict, metric: str = "map", old_old: float | Non
     ax.set_ylabel(METRIC_LABELS[metric] + (" (% of queries)" if percent else ""))
     if percent:
         ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
-    ax.set_xlim(0, 1)
+    ax.set_xlim(-0.03, 1.03)  # the points at r = 0 and r = 1 (offline's jump ends there) stay in view
     ax.set_title(title or f"{METRIC_LABELS[metric]} during the backfill ({source})")
     ax.grid(alpha=0.3)
-    _legend_once(ax, fontsize=8, loc=legend_loc)
+    outside_legend(ax, loc=legend_loc)
     return ax
+
+
+def outside_legend(ax, loc: str = "below", ncol: int | None = None):
+    """A legend that never covers data: below the axes (default) or to their right.
+
+    Each label is listed once (the first artist drawn under it).
+
+    Parameters
+    ----------
+    ax : matplotlib Axes
+        The axes whose labelled artists are listed.
+    loc : {"below", "right"} or a matplotlib location, default "below"
+        ``"below"`` puts the legend under the x-axis label, ``"right"`` beside the axes. Any other
+        matplotlib location (``"best"``, ``"upper left"``, ...) places it inside the axes: use
+        that only where :func:`figure_problems` confirms the region holds no data.
+    ncol : int, optional
+        Columns; default 2 below the axes, 1 to the right.
+
+    Returns
+    -------
+    matplotlib Legend or None
+        None when nothing is labelled.
+    """
+    handles, labels = ax.get_legend_handles_labels()
+    if not any(not lab.startswith("_") for lab in labels):
+        return None
+    if loc == "below":
+        return _legend_once(ax, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16),
+                            ncol=ncol or 2, frameon=False)
+    if loc == "right":
+        return _legend_once(ax, fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0),
+                            ncol=ncol or 1, frameon=False)
+    return _legend_once(ax, fontsize=8, loc=loc, ncol=ncol or 1)
 
 
 def plot_score_distributions(scores: dict, ax=None, title: str | None = None, kind: str = "hist",
@@ -1209,3 +1262,213 @@ def figure_to_png(fig, dpi: int = 80) -> bytes:
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
     plt.close(fig)
     return buf.getvalue()
+
+
+# --- The book's figure rules, checked (STYLE.md "Figures") ----------------------------------------
+
+#: The least contrast a line, marker or text colour must have against its background (WCAG 2
+#: "non-text contrast"; text of figures is small, so it is held to the same floor at least).
+MIN_CONTRAST = 3.0
+
+
+def _luminance(rgb) -> float:
+    def channel(c):
+        return c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4
+    r, g, b = (channel(float(c)) for c in rgb[:3])
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+
+def contrast_ratio(foreground, background="white") -> float:
+    """The WCAG 2 contrast ratio of two colours, from 1 (equal) to 21 (black on white).
+
+    A colour drawn with an alpha below 1 is first blended over the background, as it appears.
+
+    Parameters
+    ----------
+    foreground, background : matplotlib colour
+        Any colour matplotlib understands (``"#1f77b4"``, ``"white"``, an RGBA tuple).
+
+    Returns
+    -------
+    float
+
+    Examples
+    --------
+    >>> round(contrast_ratio("black"), 1), round(contrast_ratio("#7f7f7f"), 1)
+    (21.0, 4.0)
+    """
+    from matplotlib.colors import to_rgba
+
+    fg, bg = np.array(to_rgba(foreground)), np.array(to_rgba(background))
+    seen = fg[:3] * fg[3] + bg[:3] * (1 - fg[3])
+    hi, lo = sorted((_luminance(seen), _luminance(bg[:3])), reverse=True)
+    return (hi + 0.05) / (lo + 0.05)
+
+
+def _data_points(ax) -> np.ndarray:
+    """Display coordinates of what an axes draws as data: line vertices (densely along each
+    segment), scatter points, and the corners and centres of bars."""
+    pts = []
+    for line in ax.get_lines():
+        if not line.get_visible():
+            continue
+        xy = np.asarray(line.get_xydata(), dtype=float)
+        xy = xy[np.isfinite(xy).all(axis=1)]
+        if len(xy) == 0:
+            continue
+        if len(xy) > 1 and line.get_linestyle() not in ("None", "none", "", " "):
+            t = np.linspace(0, 1, 25)[:, None]
+            xy = np.concatenate([a + t * (b - a) for a, b in zip(xy[:-1], xy[1:])])
+        pts.append(line.get_transform().transform(xy))
+    for coll in ax.collections:
+        offsets = np.asarray(coll.get_offsets(), dtype=float) if coll.get_visible() else np.empty((0, 2))
+        if len(offsets) and type(coll).__name__ == "PathCollection":
+            pts.append(coll.get_offset_transform().transform(offsets))
+    for patch in ax.patches:
+        if isinstance(patch, Rectangle) and patch.get_visible() and patch.get_height() != 0:
+            box = patch.get_window_extent()
+            pts.append(np.array([[box.x0, box.y0], [box.x1, box.y1], [box.x0, box.y1], [box.x1, box.y0],
+                                 [(box.x0 + box.x1) / 2, (box.y0 + box.y1) / 2]]))
+    return np.concatenate(pts) if pts else np.empty((0, 2))
+
+
+def _background_under(pixels: np.ndarray, box, default):
+    """The most common rendered colour inside a display-space box (RGB in [0, 1])."""
+    h, w = pixels.shape[:2]
+    x0, x1 = int(max(box.x0, 0)), int(min(box.x1, w))
+    y0, y1 = int(max(h - box.y1, 0)), int(min(h - box.y0, h))
+    if x1 <= x0 or y1 <= y0:
+        return default
+    region = pixels[y0:y1, x0:x1, :3].reshape(-1, 3)
+    colours, counts = np.unique(region, axis=0, return_counts=True)
+    return tuple(colours[counts.argmax()] / 255.0)
+
+
+def _styles_differ(a, b) -> bool:
+    return a.get_linestyle() != b.get_linestyle() or (a.get_marker() or "None") != (b.get_marker() or "None")
+
+
+def _coincide(a, b, tol: float) -> bool:
+    xa, ya = (np.asarray(v, dtype=float) for v in a.get_data())
+    xb, yb = (np.asarray(v, dtype=float) for v in b.get_data())
+    if xa.shape != xb.shape or len(xa) < 3 or not np.allclose(xa, xb):
+        return False
+    return bool(np.mean(np.abs(ya - yb) <= tol) >= 0.5)
+
+
+def figure_problems(fig) -> list[str]:
+    """What breaks the book's figure rules in a drawn figure, in words; empty when nothing does.
+
+    Checked for every axes that shows data (axes switched off, such as diagrams and images, are
+    checked for text contrast and overlapping labels only):
+
+    * a title on the axes or the figure, and labels on both axes (an axes may leave a label to
+      its neighbour in the same row or column of a grid);
+    * every visible line, scatter marker, text and legend text at least :data:`MIN_CONTRAST`
+      against the axes' background (faint context lines drawn with alpha below 0.5 excepted);
+    * no legend inside an axes over a data point, line or bar of that axes;
+    * no two texts of an axes overlapping;
+    * no two lines that coincide over at least half their points (within 0.5 % of the y range)
+      drawn with the same line style and marker.
+
+    Parameters
+    ----------
+    fig : matplotlib Figure
+
+    Returns
+    -------
+    list of str
+        One sentence per problem, naming the axes by its title.
+
+    Examples
+    --------
+    >>> fig, ax = plt.subplots()
+    >>> _ = ax.plot([0, 1], [0, 1], color="#ffbb78", label="pale")
+    >>> _ = ax.set(title="t", xlabel="x", ylabel="y")
+    >>> figure_problems(fig)
+    ["axes 't': line 'pale' has contrast 1.7:1 against its background (needs 3:1)"]
+    >>> plt.close(fig)
+    """
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    pixels = np.asarray(fig.canvas.buffer_rgba())
+    problems: list[str] = []
+    has_suptitle = fig._suptitle is not None and fig._suptitle.get_text().strip() != ""
+    data_axes = [ax for ax in fig.axes if ax.axison and (ax.get_lines() or ax.collections or ax.patches)
+                 and ax.get_label() != "<colorbar>"]
+
+    def neighbours_have(ax, getter, same):
+        spec = ax.get_subplotspec() if hasattr(ax, "get_subplotspec") else None
+        if spec is None:
+            return False
+        for other in data_axes:
+            ospec = other.get_subplotspec() if hasattr(other, "get_subplotspec") else None
+            if other is not ax and ospec is not None and getattr(ospec, same) == getattr(spec, same) \
+                    and getter(other).strip():
+                return True
+        return False
+
+    for ax in fig.axes:
+        name = f"axes {ax.get_title()!r}" if ax.get_title() else f"axes {fig.axes.index(ax) + 1}"
+        bg = ax.get_facecolor()
+        if ax in data_axes:
+            if not (ax.get_title().strip() or has_suptitle):
+                problems.append(f"{name}: no title (on the axes or the figure)")
+            if not ax.get_xlabel().strip() and not neighbours_have(ax, lambda a: a.get_xlabel(), "colspan"):
+                problems.append(f"{name}: the x axis has no label")
+            if not ax.get_ylabel().strip() and not neighbours_have(ax, lambda a: a.get_ylabel(), "rowspan"):
+                problems.append(f"{name}: the y axis has no label")
+            for line in ax.get_lines():
+                alpha = line.get_alpha()
+                if not line.get_visible() or (alpha is not None and alpha < 0.5):
+                    continue
+                c = contrast_ratio(line.get_color(), bg)
+                if c < MIN_CONTRAST:
+                    problems.append(f"{name}: line {line.get_label()!r} has contrast {c:.1f}:1 against its "
+                                    f"background (needs {MIN_CONTRAST:g}:1)")
+            for coll in ax.collections:
+                if type(coll).__name__ != "PathCollection" or not coll.get_visible():
+                    continue
+                for fc in {tuple(np.round(c, 3)) for c in coll.get_facecolors()}:
+                    if fc[3] >= 0.5 and contrast_ratio(fc[:3], bg) < MIN_CONTRAST:
+                        problems.append(f"{name}: markers {coll.get_label()!r} have contrast "
+                                        f"{contrast_ratio(fc[:3], bg):.1f}:1 (needs {MIN_CONTRAST:g}:1)")
+                        break
+            lines = [ln for ln in ax.get_lines() if ln.get_visible() and not ln.get_label().startswith("_child")]
+            ylo, yhi = ax.get_ylim()
+            tol = 0.005 * abs(yhi - ylo)
+            for i, a in enumerate(lines):
+                for b in lines[i + 1:]:
+                    if _coincide(a, b, tol) and not _styles_differ(a, b):
+                        problems.append(f"{name}: lines {a.get_label()!r} and {b.get_label()!r} coincide and are "
+                                        "drawn alike (give one a marker or line style)")
+            legend = ax.get_legend()
+            if legend is not None and legend.get_visible():
+                box = legend.get_window_extent(renderer)
+                inside = ax.get_window_extent(renderer).overlaps(box)
+                pts = _data_points(ax)
+                if inside and len(pts):
+                    hit = (pts[:, 0] > box.x0) & (pts[:, 0] < box.x1) & (pts[:, 1] > box.y0) & (pts[:, 1] < box.y1)
+                    if hit.any():
+                        problems.append(f"{name}: the legend covers data ({int(hit.sum())} drawn points under it); "
+                                        "put it outside the axes (plots.outside_legend)")
+        texts = [t for t in ax.texts if t.get_visible() and t.get_text().strip()]
+        for t in texts:
+            # a text's background is what is drawn under it (a heatmap cell, a diagram's box): the
+            # most common colour of the rendered pixels in its box, where glyphs are the minority
+            tbg = _background_under(pixels, t.get_window_extent(renderer), bg)
+            c = contrast_ratio(t.get_color(), tbg)
+            if c < MIN_CONTRAST:
+                problems.append(f"{name}: text {t.get_text()[:30]!r} has contrast {c:.1f}:1 (needs {MIN_CONTRAST:g}:1)")
+        boxes = [t.get_window_extent(renderer) for t in texts]
+        for i in range(len(boxes)):
+            for j in range(i + 1, len(boxes)):
+                if boxes[i].overlaps(boxes[j]) and boxes[i].width > 0 and boxes[j].width > 0:
+                    problems.append(f"{name}: texts {texts[i].get_text()[:25]!r} and {texts[j].get_text()[:25]!r} overlap")
+        legend = ax.get_legend()
+        if legend is not None:
+            for t in legend.get_texts():
+                c = contrast_ratio(t.get_color(), bg)
+                if c < MIN_CONTRAST:
+                    problems.append(f"{name}: legend text {t.get_text()!r} has contrast {c:.1f}:1")
+    return problems

@@ -9,7 +9,7 @@ from ipywidgets.widgets import widget as widget_module
 from ipywidgets.widgets.widget_link import Link
 
 from backfill_lib.backfill import evaluate_backfill, offline_backfill, old_only, rank_merge
-from backfill_lib.plots import (COLORS, DIAGRAMS, LABELS, PHI_N, PHI_O, SPACES, color, figure_to_png, label,
+from backfill_lib.plots import (COLORS, DIAGRAMS, LABELS, PHI_N, PHI_O, SPACES, color, figure_problems, figure_to_png, label,
                                 pair_scores, palette, plot_backfill_curves, plot_cross_model_matrix,
                                 plot_score_distributions, plot_strategy_diagram, plot_strategy_diagrams,
                                 set_book_style, show_image)
@@ -49,7 +49,16 @@ class TestPlots:
         rm = lines[label("rank_merge")]
         np.testing.assert_allclose(rm.get_ydata(), curves["rank_merge"].map)
         assert rm.get_color() == color("rank_merge") == COLORS["rank_merge"]
-        assert lines[label("offline")].get_drawstyle() == "steps-post"
+        # offline is drawn as the AUC integrates it (straight segments, the jump from 0.9 to 1), and
+        # apart from old/old, which it follows until r = 0.9
+        off = lines[label("offline")]
+        assert off.get_drawstyle() == "default"
+        np.testing.assert_allclose(off.get_xdata(), curves["offline"].ratios)
+        assert off.get_linestyle() != lines[label("old")].get_linestyle()
+        # the legend is outside the axes and the figure breaks none of the book's rules
+        legend_box = ax.get_legend().get_window_extent(ax.figure.canvas.get_renderer())
+        assert legend_box.y1 < ax.get_window_extent().y0
+        assert figure_problems(ax.figure) == []
 
     def test_seeds_band_and_json_entry(self, embeddings):
         old, new, y = embeddings
