@@ -168,3 +168,24 @@ def test_no_chapter_uses_what_a_later_one_introduces(chapter):
                 found.setdefault(stem, set()).update(hits)
     assert not found, f"{chapter.name} uses what later chapters introduce: " + \
         "; ".join(f"{k}: {sorted(v)}" for k, v in found.items())
+
+
+def test_the_intro_quotes_the_committed_tuned_numbers():
+    """The introduction's bottom line quotes one version of each gain: the committed 3-seed tuned
+    random-order results on Fashion-MNIST."""
+    intro = (ROOT / "book" / "intro.md").read_text(encoding="utf-8")
+    res = json.loads((ROOT / "results" / "fashion_tuned.json").read_text(encoding="utf-8"))
+    assert res["order"] == "random" and len(res["seeds"]) == 3
+    gain = {n: f"{s['relative_gain']['mean']:.2f}" for n, s in res["strategies"].items() if "relative_gain" in s}
+    bottom = intro.split("## The bottom line", 1)[1].split("**What remains", 1)[0]
+    quoted = {
+        "mct": r"metric-compatible\s+training recovers (\d\.\d\d)",
+        "forward_transform": r"forward map that\s+rewrites the stored old vectors once recovers (\d\.\d\d)",
+        "rank_merge": r"rank merge \((\d\.\d\d)\)",
+        "bct": r"BCT \((\d\.\d\d)\)",
+        "reverse_transform": r"reverse map trained alone \((\d\.\d\d)\)",
+    }
+    for name, pattern in quoted.items():
+        m = re.search(pattern, bottom)
+        assert m, f"the intro's bottom line no longer quotes {name}"
+        assert m.group(1) == gain[name], f"intro: {name} {m.group(1)}, committed {gain[name]}"
