@@ -1,0 +1,190 @@
+"""Closed-form bridges (issue 19): Procrustes recovers a known rotation (and a scale), handles
+different widths, low-rank affine recovers a low-rank map, SLERP's ends are the two queries it
+blends, files round-trip and refuse what is not ours, selection picks the right family."""
+
+import numpy as np
+import pytest
+
+from backfill_lib.adapters import (ClosedFormAdapter, LowRankAffineAdapter, ProcrustesAdapter, select_adapter,
+                                   slerp, slerp_query)
+from backfill_lib.validation import normalize_rows
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(7)
+
+
+def _rotation(rng, d):
+    q, r = np.linalg.qr(rng.normal(size=(d, d)))
+    return q * np.sign(np.diag(r))
+
+
+class TestProcrustes:
+    def test_recovers_a_known_rotation_with_shifted_means(self, rng):
+        X = rng.normal(size=(300, 8))
+        R = _rotation(rng, 8)
+        Y = X @ R + 3.0
+        p = ProcrustesAdapter(normalize=False).fit(X, Y)
+        np.testing.assert_allclose(p.rotation_, R, atol=1e-6)
+        np.testing.assert_allclose(p.transform(X[:5]), Y[:5], atol=1e-4)
+        assert float(p.scale_) == 1.0
+
+    def test_uncentred_fit_misses_a_shift(self, rng):
+        X = rng.normal(size=(300, 8))
+        Y = X @ _rotation(rng, 8) + 3.0
+        err_c = np.abs(ProcrustesAdapter(normalize=False).fit(X, Y).transform(X) - Y).max()
+        err_u = np.abs(ProcrustesAdapter(center=False, normalize=False).fit(X, Y).transform(X) - Y).max()
+        assert err_c < 1e-4 < 0.5 < err_u
+
+    def test_scale(self, rng):
+        X = rng.normal(size=(200, 5))
+        R = _rotation(rng, 5)
+        p = ProcrustesAdapter(scale=True, normalize=False).fit(X, 2.5 * X @ R)
+        assert float(p.scale_) == pytest.approx(2.5, rel=1e-6)
+        np.testing.assert_allclose(p.rotation_, R, atol=1e-6)
+
+    def test_rotation_is_orthogonal_under_noise(self, rng):
+        X = rng.normal(size=(100, 6))
+        p = ProcrustesAdapter().fit(X, rng.normal(size=(100, 6)))
+        np.testing.assert_allclose(p.rotation_.T @ p.rotation_, np.eye(6), atol=1e-8)
+
+    @pytest.mark.parametrize("d_in, d_out", [(4, 7), (7, 4)])
+    def test_different_widths(self, rng, d_in, d_out):
+        # the target holds the source rotated into a subspace (or the source's first coordinates)
+        X = rng.normal(size=(400, d_in))
+        big = _rotation(rng, max(d_in, d_out))
+        padded = np.zeros((400, max(d_in, d_out)))
+        padded[:, :d_in] = X
+        Y = (padded @ big)[:, :d_out]
+        p = ProcrustesAdapter(normalize=False).fit(X, Y)
+        assert p.rotation_.shape == (d_in, d_out)
+        gram = p.rotation_ @ p.rotation_.T if d_in < d_out else p.rotation_.T @ p.rotation_
+        np.testing.assert_allclose(gram, np.eye(min(d_in, d_out)), atol=1e-6)
+        if d_in < d_out:   # the embedding of a narrower space into a wider one is exact
+            np.testing.assert_allclose(p.transform(X[:5]), Y[:5], atol=1e-4)
+
+    def test_unit_rows_by_default(self, rng):
+        X = normalize_rows(rng.normal(size=(50, 4)))
+        out = ProcrustesAdapter().fit(X, X @ _rotation(rng, 4)).transform(X)
+        np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
+
+
+class TestLowRank:
+    def test_recovers_a_low_rank_affine_map(self, rng):
+        X = rng.normal(size=(500, 8))
+        W = rng.normal(size=(8, 3)) @ rng.normal(size=(3, 6))
+        a = LowRankAffineAdapter(rank=3, ridge=0.0, normalize=False).fit(X, X @ W - 2.0)
+        np.testing.assert_allclose(a.weight_, W, atol=1e-6)
+        np.testing.assert_allclose(a.bias_, -2.0, atol=1e-6)
+        assert np.linalg.matrix_rank(a.weight_, tol=1e-6) == 3
+
+    def test_rank_truncates(self, rng):
+        X = rng.normal(size=(300, 6))
+        a = LowRankAffineAdapter(rank=2).fit(X, rng.normal(size=(300, 6)))
+        assert np.linalg.matrix_rank(a.weight_, tol=1e-8) == 2
+
+    def test_bad_rank(self, rng):
+        with pytest.raises(ValueError, match="rank=9 is larger"):
+            LowRankAffineAdapter(rank=9).fit(rng.normal(size=(20, 4)), rng.normal(size=(20, 5)))
+        with pytest.raises((TypeError, ValueError), match="rank"):
+            LowRankAffineAdapter(rank=0)
+        with pytest.raises((TypeError, ValueError), match="ridge"):
+            LowRankAffineAdapter(ridge=-1.0)
+
+
+class TestSlerp:
+    def test_ends_are_the_two_queries(self, rng):
+        a, b = normalize_rows(rng.normal(size=(10, 5))), normalize_rows(rng.normal(size=(10, 5)))
+        np.testing.assert_allclose(slerp(a, b, 0.0), a, atol=1e-6)
+        np.testing.assert_allclose(slerp(a, b, 1.0), b, atol=1e-6)
+
+    def test_midpoint_is_on_the_arc(self, rng):
+        a, b = normalize_rows(rng.normal(size=(10, 5))), normalize_rows(rng.normal(size=(10, 5)))
+        m = slerp(a, b, 0.3)
+        np.testing.assert_allclose(np.linalg.norm(m, axis=1), 1.0, atol=1e-5)
+        total = np.arccos(np.clip((a * b).sum(1), -1, 1))
+        np.testing.assert_allclose(np.arccos(np.clip((a * m).sum(1), -1, 1)), 0.3 * total, atol=1e-3)
+        np.testing.assert_allclose(np.arccos(np.clip((m * b).sum(1), -1, 1)), 0.7 * total, atol=1e-3)
+
+    def test_equal_rows_stay(self, rng):
+        a = normalize_rows(rng.normal(size=(3, 4)))
+        np.testing.assert_allclose(slerp(a, a, 0.4), a, atol=1e-6)
+
+    def test_bad_input(self, rng):
+        a = normalize_rows(rng.normal(size=(3, 4)))
+        with pytest.raises(ValueError, match="t must be in"):
+            slerp(a, a, 1.5)
+        with pytest.raises(ValueError, match="rows"):
+            slerp(a, a[:2], 0.5)
+        with pytest.raises(ValueError):
+            slerp(a * 2, a, 0.5)            # not unit rows
+
+    def test_slerp_query_ends(self, rng):
+        old_q = normalize_rows(rng.normal(size=(6, 4)))
+        new_q = normalize_rows(rng.normal(size=(6, 5)))
+        p = ProcrustesAdapter().fit(rng.normal(size=(50, 5)), rng.normal(size=(50, 4)))
+        np.testing.assert_allclose(slerp_query(old_q, new_q, p, 0.0), old_q, atol=1e-6)
+        np.testing.assert_allclose(slerp_query(old_q, new_q, p, 1.0), p.transform(new_q), atol=1e-6)
+        with pytest.raises(TypeError, match="new_to_old"):
+            slerp_query(old_q, new_q, "procrustes")
+
+
+class TestFiles:
+    @pytest.mark.parametrize("adapter", [ProcrustesAdapter(scale=True), LowRankAffineAdapter(rank=2)])
+    def test_round_trip(self, rng, tmp_path, adapter):
+        X, Y = rng.normal(size=(60, 4)), rng.normal(size=(60, 3))
+        adapter.fit(X, Y)
+        back = ClosedFormAdapter.load(adapter.save(tmp_path / "a.npz"))
+        assert type(back) is type(adapter) and back.get_params() == adapter.get_params()
+        np.testing.assert_array_equal(back.transform(X[:7]), adapter.transform(X[:7]))
+
+    def test_refuses_other_files(self, rng, tmp_path):
+        bad = tmp_path / "x.npz"
+        bad.write_bytes(b"not a zip")
+        with pytest.raises(ValueError, match="not an adapter file"):
+            ClosedFormAdapter.load(bad)
+        np.savez(tmp_path / "k.npz", kind=np.asarray("os.system"), version=np.asarray(1))
+        with pytest.raises(ValueError, match="kind 'os.system'"):
+            ClosedFormAdapter.load(tmp_path / "k.npz")
+        with pytest.raises(FileNotFoundError):
+            ClosedFormAdapter.load(tmp_path / "missing.npz")
+
+    def test_refuses_a_damaged_map(self, rng, tmp_path):
+        a = ProcrustesAdapter().fit(rng.normal(size=(30, 4)), rng.normal(size=(30, 4)))
+        a.rotation_ = a.rotation_[:, :3]
+        with pytest.raises(ValueError, match="damaged"):
+            ClosedFormAdapter.from_bytes(a.to_bytes())
+
+    def test_unfitted(self):
+        with pytest.raises(ValueError, match="not fitted"):
+            ProcrustesAdapter().transform(np.ones((2, 3)))
+        with pytest.raises(ValueError, match="not fitted"):
+            ProcrustesAdapter().to_bytes()
+
+    def test_wrong_width_and_pairs(self, rng):
+        a = ProcrustesAdapter().fit(rng.normal(size=(30, 4)), rng.normal(size=(30, 4)))
+        with pytest.raises(ValueError, match="X"):
+            a.transform(np.ones((2, 5)))
+        with pytest.raises(ValueError, match="same item"):
+            ProcrustesAdapter().fit(rng.normal(size=(30, 4)), rng.normal(size=(29, 4)))
+        with pytest.raises(TypeError, match="center"):
+            ProcrustesAdapter(center="yes")
+
+
+class TestSelect:
+    def test_picks_procrustes_for_a_rotation_and_affine_for_a_shear(self, rng):
+        X = rng.normal(size=(400, 6))
+        name, best, scores = select_adapter(X, X @ _rotation(rng, 6) + 0.01 * rng.normal(size=(400, 6)))
+        assert name.startswith("procrustes") and scores[name] > 0.95
+        shear = np.diag([5.0, 3.0, 1.0, 0.3, 0.2, 0.1]) @ _rotation(rng, 6)
+        name2, _, scores2 = select_adapter(X, X @ shear + 0.01 * rng.normal(size=(400, 6)))
+        assert name2 == "affine" and scores2["affine"] > scores2["procrustes"]
+        assert best.fitted
+
+    def test_bad_holdout(self, rng):
+        X = rng.normal(size=(10, 3))
+        with pytest.raises(ValueError, match="holdout"):
+            select_adapter(X, X, holdout=1.0)
+        with pytest.raises(ValueError, match="empty"):
+            select_adapter(X, X, candidates={})
