@@ -162,13 +162,17 @@ class MethodParams:
         (:func:`~backfill_lib.transforms.forward_transformation`): ``"mlp"`` (ours,
         Linear–BN/ReLU–Linear) or ``"fct"``, ml-fct's two-branch transformation with the old
         feature feeding both branches (:class:`~backfill_lib.transforms.TwoBranchTransform`).
+    slerp_t : float, default 0.5
+        ``slerp``: how far along the sphere the old query moves towards the Procrustes-mapped new
+        query (:func:`~backfill_lib.adapters.slerp_query`), in [0, 1]; 0 is old/old, 1 the
+        mapped new query alone.
 
     Raises
     ------
     ValueError
         If ``calibration`` or ``forward_arch`` is unknown, ``ra_bct_topk`` or ``transform_steps``
         is below 1, a loss weight (``*_lambda*``) is negative, a temperature (``*_tau``) is not
-        positive, or either is NaN or infinite.
+        positive, ``slerp_t`` is outside [0, 1], or any of them is NaN or infinite.
     TypeError
         If ``ra_bct_topk`` is neither None nor an integer, ``transform_steps`` is not an integer,
         or a weight or temperature is not a real number.
@@ -185,6 +189,7 @@ class MethodParams:
     ra_bct_topk: int | None = None
     calibration: str = "platt"
     forward_arch: str = "mlp"
+    slerp_t: float = 0.5
 
     def __post_init__(self):
         check_choice(self.calibration, CALIBRATIONS, "calibration")
@@ -195,6 +200,8 @@ class MethodParams:
             check_non_negative(getattr(self, name), name, "a loss weight")
         for name in ("ra_bct_tau", "mct_tau"):
             check_non_negative(getattr(self, name), name, "a temperature", strict=True)
+        if not 0.0 <= check_non_negative(self.slerp_t, "slerp_t", "a fraction of the arc") <= 1.0:
+            raise ValueError(f"slerp_t must be in [0, 1] (0 keeps the old query, 1 the mapped new one), got {self.slerp_t!r}")
 
 
 #: Strategies that take another strategy's tuned values (the ablations of ``mct`` take ``mct``'s).

@@ -40,6 +40,11 @@ COLORS: dict[str, str] = {
     "mct_new_neg": "#4d9221",
     "mct_no_rho": "#5b8c1a",
     "offline_rho": "#00441b",       # reference (ours): mct's head ρ on the new space alone, a dark mct green
+    # closed-form, label-free bridges (backfill_lib.adapters)
+    "procrustes": "#6a3d9a",
+    "procrustes_forward": "#a6761d",
+    "low_rank_affine": "#8e0152",
+    "slerp": "#e7298a",
     # score spaces: what a query is compared with (never a model's colour, see SPACES)
     "old_stored": "#9c7a00",        # φ_o(q)·φ_o(g): old query against an old-stored item (a dark gold)
     "new_stored": "#00429d",        # new-side query against a new-stored item
@@ -61,11 +66,13 @@ GUIDE = "#555555"
 #: Line style per strategy where a colour family is shared (a variant keeps its parent's hue) or
 #: where two curves coincide over much of the backfill (offline and old/old until r = 0.9).
 LINESTYLES: dict[str, str] = {"offline": "-.", "old": ":", "bct_pseudo": "--", "rank_merge_calibrated": "--",
+                              "procrustes_forward": "--",
                               "mct_old_neg": "--", "mct_new_neg": ":", "mct_no_rho": "-.", "offline_rho": ":"}
 #: Marker per strategy (default ``"o"``), so that curves that coincide stay told apart.
 MARKERS: dict[str, str] = {"offline": "s", "old": "", "new": "", "bct_pseudo": "v", "rank_merge_calibrated": "D",
                            "mct_old_neg": "^", "mct_new_neg": "v", "mct_no_rho": "x", "offline_rho": "P",
-                           "reverse_transform": "^", "forward_transform": "D", "ra_bct": "s"}
+                           "reverse_transform": "^", "forward_transform": "D", "ra_bct": "s",
+                           "procrustes": "X", "procrustes_forward": "X", "low_rank_affine": "*", "slerp": "h"}
 
 #: Human-readable names for legends.
 LABELS: dict[str, str] = {
@@ -85,6 +92,10 @@ LABELS: dict[str, str] = {
     "mct_new_neg": "MCT, new-space negatives only",
     "mct_no_rho": "MCT without learnable ρ",
     "offline_rho": "reference: new/new through a head ρ (ours)",
+    "procrustes": "Procrustes: new query mapped to the old space (closed form)",
+    "procrustes_forward": "Procrustes: stored old vectors rewritten (closed form)",
+    "low_rank_affine": "low-rank affine: new query mapped (closed form)",
+    "slerp": "SLERP query blend (old + mapped new query)",
     "old_stored": "old space: φ_o(q)·φ_o(g)",
     "new_stored": "new space: query · new-stored item",
     "cross": "cross: new-side query · old-stored item",
@@ -623,6 +634,19 @@ DIAGRAMS: dict = {  # name -> _Diagram (a private record)
     "mct_no_rho": _Diagram(_STORED_OLD, _STORED_NEW, _Lane(PHI_N, _PSI, _PSI_Q), _Lane(PHI_N, None, _NEW_Q),
                            _ONE_NEW + r" + head $\psi$", "one ranking by score (spaces made comparable)",
                            trained=r"ablation: $\psi$ trained with $L_{mc}$, $\rho$ = identity"),
+    "procrustes": _Diagram(_STORED_OLD, _STORED_NEW, _Lane(PHI_N, r"$P$", r"$\hat P(\varphi_n(q))$"),
+                           _Lane(PHI_N, None, _NEW_Q), _ONE_NEW + r" + a matrix $P$", "one ranking by score",
+                           trained=r"$P$: new $\to$ old, orthogonal Procrustes on training pairs, no labels"),
+    "low_rank_affine": _Diagram(_STORED_OLD, _STORED_NEW, _Lane(PHI_N, r"$A$", r"$\hat A(\varphi_n(q))$"),
+                                _Lane(PHI_N, None, _NEW_Q), _ONE_NEW + r" + an affine map $A$", "one ranking by score",
+                                trained=r"$A$: new $\to$ old, least squares on training pairs, no labels"),
+    "procrustes_forward": _Diagram(r"$\hat P(\varphi_o(g))$", _STORED_NEW, _Lane(PHI_N, None, _NEW_Q),
+                                   _Lane(PHI_N, None, _NEW_Q), _ONE_NEW, "one ranking by score",
+                                   trained=r"$P$: old $\to$ new, Procrustes, applied once to the stored $\varphi_o(g)$"),
+    "slerp": _Diagram(_STORED_OLD, _STORED_NEW, _Lane(PHI_O, r"$S$", r"$S(q)$"),
+                      _Lane(PHI_N, None, _NEW_Q), r"2 backbone passes ($\varphi_o$ and $\varphi_n$)",
+                      "one ranking by score",
+                      trained=r"$S$: half-way on the sphere from $\varphi_o(q)$ to $\hat P(\varphi_n(q))$ (Procrustes)"),
     "offline_rho": _Diagram(r"$\hat\rho_{ref}(\varphi_n(g))$", None,
                             _Lane(PHI_N, _RHO, r"$\hat\rho_{ref}(\varphi_n(q))$", note="every item at once"), None,
                             _ONE_NEW + r" + head $\rho_{ref}$",

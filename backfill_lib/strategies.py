@@ -406,6 +406,59 @@ def _forward_transform(ctx: ExperimentContext) -> bf.Strategy:
     return bf.forward_transform(tf.apply_transform(h, old_test, "old"), ctx.embeddings("new"))
 
 
+# --- Closed-form, label-free bridges (backfill_lib.adapters; ours, after Drift-Adapter and SLERP) -----
+
+def _fit_adapter(ctx: ExperimentContext, name: str, adapter, source: str, target: str):
+    """Fit a closed-form adapter on the paired training embeddings (no labels), timed."""
+    x, y = ctx.embeddings(source, split="train"), ctx.embeddings(target, split="train")
+    return ctx.timed(name, f"{type(adapter).__name__} {source} → {target} on {len(x)} training pairs (no labels)",
+                     lambda: adapter.fit(x, y))
+
+
+@register_strategy("procrustes", "closed-form bridge (ours): the new query mapped into the old space by centred "
+                   "orthogonal Procrustes searches old-stored items; no labels, no training loop",
+                   trains=("old", "new", "procrustes"))
+def _procrustes(ctx: ExperimentContext) -> bf.Strategy:
+    from .adapters import ProcrustesAdapter
+
+    p = _fit_adapter(ctx, "procrustes", ProcrustesAdapter(), "new", "old")
+    new = ctx.embeddings("new")
+    return bf.reverse_transform(ctx.embeddings("old"), p.transform(new), new, name="procrustes")
+
+
+@register_strategy("procrustes_forward", "closed-form bridge (ours): every stored old vector rewritten into the new "
+                   "space by centred orthogonal Procrustes, searched with the new query",
+                   trains=("old", "new", "procrustes_forward"))
+def _procrustes_forward(ctx: ExperimentContext) -> bf.Strategy:
+    from .adapters import ProcrustesAdapter
+
+    p = _fit_adapter(ctx, "procrustes_forward", ProcrustesAdapter(), "old", "new")
+    return bf.forward_transform(p.transform(ctx.embeddings("old")), ctx.embeddings("new"), name="procrustes_forward")
+
+
+@register_strategy("low_rank_affine", "closed-form bridge (ours): the new query mapped into the old space by a "
+                   "least-squares affine map (full rank, small ridge) searches old-stored items",
+                   trains=("old", "new", "low_rank_affine"))
+def _low_rank_affine(ctx: ExperimentContext) -> bf.Strategy:
+    from .adapters import LowRankAffineAdapter
+
+    a = _fit_adapter(ctx, "low_rank_affine", LowRankAffineAdapter(), "new", "old")
+    new = ctx.embeddings("new")
+    return bf.reverse_transform(ctx.embeddings("old"), a.transform(new), new, name="low_rank_affine")
+
+
+@register_strategy("slerp", "SLERP query blend (after Biondi et al.): the old query moved half-way along the sphere "
+                   "towards the Procrustes-mapped new query searches old-stored items; two backbone passes",
+                   trains=("old", "new", "slerp"))
+def _slerp(ctx: ExperimentContext) -> bf.Strategy:
+    from .adapters import ProcrustesAdapter, slerp_query
+
+    p = _fit_adapter(ctx, "slerp", ProcrustesAdapter(), "new", "old")
+    old, new = ctx.embeddings("old"), ctx.embeddings("new")
+    blended = slerp_query(old, new, p, t=ctx.params.slerp_t)
+    return bf.Strategy("slerp", blended, old, new, new, backbone_passes=2, queries_are_gallery=True)
+
+
 # --- Backfill order of a run (METHOD §7) -----------------------------------------------------------
 
 def _old_uncertainty(ctx: ExperimentContext):

@@ -188,3 +188,46 @@ class TestSelect:
             select_adapter(X, X, holdout=1.0)
         with pytest.raises(ValueError, match="empty"):
             select_adapter(X, X, candidates={})
+
+
+# --- the bridges as strategies of the evaluation harness --------------------------------------------
+
+from backfill_lib import evaluate_backfill  # noqa: E402
+from backfill_lib.context import MethodParams  # noqa: E402
+from backfill_lib.data import load_dataset  # noqa: E402
+from backfill_lib.models import ModelSpec  # noqa: E402
+from backfill_lib.strategies import STRATEGY_REGISTRY, ExperimentContext, Preset, build_strategy  # noqa: E402
+from backfill_lib.training import TrainConfig  # noqa: E402
+
+SMALL = Preset(old=ModelSpec("mlp", 8, 8), new=ModelSpec("mlp", 8, 8), new_heterogeneous=ModelSpec("mlp", 12, 8),
+               train=TrainConfig(epochs=2, batch_size=32, lr=5e-3))
+
+
+@pytest.fixture(scope="module")
+def ctx(tmp_path_factory):
+    data = load_dataset("synthetic", n_per_class=16, dim=8)
+    return ExperimentContext(data, preset=SMALL, device="cpu", progress=False, cache=tmp_path_factory.mktemp("cache"))
+
+
+@pytest.mark.parametrize("name", ["procrustes", "procrustes_forward", "low_rank_affine", "slerp"])
+def test_bridge_strategies_build_and_evaluate(ctx, name):
+    s = build_strategy(name, ctx)
+    assert s.name == name and name in STRATEGY_REGISTRY and name in ctx.trained
+    assert s.backbone_passes == (2 if name == "slerp" else 1)
+    curve = evaluate_backfill(s, ctx.data.test_labels, ratios=[0.0, 1.0])
+    new_new = evaluate_backfill(build_strategy("offline", ctx), ctx.data.test_labels, ratios=[1.0]).map[0]
+    # fully backfilled, every bridge is new/new (Procrustes-forward rewrites nothing once all is new)
+    assert curve.map[1] == pytest.approx(new_new, abs=1e-6)
+
+
+def test_slerp_at_zero_is_old_old(ctx, tmp_path):
+    c0 = ExperimentContext(ctx.data, preset=SMALL, device="cpu", progress=False, cache=ctx.cache,
+                           params=MethodParams(slerp_t=0.0))
+    s = build_strategy("slerp", c0)
+    old = build_strategy("old", c0)
+    np.testing.assert_allclose(s.query_old, old.query_old, atol=1e-6)
+
+
+def test_slerp_t_is_checked():
+    with pytest.raises(ValueError, match="slerp_t"):
+        MethodParams(slerp_t=1.5)
