@@ -205,6 +205,15 @@ def test_every_symbol_names_an_existing_introducing_chapter():
     assert not problems, "\n".join(problems)
 
 
+def test_notation_italics_are_glossary_terms():
+    # The notation says: "Words in *italics* have an entry in the glossary".
+    terms = {t.lower() for t in glossary_terms(GLOSSARY.read_text(encoding="utf-8"))}
+    text = re.sub(r"\$[^$]*\$", "", NOTATION.read_text(encoding="utf-8"))     # math: * is not emphasis
+    italic = set(re.findall(r"(?<![*\w])\*([^*\n]+)\*(?!\*)", text)) - {"italics"}
+    missing = sorted(w for w in italic if w.lower() not in terms)
+    assert not missing, f"italic words in notation.md without a glossary entry: {missing}"
+
+
 def test_glossary_chapter_links_exist():
     for page in (GLOSSARY, NOTATION):
         for name, target in DOC_ROLE.findall(page.read_text(encoding="utf-8")):
