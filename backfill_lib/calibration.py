@@ -27,7 +27,17 @@ The maps (:data:`CALIBRATIONS`):
   normalisation for speaker verification): a mapped score says how far above a typical
   irrelevant item an item lies. It ignores how relevant pairs score.
 
-Both maps are affine and increasing, so a merged ranking by them can be computed by the unchanged
+Two more need no labels at all (ours), for a service that has none:
+
+* ``"znorm"``: ``f(s) = (s − μ)/σ`` with the mean and spread of the scores of *all* training
+  pairs. Most pairs of a many-class collection are irrelevant, so this is close to
+  ``"negatives"`` without knowing which pairs those are;
+* ``"neighbours"``: a two-point map that sends the mean score of a random pair to 0 and the mean
+  score of an item's ``k`` nearest neighbours (``k = NEIGHBOURS``, the item itself left out) to 1.
+  A mapped score of 1 then means "as close as a typical near neighbour is in this space", whatever
+  the space's own spread; the items' neighbours are found among the same training items.
+
+All four maps are affine and increasing, so a merged ranking by them can be computed by the unchanged
 engine: :func:`~backfill_lib.backfill.rank_merge_calibrated` folds the maps into the stored
 vectors. (A non-affine map, e.g. each space's empirical distribution function of scores, would
 need a per-space score transform inside the evaluation engine.)
@@ -47,7 +57,13 @@ import numpy as np
 from .validation import as_embeddings, as_labels, check_choice, check_seed
 
 #: The calibrations :func:`fit_score_map` offers (``MethodParams.calibration``).
-CALIBRATIONS = ("platt", "negatives")
+CALIBRATIONS = ("platt", "negatives", "znorm", "neighbours")
+
+#: The calibrations that need no labels.
+LABEL_FREE = ("znorm", "neighbours")
+
+#: Neighbours per item of the ``"neighbours"`` calibration.
+NEIGHBOURS = 10
 
 #: Default largest number of training images whose pairs are scored (``n(n−1)/2`` pairs).
 MAX_ITEMS = 2000
@@ -190,7 +206,36 @@ def _fit_platt(s: np.ndarray, relevant: np.ndarray, ridge: float = 1e-3, iters: 
     return float(a), float(w[1] - a * mu)
 
 
-def fit_score_map(embeddings, labels, method: str = "platt", max_items: int = MAX_ITEMS, seed: int = 0) -> ScoreMap:
+def _fit_label_free(e: np.ndarray, method: str, max_items: int, seed: int) -> ScoreMap:
+    n = len(e)
+    if n < 2:
+        raise ValueError(f"calibration needs at least 2 training items to form a pair, got {n}")
+    items = np.arange(n)
+    if n > max_items:
+        items = np.sort(np.random.default_rng(seed).choice(n, size=max_items, replace=False))
+    x = e[items].astype(np.float64)
+    sims = x @ x.T
+    off_diag = ~np.eye(len(x), dtype=bool)
+    s = sims[off_diag]
+    if np.ptp(s) <= 1e-9:
+        raise ValueError(f"every training pair has the same score ({s[0]:.6g}): the embeddings do not separate "
+                         "anything (a collapsed model?), so no map can be fitted")
+    if method == "znorm":
+        mu, sd = s.mean(), s.std()
+        return ScoreMap(float(1.0 / sd), float(-mu / sd), method, n_pairs=len(s) // 2)
+    k = min(NEIGHBOURS, len(x) - 1)
+    np.fill_diagonal(sims, -np.inf)
+    near = np.partition(sims, len(x) - k, axis=1)[:, len(x) - k:]     # each item's k highest scores
+    top, mean_all = float(near.mean()), float(s.mean())
+    if not top > mean_all + 1e-9:
+        raise ValueError("an item's nearest neighbours score no higher than a random pair in this space: "
+                         "no increasing two-point map exists")
+    scale = 1.0 / (top - mean_all)
+    return ScoreMap(float(scale), float(-mean_all * scale), method, n_pairs=len(s) // 2)
+
+
+def fit_score_map(embeddings, labels=None, method: str = "platt", max_items: int = MAX_ITEMS,
+                  seed: int = 0) -> ScoreMap:
     """Fit one space's increasing score map on the scores of its training pairs.
 
     Parameters
@@ -198,11 +243,13 @@ def fit_score_map(embeddings, labels, method: str = "platt", max_items: int = MA
     embeddings : array (n, d)
         L2-normalised embeddings of the training items in this space (e.g. ``φ_o`` of the
         training split).
-    labels : int array (n,)
-        Their labels; a pair is relevant when the labels agree.
-    method : {"platt", "negatives"}, default "platt"
-        The map (see the module docstring): logistic-regression logit of relevance, or the
-        Z-norm of irrelevant-pair scores.
+    labels : int array (n,), optional
+        Their labels; a pair is relevant when the labels agree. Needed by ``"platt"`` and
+        ``"negatives"``; the label-free maps (:data:`LABEL_FREE`) ignore them.
+    method : {"platt", "negatives", "znorm", "neighbours"}, default "platt"
+        The map (see the module docstring): logistic-regression logit of relevance, the Z-norm of
+        irrelevant-pair scores, or, without labels, the Z-norm of all pairs' scores or the
+        two-point map from a random pair (0) to a near neighbour (1).
     max_items : int, default :data:`MAX_ITEMS`
         At most this many training items form the pairs (see :func:`training_pairs`).
     seed : int, default 0
@@ -232,6 +279,14 @@ def fit_score_map(embeddings, labels, method: str = "platt", max_items: int = MA
     (2.357, 1.886)
     """
     check_choice(method, CALIBRATIONS, "calibration")
+    if method in LABEL_FREE:
+        e = as_embeddings(embeddings, "embeddings", unit_norm=True)
+        if isinstance(max_items, bool) or not isinstance(max_items, (int, np.integer)) or max_items < 2:
+            raise ValueError(f"max_items must be an integer of at least 2 (a pair needs two items), got {max_items!r}")
+        return _fit_label_free(e, method, int(max_items), check_seed(seed, "seed"))
+    if labels is None:
+        raise ValueError(f"calibration {method!r} fits on labelled pairs: give labels, or choose a label-free "
+                         f"calibration ({', '.join(LABEL_FREE)})")
     y = as_labels(labels, "labels")
     e = as_embeddings(embeddings, "embeddings", unit_norm=True)
     if len(e) != len(y):

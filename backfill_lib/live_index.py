@@ -1089,6 +1089,30 @@ def _check_psi(psi):
     return psi
 
 
+def _check_score_maps(value):
+    """``None`` or ``{"old": ScoreMap, "new": ScoreMap}``: the calibration a merged search applies."""
+    if value is None:
+        return None
+    from .calibration import ScoreMap
+
+    if not isinstance(value, dict) or set(value) != {"old", "new"} \
+            or not all(isinstance(v, ScoreMap) for v in value.values()):
+        raise TypeError("score_maps must be None or {'old': ScoreMap, 'new': ScoreMap}, one increasing map per space "
+                        f"(backfill_lib.calibration.fit_score_map on each space's training embeddings), got {value!r}")
+    return dict(value)
+
+
+def _calibrated(search, score_map):
+    """``search`` with its scores mapped onto the calibrated scale (missing results stay ``-inf``)."""
+    if score_map is None:
+        return search
+
+    def run(q, width):
+        scores, ids = search(q, width)
+        return np.where(ids >= 0, score_map(scores), -np.inf).astype(np.float32), ids
+    return run
+
+
 def _merge_by_score_then_id(results, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Merge ``(scores, ids)`` lists into the top ``k`` by descending score, ties by smaller id.
 
@@ -1236,6 +1260,9 @@ class OnlineBackfillIndex(_TwoPartWrites):
         a backfill moves out of the old part is given back as it goes (see the module docstring).
         Each part then holds less than one chunk of spare rows. ``"IVF<nlist>,Flat"`` parts are
         stored list by list instead and do not use it.
+    score_maps : dict, optional
+        ``{"old": ScoreMap, "new": ScoreMap}``: serve the calibrated merge (see
+        :attr:`score_maps`); default None, the raw scores.
 
     Attributes
     ----------
@@ -1271,13 +1298,14 @@ class OnlineBackfillIndex(_TwoPartWrites):
     add_old, add, remove = _TwoPartWrites.add_old, _TwoPartWrites.add, _TwoPartWrites.remove
 
     def __init__(self, dim_old: int, dim_new: int, old_index: str = "Flat", new_index: str = "Flat", psi=None,
-                 chunk_rows: int = CHUNK_ROWS):
+                 chunk_rows: int = CHUNK_ROWS, score_maps=None):
         self.dim_old = _check_dim("dim_old", dim_old)
         self.dim_new = _check_dim("dim_new", dim_new)
         self.chunk_rows = _check_dim("chunk_rows", chunk_rows, "rows per storage chunk")
         self._parts = {"old": _make_part("old", self.dim_old, _check_spec("old_index", old_index), self.chunk_rows),
                        "new": _make_part("new", self.dim_new, _check_spec("new_index", new_index), self.chunk_rows)}
         self.psi = _check_psi(psi)
+        self.score_maps = score_maps
         self._lock = _RWLock()
         # Which items exist and where: every stored id once, ascending, and whether it is stored
         # new. A backfill only flips flags in place, so moving items allocates nothing of the
@@ -1299,6 +1327,24 @@ class OnlineBackfillIndex(_TwoPartWrites):
     @psi.setter
     def psi(self, value):
         self._psi = _check_psi(value)
+
+    @property
+    def score_maps(self):
+        """The calibration of the merged search: ``{"old": ScoreMap, "new": ScoreMap}`` or None.
+
+        With maps, each part's scores are mapped onto one scale before the two lists are merged
+        (calibrated rank merge, or a calibrated ψ merge), and :meth:`search` returns the mapped
+        scores. Each map is increasing, so the ranking within a part is unchanged. Fit them with
+        :func:`backfill_lib.calibration.fit_score_map` on each space's training embeddings; a
+        label-free method (``"znorm"``, ``"neighbours"``) needs no labels. The old part's map is
+        of the scores the old part is searched with: ``ψ̂(φ_n(q))·φ_o(g)`` when ``psi`` serves,
+        ``φ_o(q)·φ_o(g)`` under rank merge. Setting anything else raises ``TypeError``.
+        """
+        return self._score_maps
+
+    @score_maps.setter
+    def score_maps(self, value):
+        self._score_maps = _check_score_maps(value)
 
     @property
     def n_old(self) -> int:
@@ -1588,11 +1634,15 @@ class OnlineBackfillIndex(_TwoPartWrites):
                 raise ValueError(f"{self.n_old} items are stored old: give query_old (rank merge) or attach a "
                                  "fitted reverse transformation psi to the index (index.psi = ReverseTransform(...).fit(...))")
             queries = {"old": qo, "new": qn}
-            return self._merged_search([(self._parts[n], queries[n]) for n in PARTS if self._parts[n].count], k)
+            maps = self.score_maps or {}
+            return self._merged_search([(self._parts[n], queries[n], maps.get(n)) for n in PARTS
+                                        if self._parts[n].count], k)
 
     def _merged_search(self, parts, k: int):
-        # Each part is one faiss index or a list of chunks: one top-k list per index, all merged.
-        return _merged_topk([(src.search, size, q) for part, q in parts for src, size in part.sources()], k)
+        # Each part is one faiss index or a list of chunks: one top-k list per index, all merged
+        # (each list's scores first mapped onto the calibrated scale, when the index has maps).
+        return _merged_topk([(_calibrated(src.search, score_map), size, q) for part, q, score_map in parts
+                             for src, size in part.sources()], k)
 
     # ---- persistence ---------------------------------------------------------------------------
 
@@ -1630,6 +1680,8 @@ class OnlineBackfillIndex(_TwoPartWrites):
             arrays = {}
             header = {"magic": FILE_MAGIC, "version": FILE_VERSION, "dim_old": self.dim_old,
                       "dim_new": self.dim_new, "chunk_rows": self.chunk_rows, "psi_class": psi_class}
+            if self.score_maps is not None:
+                header["score_maps"] = {n: [m.scale, m.offset, m.method, m.n_pairs] for n, m in self.score_maps.items()}
             for name, part in self._parts.items():
                 header[f"{name}_index"] = part.spec
                 header[f"{name}_params"] = part.params
@@ -1746,6 +1798,14 @@ class OnlineBackfillIndex(_TwoPartWrites):
             index = cls._from_arrays(header, arrays, version)
         except _BadFile as exc:
             raise ValueError(f"{damaged}: {exc}") from None
+        if "score_maps" in header:
+            from .calibration import ScoreMap
+
+            try:
+                index.score_maps = {n: ScoreMap(float(v[0]), float(v[1]), str(v[2]), int(v[3]))
+                                    for n, v in header["score_maps"].items()}
+            except Exception as exc:
+                raise ValueError(f"{damaged}: score_maps: {exc}") from None
         psi_class = header.get("psi_class")
         if psi_class is not None:
             if not isinstance(psi_class, str) or "psi" not in arrays:

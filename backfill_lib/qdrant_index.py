@@ -38,7 +38,7 @@ import inspect
 
 import numpy as np
 
-from .live_index import _check_dim, _check_psi, _merged_topk, _RWLock
+from .live_index import _calibrated, _check_dim, _check_psi, _check_score_maps, _merged_topk, _RWLock
 from .retrieval import _as_ids
 from .validation import as_embeddings, check_no_repeats
 
@@ -216,6 +216,9 @@ class QdrantBackfillIndex:
     search_params : qdrant_client.models.SearchParams or dict, optional
         Passed to every query, e.g. ``SearchParams(exact=True)`` for exact search on a server
         (which otherwise searches its HNSW graph). Local mode is always exact.
+    score_maps : dict, optional
+        ``{"old": ScoreMap, "new": ScoreMap}``: serve the calibrated merge (see
+        :attr:`score_maps`); default None, the raw scores.
 
     Attributes
     ----------
@@ -245,7 +248,8 @@ class QdrantBackfillIndex:
         id above 2**63-1, or neither or both of the two vectors.
     """
 
-    def __init__(self, client, collection: str, dim_old: int, dim_new: int, psi=None, search_params=None):
+    def __init__(self, client, collection: str, dim_old: int, dim_new: int, psi=None, search_params=None,
+                 score_maps=None):
         models = _models()
         self.client = _check_client(client)
         if not isinstance(collection, str) or not collection:
@@ -254,6 +258,7 @@ class QdrantBackfillIndex:
         self.dim_old, self.dim_new = _check_dim("dim_old", dim_old), _check_dim("dim_new", dim_new)
         self.psi = psi
         self.search_params = search_params
+        self.score_maps = score_maps
         self._dims = {"old": self.dim_old, "new": self.dim_new}
         self._atol = {part: _SAME_ATOL[None] for part in PARTS}
         self._lock = _RWLock()
@@ -281,6 +286,16 @@ class QdrantBackfillIndex:
     @psi.setter
     def psi(self, value):
         self._psi = _check_psi(value)
+
+    @property
+    def score_maps(self):
+        """The calibration of the merged search, as :attr:`OnlineBackfillIndex.score_maps`
+        (``{"old": ScoreMap, "new": ScoreMap}`` or None; kept in this process, not in Qdrant)."""
+        return self._score_maps
+
+    @score_maps.setter
+    def score_maps(self, value):
+        self._score_maps = _check_score_maps(value)
 
     @property
     def search_params(self):
@@ -676,7 +691,9 @@ class QdrantBackfillIndex:
         # The merge of OnlineBackfillIndex; a point moved by another process between the two
         # queries would appear twice, so each merge drops repeats. Each list holds at most the
         # collection's ``total`` points (as counted under the lock).
-        sources = [(lambda q, width, part=part: self._query(part, q, width), total, q) for part, q in parts]
+        maps = self.score_maps or {}
+        sources = [(_calibrated(lambda q, width, part=part: self._query(part, q, width), maps.get(part)), total, q)
+                   for part, q in parts]
         return _merged_topk(sources, k, clean=_drop_repeats)
 
 

@@ -231,3 +231,94 @@ def test_slerp_at_zero_is_old_old(ctx, tmp_path):
 def test_slerp_t_is_checked():
     with pytest.raises(ValueError, match="slerp_t"):
         MethodParams(slerp_t=1.5)
+
+
+# --- label-free calibration, in the merge and in the live indexes -----------------------------------
+
+from backfill_lib.calibration import LABEL_FREE, ScoreMap, fit_score_map  # noqa: E402
+from backfill_lib.live_index import OnlineBackfillIndex  # noqa: E402
+
+
+def _clustered(rng, n=120, d=6, classes=4, spread=0.3):
+    y = np.arange(n) % classes
+    centres = normalize_rows(rng.normal(size=(classes, d)))
+    return normalize_rows(centres[y] + spread * rng.normal(size=(n, d))), y
+
+
+@pytest.mark.parametrize("method", LABEL_FREE)
+def test_label_free_maps_need_no_labels_and_are_increasing(rng, method):
+    e, _ = _clustered(rng)
+    m = fit_score_map(e, method=method)
+    assert m.method == method and m.scale > 0
+    sims = e @ e.T
+    off = sims[~np.eye(len(e), dtype=bool)]
+    if method == "znorm":
+        mapped = m(off)
+        assert mapped.mean() == pytest.approx(0.0, abs=1e-6) and mapped.std() == pytest.approx(1.0, rel=1e-6)
+    else:   # a random pair maps to 0 on average, a near neighbour to 1 on average
+        np.fill_diagonal(sims, -np.inf)
+        near = np.sort(sims, axis=1)[:, -10:]
+        assert m(off).mean() == pytest.approx(0.0, abs=1e-6) and m(near).mean() == pytest.approx(1.0, rel=1e-6)
+
+
+def test_labelled_maps_still_need_labels(rng):
+    e, _ = _clustered(rng)
+    with pytest.raises(ValueError, match="give labels, or choose a label-free"):
+        fit_score_map(e, method="platt")
+
+
+@pytest.mark.parametrize("method", LABEL_FREE)
+def test_label_free_calibration_repairs_a_merge_of_two_scales(rng, method):
+    """An old space whose scores are all high (every vector shares one direction) swamps a raw
+    merge with old-stored items; maps fitted without labels put the two spaces on one scale."""
+    from backfill_lib import evaluate_backfill, rank_merge
+    from backfill_lib.backfill import rank_merge_calibrated
+
+    y = np.arange(300) % 6
+    centres = normalize_rows(rng.normal(size=(6, 8)))
+    new = normalize_rows(centres[y] + 0.35 * rng.normal(size=(300, 8)))
+    old_raw = normalize_rows(centres[y] + 0.6 * rng.normal(size=(300, 8)))
+    old = normalize_rows(np.hstack([old_raw, np.full((300, 1), 2.5)]))     # cosines all above ~0.85
+    raw = evaluate_backfill(rank_merge(old, new), y, ratios=[0.5]).map[0]
+    maps = [fit_score_map(e, method=method) for e in (old, new)]
+    calibrated = evaluate_backfill(rank_merge_calibrated(old, new, *maps), y, ratios=[0.5]).map[0]
+    assert calibrated > raw + 0.05, (raw, calibrated)
+
+
+class TestCalibratedLiveIndex:
+    def _index(self, rng, maps=None):
+        old, _ = _clustered(rng, n=40, d=4)
+        new, _ = _clustered(rng, n=40, d=4)
+        index = OnlineBackfillIndex(4, 4, score_maps=maps)
+        index.add_old(np.arange(40), old)
+        index.backfill(np.arange(20), new[:20])
+        return index, old, new
+
+    def test_maps_change_the_merge_as_calibrated_rank_merge_does(self, rng):
+        maps = {"old": ScoreMap(1.0, 0.0, "znorm"), "new": ScoreMap(3.0, -1.0, "znorm")}
+        index, old, new = self._index(rng, maps)
+        q_old, q_new = old[:5], new[:5]
+        scores, ids = index.search(q_new, k=40, query_old=q_old)
+        # brute force: every item scored in its own space, then mapped
+        expected = np.concatenate([maps["new"](q_new @ new[:20].T), maps["old"](q_old @ old[20:].T)], axis=1)
+        all_ids = np.concatenate([np.arange(20), np.arange(20, 40)])
+        for r in range(5):
+            order = np.lexsort((all_ids, -expected[r]))
+            np.testing.assert_array_equal(ids[r], all_ids[order])
+            np.testing.assert_allclose(scores[r], expected[r][order], rtol=1e-5, atol=1e-5)
+
+    def test_save_and_load_keep_the_maps(self, rng, tmp_path):
+        maps = {"old": ScoreMap(2.0, 0.5, "neighbours", 10), "new": ScoreMap(1.5, -0.2, "neighbours", 10)}
+        index, old, new = self._index(rng, maps)
+        index.save(tmp_path / "i.npz")
+        back = OnlineBackfillIndex.load(tmp_path / "i.npz")
+        assert back.score_maps == maps
+        a = index.search(new[:3], k=10, query_old=old[:3])
+        b = back.search(new[:3], k=10, query_old=old[:3])
+        np.testing.assert_array_equal(a[1], b[1])
+
+    def test_bad_maps(self, rng):
+        with pytest.raises(TypeError, match="score_maps"):
+            OnlineBackfillIndex(4, 4, score_maps={"old": ScoreMap(1.0, 0.0, "znorm")})
+        with pytest.raises(TypeError, match="score_maps"):
+            OnlineBackfillIndex(4, 4, score_maps={"old": (1.0, 0.0), "new": (1.0, 0.0)})
