@@ -375,3 +375,56 @@ def test_save_is_atomic(fitted, tmp_path, monkeypatch):
     monkeypatch.undo()
     with pytest.raises(FileNotFoundError, match="does not exist"):
         psi.save(tmp_path / "no" / "such" / "psi.pt")
+
+
+# --- the numpy path for a few queries (issue 19: fast single queries) ------------------------------
+
+def test_numpy_path_equals_torch_and_follows_training():
+    import numpy as np
+    import torch
+
+    from backfill_lib.transforms import NUMPY_MAX_ROWS, ReverseTransform, apply_transform, _numpy_mlp
+    from backfill_lib.validation import normalize_rows
+
+    rng = np.random.default_rng(3)
+    x_new = normalize_rows(rng.normal(size=(400, 12)).astype(np.float32))
+    x_old = normalize_rows(rng.normal(size=(400, 6)).astype(np.float32))
+    psi = ReverseTransform(steps=30, seed=1).fit(x_new, x_old)
+    module = psi.module_.psi
+    q = x_new[:5]
+    fast = psi.transform(q)                               # numpy path (5 rows)
+    assert len(q) <= NUMPY_MAX_ROWS and _numpy_mlp(module) is not None
+    module.eval()
+    with torch.no_grad():
+        slow = module(torch.from_numpy(q)).numpy()
+    np.testing.assert_allclose(fast, slow, atol=2e-6)
+    np.testing.assert_allclose(np.linalg.norm(fast, axis=1), 1.0, atol=1e-6)
+    # a change of the weights (a training step, a load) is seen: the cache is rebuilt
+    with torch.no_grad():
+        module.net[0].weight.add_(0.5)
+        module.net[1].running_mean.add_(0.1)
+        slow2 = module(torch.from_numpy(q)).numpy()
+    np.testing.assert_allclose(psi.transform(q), slow2, atol=2e-6)
+    assert np.abs(slow2 - slow).max() > 1e-3
+    # a large batch takes torch's path and agrees
+    big = x_new[:NUMPY_MAX_ROWS + 10]
+    np.testing.assert_allclose(apply_transform(module, big)[:5], psi.transform(q), atol=2e-6)
+
+
+def test_numpy_path_sees_a_replaced_parameter():
+    import numpy as np
+    import torch
+
+    from backfill_lib.transforms import ReverseTransform
+    from backfill_lib.validation import normalize_rows
+
+    rng = np.random.default_rng(4)
+    x_new = normalize_rows(rng.normal(size=(300, 8)).astype(np.float32))
+    psi = ReverseTransform(steps=20, seed=2).fit(x_new, normalize_rows(rng.normal(size=(300, 5)).astype(np.float32)))
+    before = psi.transform(x_new[:3])
+    layer = psi.module_.psi.net[3]
+    layer.weight = torch.nn.Parameter(torch.zeros_like(layer.weight))     # a new tensor, not an in-place change
+    layer.bias = torch.nn.Parameter(torch.ones_like(layer.bias))
+    after = psi.transform(x_new[:3])
+    np.testing.assert_allclose(after, np.full_like(after, 1 / np.sqrt(5)), atol=1e-6)
+    assert np.abs(after - before).max() > 1e-2
