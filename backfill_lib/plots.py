@@ -489,6 +489,18 @@ def pair_scores(strategy, labels, n_queries: int = 600, seed: int = 0) -> dict:
     return {old_space: (old_side[pos], old_side[neg]), "new_stored": (new_side[pos], new_side[neg])}
 
 
+def _readable_cell_text(ax, values, cmap: str = "viridis") -> None:
+    """Give each heatmap annotation the ink (INK or white) that reads best on its cell's colour."""
+    cm = plt.get_cmap(cmap)
+    values = np.asarray(values, dtype=float)
+    for t in ax.texts:
+        x, y = t.get_position()
+        r, c = int(np.floor(y)), int(np.floor(x))
+        if 0 <= r < values.shape[0] and 0 <= c < values.shape[1] and np.isfinite(values[r, c]):
+            bg = cm(float(np.clip(values[r, c], 0.0, 1.0)))
+            t.set_color(INK if contrast_ratio(INK, bg) >= contrast_ratio("white", bg) else "white")
+
+
 def plot_cross_model_matrix(matrix, query_models, gallery_models=None, ax=None, title: str | None = None,
                             metric: str = "mAP", fmt: str = ".3f", source: str = "our measurement",
                             tick_labels: dict | None = None):
@@ -546,6 +558,7 @@ def plot_cross_model_matrix(matrix, query_models, gallery_models=None, ax=None, 
                 linewidths=0.5, linecolor="white", cbar_kws={"label": metric}, mask=np.isnan(m),
                 xticklabels=[names.get(g, g) for g in gallery_models],
                 yticklabels=[names.get(q, q) for q in query_models])
+    _readable_cell_text(ax, m)
     for tick, name in zip(ax.get_xticklabels(), gallery_models):
         tick.set_color(color(name) if name in COLORS else "black")
     for tick, name in zip(ax.get_yticklabels(), query_models):
@@ -752,11 +765,27 @@ def plot_strategy_diagram(strategy: str, ax=None):
         arrow_c = color("new_on_old") if lane.incompatible else c
         _arrow(ax, (x, y0), (_X_ARROW_END, y), c=arrow_c, ls="--" if lane.incompatible else "-", lw=2)
         xm = (max(x, _X_HEAD) + _X_ARROW_END) / 2
-        ax.text(xm, y + 0.04, lane.query_vector, ha="center", va="bottom", fontsize=_FONT,
-                transform=ax.transAxes)
-        if lane.note:
-            ax.text(xm, y - 0.045, lane.note, ha="center", va="top", fontsize=_FONT - 2, style="italic",
-                    color=arrow_c, transform=ax.transAxes)
+        if abs(y - y0) < 1e-9:      # a level arrow: the label above it, the note below
+            ax.text(xm, y + 0.04, lane.query_vector, ha="center", va="bottom", fontsize=_FONT,
+                    transform=ax.transAxes)
+            if lane.note:
+                ax.text(xm, y - 0.045, lane.note, ha="center", va="top", fontsize=_FONT - 2, style="italic",
+                        color=arrow_c, transform=ax.transAxes)
+        else:                       # a slanted arrow: labels in the two corners the line leaves free
+            # (a rising arrow leaves its upper left and lower right free, a falling one its lower
+            # left: the label goes outside the gap between two lanes, a note of the upper lane in it)
+            y_at = y0 + (y - y0) * (xm - x) / (_X_ARROW_END - x)
+            if y > y0:
+                ax.text(xm, y_at + 0.05, lane.query_vector, ha="right", va="bottom", fontsize=_FONT,
+                        transform=ax.transAxes)
+                note_at, note_ha = (xm, y_at - 0.05), "left"
+            else:
+                ax.text(xm, y_at - 0.05, lane.query_vector, ha="right", va="top", fontsize=_FONT,
+                        transform=ax.transAxes)
+                note_at, note_ha = (xm, y_at - 0.13), "right"
+            if lane.note:
+                ax.text(*note_at, lane.note, ha=note_ha, va="top", fontsize=_FONT - 2, style="italic",
+                        color=arrow_c, transform=ax.transAxes)
 
     header = d.passes + " per query" + (f"\n{d.trained}" if d.trained else "")
     ax.text(0.5, 0.97, header, ha="center", va="top", fontsize=_FONT - 1.5, color="#222222", transform=ax.transAxes)
@@ -1251,6 +1280,7 @@ def plot_confusions(shares, query_classes, class_names=None, k: int | None = Non
                 cbar_kws={"label": f"share of the {top} results", "format": PercentFormatter(xmax=1.0, decimals=0)},
                 xticklabels=[names[c] + (" *" if c in seen else "") for c in range(n_classes)],
                 yticklabels=[names[c] for c in rows])
+    _readable_cell_text(ax, m)
     for i, c in enumerate(rows):  # the query's own class: the hits
         ax.add_patch(Rectangle((c, i), 1, 1, fill=False, edgecolor="white", lw=3.0))
         ax.add_patch(Rectangle((c, i), 1, 1, fill=False, edgecolor="black", lw=1.2))

@@ -183,3 +183,34 @@ def test_chapters_take_colours_from_the_palette(notebook):
     found = [m.group(0) for c in cells if c["cell_type"] == "code"
              for m in _COLOUR_LITERAL.finditer("".join(c["source"]))]
     assert not found, f"{notebook.name} names colours outside plots.COLORS: {sorted(set(found))}"
+
+
+def test_heatmap_numbers_read_on_every_cell():
+    from backfill_lib.plots import plot_confusions
+
+    shares = np.array([[0.05, 0.6, 0.35], [0.7, 0.1, 0.2], [0.45, 0.5, 0.05]])
+    ax = plot_confusions(shares, [0, 1, 2])
+    assert figure_problems(ax.figure) == []
+    ax = plot_cross_model_matrix(np.array([[0.62, 0.1], [0.33, 0.95]]), ["old", "new"])
+    assert figure_problems(ax.figure) == []
+
+
+def test_strategy_diagram_labels_stay_off_slanted_arrows():
+    from matplotlib.patches import FancyArrowPatch
+
+    from backfill_lib.plots import plot_strategy_diagram
+
+    ax = plot_strategy_diagram("new_on_old")
+    fig = ax.figure
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    arrows = [p for p in ax.patches if isinstance(p, FancyArrowPatch)]
+    labels = [t for t in ax.texts if t.get_text() in (r"$\varphi_n(q)$", "incompatible")]
+    assert len(labels) == 3
+    for t in labels:
+        box = t.get_window_extent(renderer)
+        for a in arrows:
+            path = a.get_path().transformed(a.get_transform()) if a.get_transform() else a.get_path()
+            pts = path.interpolated(50).vertices
+            inside = (pts[:, 0] > box.x0) & (pts[:, 0] < box.x1) & (pts[:, 1] > box.y0) & (pts[:, 1] < box.y1)
+            assert not inside.any(), f"label {t.get_text()!r} sits on an arrow"
