@@ -1443,6 +1443,11 @@ def figure_problems(fig) -> list[str]:
     ["axes 't': line 'pale' has contrast 1.7:1 against its background (needs 3:1)"]
     >>> plt.close(fig)
     """
+    if not hasattr(fig.canvas, "get_renderer"):
+        # A figure already shown by the notebook's inline backend keeps a bare canvas: draw it on Agg.
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+        FigureCanvasAgg(fig)
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
     pixels = np.asarray(fig.canvas.buffer_rgba())

@@ -30,7 +30,10 @@ def main(argv: list[str] | None = None) -> int:
         if path.suffix != ".ipynb" or not path.is_file():
             parser.error(f"chapters: {path} is not a notebook file")
     os.environ.setdefault("BACKFILL_CACHE", str(ROOT / "_build" / "checkpoints"))
-    os.environ.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+    # Always the inline backend, whatever the shell exports: under MPLBACKEND=Agg (as scripts/test.sh
+    # sets for the unit tests) a kernel draws every figure and keeps none, and the committed
+    # chapter would lose its figures.
+    os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
     for path in args.chapters:
         nb = nbformat.read(path, as_version=4)
         start = time.perf_counter()

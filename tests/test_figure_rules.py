@@ -214,3 +214,13 @@ def test_strategy_diagram_labels_stay_off_slanted_arrows():
             pts = path.interpolated(50).vertices
             inside = (pts[:, 0] > box.x0) & (pts[:, 0] < box.x1) & (pts[:, 1] > box.y0) & (pts[:, 1] < box.y1)
             assert not inside.any(), f"label {t.get_text()!r} sits on an arrow"
+
+
+def test_a_figure_whose_canvas_was_detached_is_still_checked():
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [0, 1], color="#bcbd22", label="olive")
+    _labelled(ax)
+    FigureCanvasBase(fig)              # what the inline backend leaves after showing a figure
+    assert any("contrast" in p for p in figure_problems(fig))
