@@ -304,15 +304,16 @@ def plot_backfill_curves(curves: dict, metric: str = "map", old_old: float | Non
             std = v.std(axis=0, ddof=1)  # the same spread as the "mean ± std" of the results tables
             ax.fill_between(r, mean - std, mean + std, color=color(name), alpha=0.15, lw=0)
         if show_seeds:
-            for seed_values in v:
-                ax.plot(r, seed_values, ls="none", marker="x", ms=4, color=color(name), alpha=0.6,
-                        label="one seed (×)")
+            for seed_values in v:   # drawn in the strategy's colour; listed once, in neutral ink, below
+                ax.plot(r, seed_values, ls="none", marker="x", ms=4, color=color(name), alpha=0.6)
     if old_old is not None:
         ax.axhline(old_old, ls="--", lw=1, color=color("old"), label="_old/old" if "old" in curves else "old/old")
     if new_new is not None:
         ax.axhline(new_new, ls="--", lw=1, color=color("new"), label="new/new")
+    if show_seeds:
+        ax.plot([], [], ls="none", marker="x", ms=4, color=INK, label="one seed (×, in its strategy's colour)")
     if upto is not None:
-        ax.axvline(upto, ls=":", lw=1, color="#555555")
+        ax.axvline(upto, ls=":", lw=1, color=GUIDE)
     ax.set_xlabel("backfill ratio r (% of the gallery re-extracted)")
     ax.xaxis.set_major_formatter(PercentFormatter(xmax=1.0, decimals=0))
     ax.set_ylabel(METRIC_LABELS[metric] + (" (% of queries)" if percent else ""))

@@ -9,7 +9,7 @@ from ipywidgets.widgets import widget as widget_module
 from ipywidgets.widgets.widget_link import Link
 
 from backfill_lib.backfill import evaluate_backfill, offline_backfill, old_only, rank_merge
-from backfill_lib.plots import (COLORS, DIAGRAMS, LABELS, PHI_N, PHI_O, SPACES, color, figure_problems, figure_to_png, label,
+from backfill_lib.plots import (COLORS, DIAGRAMS, INK, LABELS, PHI_N, PHI_O, SPACES, color, figure_problems, figure_to_png, label,
                                 pair_scores, palette, plot_backfill_curves, plot_cross_model_matrix,
                                 plot_score_distributions, plot_strategy_diagram, plot_strategy_diagrams,
                                 set_book_style, show_image)
@@ -99,7 +99,11 @@ class TestPlots:
         assert len(texts) == len(set(texts))
         # "old" is plotted, so the old/old reference line is not listed a second time
         assert label("old") in texts and "old/old" not in texts and "new/new" in texts
-        assert "one seed (×)" in texts  # the × markers are in the legend
+        # the × markers are listed once, in neutral ink (not in the first strategy's colour)
+        seed_entries = [t for t in texts if t.startswith("one seed (×")]
+        assert len(seed_entries) == 1
+        handle = ax.get_legend().legend_handles[texts.index(seed_entries[0])]
+        assert handle.get_color() == INK
         assert ax.get_xaxis().get_major_formatter()(0.5, 0) == "50%"
 
     def test_upto_draws_the_past_solid(self, curves):
