@@ -14,7 +14,9 @@ export MPLBACKEND=Agg
 echo "[test] unit tests"
 OMP_NUM_THREADS=1 python -m pytest tests backfill_lib --doctest-modules -n 2 -q
 echo "[test] the Colab path"
-OMP_NUM_THREADS=1 python scripts/test_colab_path.py
+# The Colab path trains into the project's cache (empty on a fresh clone, as in Colab), so that
+# nbval and the build below load those models instead of training them twice more.
+OMP_NUM_THREADS=1 python scripts/test_colab_path.py --cache "$BACKFILL_CACHE"
 echo "[test] nbval over book/"
 OMP_NUM_THREADS=1 python -m pytest --nbval-lax --nbval-current-env book/ -n 2 --dist loadscope -q -p no:cacheprovider
 echo "[test] strict book build"

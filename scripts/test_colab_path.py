@@ -25,7 +25,7 @@ Run it with the interpreter of ``.venv`` (``scripts/test.sh`` does, after the un
     .venv/bin/python scripts/test_colab_path.py --keep            # keep the temporary folder
 
 Exit status 1 if any check fails. Models are trained in a temporary ``BACKFILL_CACHE`` shared by
-the chapters of one run.
+the chapters of one run, or in ``--cache DIR``.
 """
 
 from __future__ import annotations
@@ -189,6 +189,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("notebooks", nargs="*", type=Path, help="chapters to run (default: every chapter of _toc.yml)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder (executed notebooks, venvs)")
+    ap.add_argument("--cache", type=Path, default=None,
+                    help="checkpoint folder the chapters share (default: a new empty one in the temporary folder); "
+                         "scripts/test.sh passes the project's, so that nbval and the build reuse what this run "
+                         "trained (on a fresh clone it starts empty, as Colab does)")
     args = ap.parse_args(argv)
     todo = [p.resolve() for p in args.notebooks] or chapters()
     if not todo:
@@ -209,7 +213,8 @@ def main(argv=None) -> int:
         if missing:
             failures["the wheel"] = f"missing {len(missing)} files: {', '.join(missing)}"
             log(f"FAIL the wheel lacks {', '.join(missing)}")
-        cache = tmp / "checkpoints"
+        cache = args.cache.resolve() if args.cache is not None else tmp / "checkpoints"
+        cache.mkdir(parents=True, exist_ok=True)
         for nb in todo:
             rel = nb.relative_to(ROOT).as_posix() if nb.is_relative_to(ROOT) else str(nb)
             t0 = time.perf_counter()
