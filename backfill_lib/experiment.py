@@ -567,7 +567,7 @@ def main(argv=None) -> int:
 
     Runs :func:`run_experiment` with the options (``--dataset``, ``--old-classes``,
     ``--strategies``, ``--seeds``, ``--setting``, ``--order``, ``--ratios``, ``--root``, ``--cache``,
-    ``--device``, ``--new-new``, ``--order``, ``--preset``, ``--image-size``, ``--forward-arch``,
+    ``--device``, ``--new-new``, ``--order``, ``--preset``, ``--image-size``, ``--forward-arch``, ``--calibration``,
     ``--quiet``), adds the measured query costs of ``--query-cost``
     when that file exists, prints the table, and writes the results JSON (``--out``) and the
     Markdown table (``--markdown``) when asked. ``--table JSON`` only rebuilds the tables from
@@ -612,6 +612,9 @@ def main(argv=None) -> int:
                         help="image side in pixels for cifar100 (default 32; 224 with --preset cifar100_bt2)")
     parser.add_argument("--forward-arch", default="mlp",
                         help="forward map h: mlp (ours, default) or fct (ml-fct's two-branch map)")
+    parser.add_argument("--calibration", default="platt",
+                        help="score maps of rank_merge_calibrated: platt (default) or negatives (labelled training "
+                             "pairs), znorm or neighbours (no labels)")
     parser.add_argument("--out", default=None, help="write the results JSON here")
     parser.add_argument("--markdown", default=None, help="also write the Markdown table here")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -660,7 +663,10 @@ def _run_from_options(args) -> dict:
                             f"(got {args.ratios!r})") from None
         ratios = _check_run_ratios(ratios, "--ratios")
     preset, data_kwargs = _preset_from_options(args)
-    params = MethodParams(forward_arch=check_choice(args.forward_arch, FORWARD_ARCHS, "--forward-arch"))
+    from .calibration import CALIBRATIONS
+
+    params = MethodParams(forward_arch=check_choice(args.forward_arch, FORWARD_ARCHS, "--forward-arch"),
+                          calibration=check_choice(args.calibration, CALIBRATIONS, "--calibration"))
     device = resolve_device(args.device, "--device")
     try:
         check_cache_dir(args.cache, "--cache")
