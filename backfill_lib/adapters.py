@@ -454,19 +454,40 @@ def slerp_query(old_query, new_query, new_to_old: ClosedFormAdapter, t: float = 
     return slerp(old_query, mapped, t)
 
 
-def select_adapter(X, Y, candidates=None, holdout: float = 0.25, seed: int = 0, k: int = 1):
-    """Fit each candidate on part of the pairs; keep the one that carries the held-out part best.
+def _top_k(q: np.ndarray, g: np.ndarray, k: int, exclude_self: bool) -> np.ndarray:
+    sims = q @ g.T
+    if exclude_self:
+        np.fill_diagonal(sims, -np.inf)
+    return np.argpartition(-sims, k - 1, axis=1)[:, :k]
 
-    The score of a candidate is how often a held-out item, mapped from ``X``'s space, finds itself
-    among its ``k`` nearest neighbours of the held-out ``Y`` (recall@k of the pairs: label-free;
-    with ``k = 1``, the default, the strictest and the one that tells close candidates apart, since
-    recall@10 saturates on easy pairs). Ties go to the earlier candidate. The winner is refitted on
-    all pairs.
+
+#: How :func:`select_adapter` scores a candidate on the held-out pairs.
+CRITERIA = ("neighbours", "pairs")
+
+
+def select_adapter(X, Y, candidates=None, holdout: float = 0.25, seed: int = 0, k: int = 50,
+                   criterion: str = "neighbours", maps: str = "queries"):
+    """Fit each candidate on part of the pairs; keep the one that serves the held-out part best.
+
+    Two label-free criteria (:data:`CRITERIA`):
+
+    * ``"neighbours"`` (default): what the bridge is for. The new model's own ``k`` nearest
+      neighbours of each held-out item are the reference; a candidate scores the share of them it
+      finds when the bridge serves: with ``maps="queries"`` (``X`` the new space, ``Y`` the old:
+      the new query mapped into the old space searches the stored old vectors) or with
+      ``maps="gallery"`` (``X`` the old space, ``Y`` the new: the stored old vectors mapped into
+      the new space are searched by the new query);
+    * ``"pairs"``: how often a mapped held-out item finds its own partner first (recall@1 of the
+      pairs). A map can reproduce each item well and still rank badly: on Fashion-MNIST this
+      criterion prefers the affine map, which retrieves like the old model (relative gain 0.00),
+      over Procrustes (0.56), so it is not the default.
+
+    Ties go to the earlier candidate. The winner is refitted on all pairs.
 
     Parameters
     ----------
     X, Y : array (n, d_in), array (n, d_out)
-        The same items under the two models.
+        The same items under the two models (see ``maps`` for which is which).
     candidates : dict of str to ClosedFormAdapter, optional
         Unfitted adapters by name; default Procrustes (centred, with and without scaling) and
         low-rank affine maps of full rank and of half of it.
@@ -474,21 +495,31 @@ def select_adapter(X, Y, candidates=None, holdout: float = 0.25, seed: int = 0, 
         Share of the pairs held out, in (0, 1).
     seed : int, default 0
         Seed of the split.
-    k : int, default 1
-        Neighbours counted.
+    k : int, default 50
+        Neighbours compared (``"neighbours"``). mAP rewards the whole ranking, not the first few:
+        with ``k = 10`` the candidates score alike on Fashion-MNIST; with 50 the new-query
+        direction picks Procrustes on Fashion-MNIST and digits, as their relative gains do
+        (0.56 / 0.67 against the affine map's 0.00 / 0.40).
+    criterion : {"neighbours", "pairs"}, default "neighbours"
+        See above.
+    maps : {"queries", "gallery"}, default "queries"
+        Which side the bridge maps (``"neighbours"`` only): the new queries (``X`` = new,
+        ``Y`` = old) or the stored old vectors (``X`` = old, ``Y`` = new).
 
     Returns
     -------
     (str, ClosedFormAdapter, dict)
-        The winner's name, the winner refitted on every pair, and each candidate's held-out recall@k.
+        The winner's name, the winner refitted on every pair, and each candidate's held-out score.
     """
-    from .validation import check_seed
+    from .validation import check_choice, check_seed
 
     x, y = _pairs(X, Y)
+    check_choice(criterion, CRITERIA, "criterion")
+    check_choice(maps, ("queries", "gallery"), "maps")
     holdout = check_real(holdout, "holdout", "the share of pairs held out")
     if not 0.0 < holdout < 1.0:
         raise ValueError(f"holdout must be in (0, 1), got {holdout!r}")
-    k = check_positive_int(k, "k", "neighbours counted")
+    k = check_positive_int(k, "k", "neighbours compared")
     rng = np.random.default_rng(check_seed(seed))
     idx = rng.permutation(len(x))
     n_out = max(int(round(holdout * len(x))), 1)
@@ -501,8 +532,16 @@ def select_adapter(X, Y, candidates=None, holdout: float = 0.25, seed: int = 0, 
                       "affine": LowRankAffineAdapter(), "affine_half_rank": LowRankAffineAdapter(rank=max(full // 2, 1))}
     if not candidates:
         raise ValueError("candidates is empty: give at least one adapter")
-    target = normalize_rows(y[test].astype(np.float32), "Y")
-    kk = min(k, len(test))
+    xt = normalize_rows(x[test].astype(np.float32), "X")
+    yt = normalize_rows(y[test].astype(np.float32), "Y")
+    if criterion == "neighbours":
+        if len(test) < 2:
+            raise ValueError("the held-out part needs at least 2 items to have neighbours; give more pairs")
+        kk = min(k, len(test) - 1)
+        new_space = xt if maps == "queries" else yt
+        reference = _top_k(new_space, new_space, kk, exclude_self=True)
+    else:
+        kk = 1
     scores = {}
     for name, adapter in candidates.items():
         if not isinstance(adapter, ClosedFormAdapter):
@@ -510,8 +549,12 @@ def select_adapter(X, Y, candidates=None, holdout: float = 0.25, seed: int = 0, 
         mapped = adapter.fit(x[train], y[train]).transform(x[test])
         if not adapter.normalize:
             mapped = normalize_rows(mapped, "mapped X")
-        sims = mapped @ target.T
-        top = np.argpartition(-sims, kk - 1, axis=1)[:, :kk]
-        scores[name] = float((top == np.arange(len(test))[:, None]).any(axis=1).mean())
+        if criterion == "pairs":
+            top = _top_k(mapped, yt, kk, exclude_self=False)
+            scores[name] = float((top == np.arange(len(test))[:, None]).any(axis=1).mean())
+        else:
+            found = (_top_k(mapped, yt, kk, exclude_self=True) if maps == "queries"
+                     else _top_k(yt, mapped, kk, exclude_self=True))
+            scores[name] = float(np.mean([len(np.intersect1d(a, b)) / kk for a, b in zip(found, reference)]))
     best = max(scores, key=lambda n: (scores[n], -list(candidates).index(n)))
     return best, candidates[best].fit(x, y), scores

@@ -173,14 +173,29 @@ class TestFiles:
 
 
 class TestSelect:
-    def test_picks_procrustes_for_a_rotation_and_affine_for_a_shear(self, rng):
+    def test_pairs_criterion_picks_procrustes_for_a_rotation_and_affine_for_a_shear(self, rng):
         X = rng.normal(size=(400, 6))
-        name, best, scores = select_adapter(X, X @ _rotation(rng, 6) + 0.01 * rng.normal(size=(400, 6)))
+        name, best, scores = select_adapter(X, X @ _rotation(rng, 6) + 0.01 * rng.normal(size=(400, 6)),
+                                            criterion="pairs")
         assert name.startswith("procrustes") and scores[name] > 0.95
         shear = np.diag([5.0, 3.0, 1.0, 0.3, 0.2, 0.1]) @ _rotation(rng, 6)
-        name2, _, scores2 = select_adapter(X, X @ shear + 0.01 * rng.normal(size=(400, 6)))
+        name2, _, scores2 = select_adapter(X, X @ shear + 0.01 * rng.normal(size=(400, 6)), criterion="pairs")
         assert name2 == "affine" and scores2["affine"] > scores2["procrustes"]
         assert best.fitted
+
+    def test_neighbours_criterion_rewards_keeping_the_new_models_neighbourhoods(self, rng):
+        # The old space is the new one rotated and flattened along half its directions: an
+        # orthogonal map keeps the new query's neighbourhoods in the old space better than a
+        # least-squares map, which learns to flatten the query as the old space does.
+        new = normalize_rows(rng.normal(size=(800, 8)))
+        squash = np.diag([1.0, 1.0, 1.0, 1.0, 0.15, 0.15, 0.15, 0.15]) @ _rotation(rng, 8)
+        old = normalize_rows(new @ squash)
+        name, _, scores = select_adapter(new, old, maps="queries", k=20, holdout=0.5)
+        assert set(scores) == {"procrustes", "procrustes_scaled", "affine", "affine_half_rank"}
+        assert all(0.0 <= v <= 1.0 for v in scores.values())
+        # a perfect rotation reproduces every neighbourhood
+        name_r, _, scores_r = select_adapter(new, new @ _rotation(rng, 8), maps="queries", k=20)
+        assert scores_r["procrustes"] == pytest.approx(1.0) and name_r == "procrustes"
 
     def test_bad_holdout(self, rng):
         X = rng.normal(size=(10, 3))
@@ -188,6 +203,10 @@ class TestSelect:
             select_adapter(X, X, holdout=1.0)
         with pytest.raises(ValueError, match="empty"):
             select_adapter(X, X, candidates={})
+        with pytest.raises(ValueError, match="criterion"):
+            select_adapter(X, X, criterion="mAP")
+        with pytest.raises(ValueError, match="maps"):
+            select_adapter(X, X, maps="both")
 
 
 # --- the bridges as strategies of the evaluation harness --------------------------------------------
