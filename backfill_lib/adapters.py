@@ -5,7 +5,7 @@ A bridge maps vectors of one model's space into the other's from the same items 
 
 * :class:`ProcrustesAdapter`, the orthogonal map (a rotation or reflection, optionally scaled)
   that best carries the centred ``X`` onto the centred ``Y``: orthogonal Procrustes, solved by
-  :func:`scipy.linalg.orthogonal_procrustes` (one SVD of ``XᵀY``). Spaces of different widths are
+  ``scipy.linalg.orthogonal_procrustes`` (one SVD of ``XᵀY``). Spaces of different widths are
   zero-padded to the larger width, solved there, and the target's columns kept: for a narrower
   target this is the map ``W = U Vᵀ`` with orthonormal rows (a semi-orthogonal map);
 * :class:`LowRankAffineAdapter`, the affine map ``x ↦ x W + b`` of least squares with a small ridge,
@@ -67,7 +67,7 @@ class ClosedFormAdapter:
 
     @property
     def fitted(self) -> bool:
-        """Whether :meth:`fit` (or :meth:`load`) has set the map."""
+        """Whether ``fit`` (or :meth:`load`) has set the map."""
         return self.d_in_ is not None
 
     def _check_fitted(self) -> None:
@@ -80,7 +80,7 @@ class ClosedFormAdapter:
         Parameters
         ----------
         X : array (n, d_in)
-            Source-space vectors (the width :meth:`fit` saw).
+            Source-space vectors (the width ``fit`` saw).
 
         Returns
         -------
@@ -207,7 +207,7 @@ class ProcrustesAdapter(ClosedFormAdapter):
     """Orthogonal Procrustes: the rotation (or reflection) that best carries ``X`` onto ``Y``.
 
     ``transform(x) = s · (x − μ_X) R + μ_Y`` (then normalised), with ``R`` orthogonal, fitted by
-    :func:`scipy.linalg.orthogonal_procrustes` on the centred pairs; ``s = 1`` unless ``scale``.
+    ``scipy.linalg.orthogonal_procrustes`` on the centred pairs; ``s = 1`` unless ``scale``.
     Of different widths, both sides are zero-padded to the larger one and the target's columns
     kept (for a narrower target, ``R``'s kept columns are orthonormal: a semi-orthogonal map).
 

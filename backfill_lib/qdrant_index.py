@@ -289,7 +289,7 @@ class QdrantBackfillIndex:
 
     @property
     def score_maps(self):
-        """The calibration of the merged search, as :attr:`OnlineBackfillIndex.score_maps`
+        """The calibration of the merged search, as :attr:`backfill_lib.live_index.OnlineBackfillIndex.score_maps`
         (``{"old": ScoreMap, "new": ScoreMap}`` or None; kept in this process, not in Qdrant)."""
         return self._score_maps
 
