@@ -56,6 +56,13 @@ def test_the_main_path_fits_three_hours():
     assert total <= reading_time.BUDGET_MINUTES, f"the main path takes {total:.0f} minutes"
 
 
+def test_the_intro_states_the_main_paths_total():
+    m = re.search(r"\*\*about (\d+) minutes\*\*", (ROOT / "book" / "intro.md").read_text(encoding="utf-8"))
+    assert m, "the introduction states no '**about N minutes**' for the main path"
+    total = sum(reading_time.count(p).minutes for p in MAIN_PATH)
+    assert abs(int(m.group(1)) - total) <= 10, f"the intro says {m.group(1)} minutes, the count is {total:.0f}"
+
+
 def test_the_count_leaves_out_folded_text_and_hidden_code(tmp_path):
     nb = {"cells": [
         {"cell_type": "markdown", "metadata": {}, "source": "# T\n\n*Reading time: about 1 minutes.*\n\none two three"},
