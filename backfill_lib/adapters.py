@@ -28,7 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .validation import as_embeddings, check_non_negative, check_positive_int, check_real, normalize_rows
+from .validation import (as_embeddings, check_non_negative, check_open_fraction, check_positive_int, check_real,
+                         normalize_rows)
 
 #: Version of the ``.npz`` layout written by :meth:`ClosedFormAdapter.save`.
 FORMAT_VERSION = 1
@@ -516,9 +517,7 @@ def select_adapter(X, Y, candidates=None, holdout: float = 0.25, seed: int = 0, 
     x, y = _pairs(X, Y)
     check_choice(criterion, CRITERIA, "criterion")
     check_choice(maps, ("queries", "gallery"), "maps")
-    holdout = check_real(holdout, "holdout", "the share of pairs held out")
-    if not 0.0 < holdout < 1.0:
-        raise ValueError(f"holdout must be in (0, 1), got {holdout!r}")
+    holdout = check_open_fraction(holdout, "holdout", "the share of pairs held out")
     k = check_positive_int(k, "k", "neighbours compared")
     rng = np.random.default_rng(check_seed(seed))
     idx = rng.permutation(len(x))

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .metrics import average_precision
-from .validation import as_embeddings, as_labels, check_non_negative, check_positive_int, check_real, check_seed
+from .validation import as_embeddings, as_labels, check_non_negative, check_open_fraction, check_positive_int, check_seed
 
 #: The decisions :func:`probe_upgrade` makes.
 DECISIONS = ("skip", "bridge", "backfill")
@@ -150,46 +150,6 @@ def _mixed_ap(query_old, gallery_old, query_new, gallery_new, labels, is_new, ma
     np.fill_diagonal(scores, -np.inf)
     np.fill_diagonal(relevant, False)
     return average_precision(scores, relevant)
-
-
-def bootstrap_interval(differences, confidence: float = 0.95, n_boot: int = 2000, seed: int = 0) -> tuple:
-    """Percentile bootstrap interval of the mean of paired per-query differences.
-
-    Parameters
-    ----------
-    differences : array (n,)
-        One number per query (e.g. AP under the new model minus AP under the old one).
-    confidence : float, default 0.95
-        Level of the interval, in (0, 1).
-    n_boot : int, default 2000
-        Resamples of the queries.
-    seed : int, default 0
-        Seed of the resampling.
-
-    Returns
-    -------
-    (float, float)
-        The interval's ends.
-
-    Examples
-    --------
-    >>> lo, hi = bootstrap_interval(np.full(50, 0.1))
-    >>> round(lo, 6), round(hi, 6)
-    (0.1, 0.1)
-    """
-    d = np.asarray(differences, dtype=np.float64)
-    if d.ndim != 1 or len(d) < 2 or not np.isfinite(d).all():
-        raise ValueError(f"differences must be at least 2 finite numbers, one per query, got shape {d.shape}")
-    confidence = check_real(confidence, "confidence", "the level of the interval")
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must be in (0, 1), e.g. 0.95, got {confidence!r}")
-    n_boot = check_positive_int(n_boot, "n_boot", "bootstrap resamples")
-    rng = np.random.default_rng(check_seed(seed))
-    means = np.empty(n_boot)
-    for b in range(n_boot):
-        means[b] = d[rng.integers(0, len(d), size=len(d))].mean()
-    alpha = (1.0 - confidence) / 2
-    return float(np.quantile(means, alpha)), float(np.quantile(means, 1.0 - alpha))
 
 
 def _item_bootstrap(old, new, labels, confidence: float, n_boot: int, seed: int) -> tuple:
@@ -318,9 +278,8 @@ def probe_upgrade(old, new, labels, psi=None, embed_fn=None, embed_sample=None, 
     y = as_labels(labels, "labels")
     if not len(o) == len(n_) == len(y):
         raise ValueError(f"old, new and labels must describe the same items: {len(o)}, {len(n_)} and {len(y)} rows")
-    fit_share = check_real(fit_share, "fit_share", "the share of the sample that fits the bridges")
-    if not 0.0 < fit_share < 1.0:
-        raise ValueError(f"fit_share must be in (0, 1), got {fit_share!r}")
+    fit_share = check_open_fraction(fit_share, "fit_share", "the share of the sample that fits the bridges")
+    confidence = check_open_fraction(confidence, "confidence", "the level of the interval")
     workers = check_positive_int(workers, "workers", "embedding workers")
     rng = np.random.default_rng(check_seed(seed))
     idx = rng.permutation(len(y))
@@ -335,9 +294,6 @@ def probe_upgrade(old, new, labels, psi=None, embed_fn=None, embed_sample=None, 
     has_rel = np.array([(ye == c).sum() > 1 for c in ye])
     old_map, new_map = float(ap_old[has_rel].mean()), float(ap_new[has_rel].mean())
     gain = new_map - old_map
-    confidence = check_real(confidence, "confidence", "the level of the interval")
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must be in (0, 1), e.g. 0.95, got {confidence!r}")
     interval = _item_bootstrap(oe, ne, ye, confidence, check_positive_int(n_boot, "n_boot", "bootstrap resamples"),
                                seed)
 

@@ -415,15 +415,20 @@ def _fit_adapter(ctx: ExperimentContext, name: str, adapter, source: str, target
                      lambda: adapter.fit(x, y))
 
 
+def _query_bridge(ctx: ExperimentContext, name: str, adapter) -> bf.Strategy:
+    """The new query mapped into the old space by ``adapter`` (fitted new → old) searches old-stored items."""
+    mapped = _fit_adapter(ctx, name, adapter, "new", "old")
+    new = ctx.embeddings("new")
+    return bf.reverse_transform(ctx.embeddings("old"), mapped.transform(new), new, name=name)
+
+
 @register_strategy("procrustes", "closed-form bridge (ours): the new query mapped into the old space by centred "
                    "orthogonal Procrustes searches old-stored items; no labels, no training loop",
                    trains=("old", "new", "procrustes"))
 def _procrustes(ctx: ExperimentContext) -> bf.Strategy:
     from .adapters import ProcrustesAdapter
 
-    p = _fit_adapter(ctx, "procrustes", ProcrustesAdapter(), "new", "old")
-    new = ctx.embeddings("new")
-    return bf.reverse_transform(ctx.embeddings("old"), p.transform(new), new, name="procrustes")
+    return _query_bridge(ctx, "procrustes", ProcrustesAdapter())
 
 
 @register_strategy("procrustes_forward", "closed-form bridge (ours): every stored old vector rewritten into the new "
@@ -442,9 +447,7 @@ def _procrustes_forward(ctx: ExperimentContext) -> bf.Strategy:
 def _low_rank_affine(ctx: ExperimentContext) -> bf.Strategy:
     from .adapters import LowRankAffineAdapter
 
-    a = _fit_adapter(ctx, "low_rank_affine", LowRankAffineAdapter(), "new", "old")
-    new = ctx.embeddings("new")
-    return bf.reverse_transform(ctx.embeddings("old"), a.transform(new), new, name="low_rank_affine")
+    return _query_bridge(ctx, "low_rank_affine", LowRankAffineAdapter())
 
 
 @register_strategy("slerp", "SLERP query blend (after Biondi et al.): the old query moved half-way along the sphere "

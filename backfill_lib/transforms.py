@@ -489,7 +489,12 @@ def apply_transform(module: nn.Module, embeddings, name: str = "embeddings", bat
                         "or heads.rho for ρ̂ (the learnable new embedding; None when it was not learned)")
     if not isinstance(module, nn.Module) or not hasattr(module, "d_in"):
         raise TypeError(f"module must be a trained head (MLPTransform or ResidualEmbedding), got {type(module).__name__}")
-    x = as_embeddings(embeddings, name, dim=module.d_in, unit_norm=True)
+    return _apply_checked(module, as_embeddings(embeddings, name, dim=module.d_in, unit_norm=True), batch_size)
+
+
+@torch.no_grad()
+def _apply_checked(module: nn.Module, x: np.ndarray, batch_size: int = 4096) -> np.ndarray:
+    """:func:`apply_transform` on rows already checked (unit norm, the module's width)."""
     if len(x) <= NUMPY_MAX_ROWS:
         fast = _numpy_mlp(module)
         if fast is not None:  # a few queries: numpy, without torch's per-call overhead (same numbers)
@@ -1057,9 +1062,8 @@ class FittedTransform:
             If ``X`` is not a finite non-empty 2-D array of width ``dim_in_``, or a row is not
             unit norm (without ``normalize``).
         """
-        x = self._x(X)
-        fast = _numpy_mlp(self._map()) if len(x) <= NUMPY_MAX_ROWS else None
-        return fast(x) if fast is not None else apply_transform(self._map(), x, name="X")
+        x = self._x(X)  # first: it says "not fitted" before the map is looked up
+        return _apply_checked(self._map(), x)
 
     def _blob(self) -> dict:
         """What :meth:`to_bytes` writes: plain types and tensors, with the checksum."""

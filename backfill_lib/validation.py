@@ -372,6 +372,40 @@ def check_real(value, name: str, what: str = "") -> float:
     return float(value)
 
 
+def check_open_fraction(value, name: str, what: str = "") -> float:
+    """Check that ``value`` is one real number strictly between 0 and 1 (a share, a level).
+
+    Parameters
+    ----------
+    value : float
+        The number.
+    name : str
+        Argument name used in the error message.
+    what : str, default ""
+        What the number is, added to the message.
+
+    Returns
+    -------
+    float
+
+    Raises
+    ------
+    TypeError
+        If ``value`` is not one real number.
+    ValueError
+        If it is NaN, infinite, or outside (0, 1).
+
+    Examples
+    --------
+    >>> check_open_fraction(0.25, "holdout")
+    0.25
+    """
+    value = check_real(value, name, what)
+    if not 0.0 < value < 1.0:
+        raise ValueError(f"{name} must be in (0, 1), e.g. 0.25, got {value!r}")
+    return value
+
+
 def check_ratio(r, name: str = "ratio") -> float:
     """Return ``r`` as a float, checking it lies in [0, 1].
 

@@ -4,7 +4,7 @@ its bridges are the book's, its decision follows the stated rule, bad input is r
 import numpy as np
 import pytest
 
-from backfill_lib.probe import BridgeResult, bootstrap_interval, decide, probe_upgrade
+from backfill_lib.probe import BridgeResult, decide, probe_upgrade
 from backfill_lib.validation import normalize_rows
 
 
@@ -102,6 +102,7 @@ def test_embedding_cost_is_measured():
 
 @pytest.mark.parametrize("kwargs, error, match", [
     (dict(fit_share=1.0), ValueError, "fit_share"),
+    (dict(confidence=1.5), ValueError, "confidence"),
     (dict(labels=np.zeros(5, dtype=int)), ValueError, "same items"),
     (dict(embed_fn=len), ValueError, "embed_sample"),
     (dict(workers=0), (TypeError, ValueError), "workers"),
@@ -113,12 +114,3 @@ def test_bad_input(kwargs, error, match):
     args.update(kwargs)
     with pytest.raises(error, match=match):
         probe_upgrade(**args)
-
-
-def test_bootstrap_interval_checks():
-    with pytest.raises(ValueError, match="confidence"):
-        bootstrap_interval([0.1, 0.2, 0.3], confidence=1.5)
-    with pytest.raises(ValueError, match="at least 2"):
-        bootstrap_interval([0.1])
-    lo, hi = bootstrap_interval(np.random.default_rng(0).normal(0.1, 0.05, 400))
-    assert lo < 0.1 < hi and hi - lo < 0.02
