@@ -125,9 +125,10 @@ class _RelevantItems:
         return ids, valid
 
 
-def _average_precision(key, ge_all, valid, has_rel, n_rel):
-    """AP of each row: at each relevant item, relevant items scoring ``>=`` over all items scoring ``>=``."""
-    precision = np.where(valid, _count_ge_within_rows(key) / np.maximum(ge_all, 1), 0.0)
+def _average_precision(rel_ge, ge_all, valid, has_rel, n_rel):
+    """AP of each row: at each relevant item, relevant items scoring ``>=`` (``rel_ge``) over all items
+    scoring ``>=`` (``ge_all``)."""
+    precision = np.where(valid, rel_ge / np.maximum(ge_all, 1), 0.0)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(has_rel, precision.sum(axis=1) / n_rel, np.nan)
 
@@ -413,16 +414,20 @@ class _Scores:
         self.hits = {k: np.zeros((n_states, n_q), dtype=bool) for k in ks}
         self.ks, self.k_max = ks, max(ks)
 
-    def score_state(self, s: int, ch: _QueryChunk, ops, key, ge_all, state_blocks, tied_before) -> None:
+    def score_state(self, s: int, ch: _QueryChunk, key, ge_all, count_above, tied_before, rel_ge=None) -> None:
         """Fill state ``s`` for the queries of ``ch``.
 
         ``key``/``ge_all`` (c, width): each relevant item's key in this state and how many items
-        score at least that; ``state_blocks``: the sorted key blocks of the whole gallery in this
-        state (an iterable, read only if a row needs it); ``tied_before(rows, key, ids)``: how
-        many items tie ``key`` and come before gallery index ``ids``, for those rows.
+        score at least that (``rel_ge``: how many relevant items; counted from ``key`` if not
+        given); ``count_above(best_key, best, counted)``: how many items score more
+        than ``best_key`` (the key of relevant item ``best`` of each row), for the rows
+        ``counted`` (others may be anything); ``tied_before(rows, key, ids)``: how many items
+        tie ``key`` and come before gallery index ``ids``, for those rows.
         """
         valid, has_rel, rows = ch.valid, ch.has_rel, ch.rows
-        self.ap[s, rows] = _average_precision(key, ge_all, valid, has_rel, ch.n_rel)
+        if rel_ge is None:
+            rel_ge = _count_ge_within_rows(key)
+        self.ap[s, rows] = _average_precision(rel_ge, ge_all, valid, has_rel, ch.n_rel)
         # The best relevant item (ties: the smaller index, first in its row) and the items ahead.
         arange_c = np.arange(ch.c)
         best = np.argmax(key, axis=1)
@@ -430,12 +435,9 @@ class _Scores:
         best_ge = ge_all[arange_c, best]
         ahead = np.zeros(ch.c, dtype=np.int64)  # items scoring strictly more
         # Only the best item itself scores >= its key: nothing is ahead, no need to count.
-        counted = (has_rel & (best_ge > 1))[:, None]
+        counted = has_rel & (best_ge > 1)
         if counted.any():
-            above = ops.needles(best_key.astype(np.int64)[:, None] + 1)
-            for block in state_blocks:
-                ahead += ops.count_ge(block, above, counted)[:, 0]
-            ahead[~counted[:, 0]] = 0
+            ahead = np.where(counted, count_above(best_key, best, counted), 0)
         tied = best_ge - ahead > 1
         resolve = np.flatnonzero(has_rel & tied & (ahead < self.k_max))
         if len(resolve):
@@ -444,9 +446,166 @@ class _Scores:
             self.hits[k][s, rows] = has_rel & (ahead < k)
 
 
+def _blocks_above(ops, state_blocks):
+    """``count_above`` of :meth:`_Scores.score_state` from the sorted key blocks of one state."""
+    def count_above(best_key, best, counted):
+        above = ops.needles(best_key.astype(np.int64)[:, None] + 1)
+        ahead = np.zeros(len(best_key), dtype=np.int64)
+        for block in state_blocks:
+            ahead += ops.count_ge(block, above, counted[:, None])[:, 0]
+        return ahead
+    return count_above
+
+
+# ---------------------------------------------------------------------------------------------
+# Many relevant items per query (few classes): one sort of each query's 2N old and new scores.
+# ---------------------------------------------------------------------------------------------
+
+#: Bytes of scratch memory the sorted counting may use per block of queries.
+_SORTED_SCRATCH = 64 * 2**20
+
+#: The sorted counting is used when the block counting would make more than this many binary
+#: searches per gallery item and query (see :func:`_prefer_sorted`).
+_SORTED_CROSSOVER = 2.0
+
+
+def _prefer_sorted(width: int, n: int, n_states: int) -> bool:
+    """Whether a chunk with ``width`` relevant items per query is cheaper to count by one sort per
+    query of its ``2N`` old and new keys than by binary searches in the slice blocks.
+
+    The block counting makes about ``2 · width · (2S + 1)`` binary searches per query (each
+    relevant item's two keys in every slice of both spaces); the sorted counting sorts ``2N``
+    keys per query and passes over them a few times. The crossover was measured with
+    ``benchmarks/eval_speed.py`` (N = 5,000, 11 states, one thread): see :data:`_SORTED_CROSSOVER`.
+    """
+    return 2 * width * (2 * n_states + 1) > _SORTED_CROSSOVER * n
+
+
+def _sorted_above(ops, keys_old, keys_new, new_mask, ge_all, single):
+    """``count_above`` of :meth:`_Scores.score_state` from the sorted counts of one state: a key no
+    other entry shares has ``ge - 1`` items above it; a shared one is counted in its row."""
+    def count_above(best_key, best, counted):
+        arange_c = np.arange(len(best))
+        ahead = ge_all[arange_c, best] - 1
+        shared = np.flatnonzero(counted & ~single[arange_c, best])
+        if len(shared):
+            merged = np.where(new_mask[None, :], keys_new[shared], keys_old[shared])
+            ahead[shared] = (merged > best_key[shared, None]).sum(axis=1)
+        return ahead
+    return count_above
+
+
+def _sorted_state_counts(keys_old, keys_new, valid, cols, item_slice, slice_at, bounds, n_states):
+    """Per state, how many items and how many relevant items score at least each relevant item.
+
+    For each query row, the ``2N`` entries (every item's old key and new key) are put in one
+    ascending order together with a copy of the relevant entries (the *needles*): each slice's
+    old keys and new keys are sorted (small sorts), tagged with their (space, slice) *code*, and
+    merged with the sorted needles by a stable sort of the row (which finds the sorted runs),
+    each needle before the entries of its own key. In state ``s`` an item's old entry is
+    *active* if its slice is after ``s``, its new entry if its slice is at most ``s``: the
+    merged ranking of state ``s`` is its active entries in order. One histogram over the row,
+    by code and by how many needles come before, gives for every needle how many entries of
+    each code score less than it; items scoring at least it in state ``s`` are the active
+    entries minus the active ones scoring less. Relevant items are counted likewise, among the
+    needles alone (a tied group of needles counted from its first).
+
+    Returns ``ge``, ``rel_ge`` (n_states, c, 2·width), ``single`` (c, 2·width), all in the order
+    of the needles by key, and ``order`` (c, 2·width): which relevant entry each needle is, as an
+    index into ``[old keys of the relevant items, new keys]``. ``ge``/``rel_ge``: items and
+    relevant items scoring at least it in each state; ``single``: no other entry of the row has
+    its key (then exactly ``ge - 1`` items score more). Padding slots sort last, mean nothing.
+    """
+    c, n = keys_old.shape
+    width = cols.shape[1]
+    two_w, n_seg = 2 * width, 2 * width + 1
+    n_slices = n_states + 1
+    n_codes = 2 * n_slices
+    states, slices = np.arange(n_states), np.arange(n_slices)
+    active = np.concatenate([slices[:, None] > states, slices[:, None] <= states])  # (codes, states)
+    sizes = np.concatenate([np.diff(bounds), np.diff(bounds)])
+    total_active = sizes @ active  # (n_states,)
+    # Low half of a packed value: a needle's is n_codes (its histogram bin: not counted), an
+    # entry's is 2**31 + its code, so that needles sort before the entries of their key.
+    entry_flag = 1 << 31
+    needle_valid = np.concatenate([valid, valid], axis=1)
+    needle_code = np.concatenate([item_slice, item_slice + n_slices], axis=1)
+    needle_key = np.concatenate([np.take_along_axis(keys_old, cols, axis=1),
+                                 np.take_along_axis(keys_new, cols, axis=1)], axis=1).astype(np.int64)
+    padding = (np.int64(np.iinfo(np.int32).max) << 32) | (entry_flag | n_codes)  # sorts last, bin n_codes
+    # Needles sort by key, then by code: so the k-th needle of the merged row is the k-th here.
+    order = np.argsort(np.where(needle_valid, (needle_key << 32) | needle_code, np.iinfo(np.int64).max), axis=1,
+                       kind="stable")
+    key_k = np.take_along_axis(needle_key, order, axis=1)
+    valid_k = np.take_along_axis(needle_valid, order, axis=1)
+    code_k = np.take_along_axis(needle_code, order, axis=1)
+    needle_packed = np.where(valid_k, (key_k << 32) | n_codes, padding)
+    # Needles tied with the one before: counted from the first of their key.
+    tie = np.zeros((c, two_w), dtype=bool)
+    tie[:, 1:] = (key_k[:, 1:] == key_k[:, :-1]) & valid_k[:, 1:]
+    group = None
+    if tie.any():
+        group = np.where(tie, 0, np.arange(two_w))
+        np.maximum.accumulate(group, axis=1, out=group)
+    alone = ~tie
+    alone[:, :-1] &= ~tie[:, 1:]
+    # Relevant items scoring at least each needle, per state: active needles from its group on.
+    act = (active.T[:, code_k] & valid_k).astype(np.int32)  # (states, c, 2w)
+    rel_ge = np.cumsum(act, axis=2, out=np.empty_like(act))
+    rel_ge -= act  # active needles before each one
+    del act
+    if group is not None:
+        tied_rows = np.flatnonzero(tie.any(axis=1))
+        rel_ge[:, tied_rows] = np.take_along_axis(rel_ge[:, tied_rows], np.broadcast_to(
+            group[tied_rows], (n_states, len(tied_rows), two_w)), axis=2)
+    np.subtract(valid.sum(axis=1, dtype=np.int32)[None, :, None], rel_ge, out=rel_ge)
+    ge = np.empty((n_states, c, two_w), dtype=np.int32)
+    # Counts are exact in float32 below 2**24; larger galleries multiply in float64.
+    float_t = np.float32 if 2 * n < 2**24 else np.float64
+    active_t = active.T.astype(float_t)  # (states, codes)
+    single = np.empty((c, two_w), dtype=bool)
+    width_row = 2 * n + two_w
+    step = max(1, min(c, _SORTED_SCRATCH // (width_row * 32 + n_seg * (n_codes + 1) * 8)))
+    for lo in range(0, c, step):
+        hi = min(lo + step, c)
+        r, rows_r = hi - lo, np.arange(hi - lo)[:, None]
+        packed = np.empty((r, width_row), dtype=np.int64)
+        for half, keys in enumerate((keys_old, keys_new)):
+            for j in range(n_slices):
+                a, b = bounds[j], bounds[j + 1]
+                if b > a:
+                    block = packed[:, half * n + a:half * n + b]
+                    block[:] = np.sort(keys[lo:hi, a:b], axis=1)
+                    block <<= 32
+                    block |= entry_flag | (half * n_slices + j)
+        packed[:, 2 * n:] = needle_packed[lo:hi]
+        packed.sort(axis=1, kind="stable")  # merges the sorted runs
+        low = packed & 0xFFFFFFFF
+        seg = np.cumsum(low < entry_flag, axis=1)  # needles at or before each position
+        low &= entry_flag - 1  # the histogram bin: the code, or n_codes for a needle
+        low *= r
+        low += rows_r
+        low *= n_seg
+        low += seg
+        del seg
+        hist = np.bincount(low.ravel(), minlength=(n_codes + 1) * r * n_seg).reshape(n_codes + 1, r, n_seg)
+        del low
+        np.cumsum(hist, axis=2, out=hist)
+        less = hist[:n_codes, :, :two_w].astype(float_t)  # (codes, r, 2w): entries scoring less than needle k
+        ge[:, lo:hi] = (total_active[:, None] - active_t @ less.reshape(n_codes, -1)).reshape(n_states, r, two_w)
+        # Alone in the row: alone among the needles, and the entry after its own (the first of
+        # its key, right after the needle) has another key.
+        after = np.arange(two_w) + less.sum(axis=0, dtype=np.float64).astype(np.int64) + 2  # the needle's position + 2
+        packed >>= 32
+        nxt = np.take_along_axis(packed, np.minimum(after, width_row - 1), axis=1)
+        single[lo:hi] = alone[lo:hi] & ((nxt != key_k[lo:hi]) | (after >= width_row))
+        del packed, hist
+    return ge, rel_ge, single, order
+
+
 def evaluate_states(query_old, gallery_old, query_new, gallery_new, query_labels, gallery_labels, order,
                     n_backfilled, exclude_self: bool = False, ks=(1, 5), chunk_size: int = 1024,
-                    device=None) -> StateMetrics:
+                    device=None, counting: str = "auto") -> StateMetrics:
     """Average precision and top-k hits of every query at several states of one backfill.
 
     In state ``s`` gallery item ``g`` is scored ``query_new[q] · gallery_new[g]`` if ``g`` is
@@ -483,6 +642,12 @@ def evaluate_states(query_old, gallery_old, query_new, gallery_new, query_labels
         Queries scored at once; memory is about ``24 · chunk_size · N`` bytes.
     device : str or torch.device, optional
         See :func:`choose_device`; default automatic.
+    counting : {"auto", "blocks", "sorted"}, default "auto"
+        How the numpy path counts the items ahead of each relevant item: ``"blocks"`` by binary
+        searches in the sorted slices (cheap with few relevant items per query, i.e. many
+        classes), ``"sorted"`` by one sort of each query's ``2N`` old and new scores (cheap with
+        many, i.e. few classes); ``"auto"`` picks the cheaper per block of queries. The results
+        are the same; a torch device always counts by blocks.
 
     Returns
     -------
@@ -498,7 +663,7 @@ def evaluate_states(query_old, gallery_old, query_new, gallery_new, query_labels
         If shapes disagree, ``order`` is not a permutation, ``n_backfilled`` is not
         non-decreasing in ``[0, N]``, ``exclude_self`` is set with ``n_q != N``, a ``k`` is out
         of range, the vectors are so long that their inner products would overflow float32,
-        or ``device`` is not available.
+        ``device`` is not available, or ``counting`` is not one of the three.
 
     Examples
     --------
@@ -522,6 +687,8 @@ def evaluate_states(query_old, gallery_old, query_new, gallery_new, query_labels
     qy, gy, exclude_self, ks, chunk_size, device = _check_run(query_labels, gallery_labels, n_q, n, exclude_self,
                                                               ks, chunk_size, device)
     order = check_order(order, n)
+    if counting not in ("auto", "blocks", "sorted"):
+        raise ValueError(f"counting must be 'auto', 'blocks' or 'sorted', got {counting!r}")
     m = np.asarray(n_backfilled)
     if m.ndim != 1 or len(m) == 0 or (m.size and not np.issubdtype(m.dtype, np.integer)):
         raise ValueError(f"n_backfilled must be a non-empty 1-D sequence of integers, got {n_backfilled!r}")
@@ -545,6 +712,8 @@ def evaluate_states(query_old, gallery_old, query_new, gallery_new, query_labels
     for ch in _query_chunks(qy, gy, position, exclude_self, chunk_size):
         rows, c, self_cols, ids, valid = ch.rows, ch.c, ch.self_cols, ch.ids, ch.valid
         width = ids.shape[1]
+        sorted_path = ops.name == "numpy" and (counting == "sorted" or
+                                               (counting == "auto" and _prefer_sorted(width, n, n_states)))
         cols = position[ids]
         item_slice = slice_at[cols]
 
@@ -552,6 +721,27 @@ def evaluate_states(query_old, gallery_old, query_new, gallery_new, query_labels
         keys_new = ops.keys(2, rows, 3, self_cols)
         key_old = np.where(valid, ops.gather(keys_old, cols), _PAD).astype(np.int32)
         key_new = np.where(valid, ops.gather(keys_new, cols), _PAD).astype(np.int32)
+
+        def tied(s):
+            return lambda resolve, key, best_ids: ops.tied_before(keys_old, keys_new, resolve, new_masks[s], key,
+                                                                  best_ids, layout)
+
+        if sorted_path:
+            # Counts come in the order of the needles by key: take each item's active entry's.
+            ge_k, rel_k, single_k, entry_order = _sorted_state_counts(keys_old, keys_new, valid, cols, item_slice,
+                                                                      slice_at, bounds, n_states)
+            at = np.empty_like(entry_order)
+            np.put_along_axis(at, entry_order, np.broadcast_to(np.arange(2 * width), at.shape), axis=1)
+            for s in range(n_states):
+                is_new = item_slice <= s
+                idx = np.where(is_new, at[:, width:], at[:, :width])
+                key = np.where(is_new, key_new, key_old)
+                ge_all = np.take_along_axis(ge_k[s], idx, axis=1)
+                single = np.take_along_axis(single_k, idx, axis=1)
+                result.score_state(s, ch, key, ge_all, _sorted_above(ops, keys_old, keys_new, new_masks[s], ge_all,
+                                                                     single), tied(s),
+                                   np.take_along_axis(rel_k[s], idx, axis=1))
+            continue
         # Every relevant item's old and new key, sorted in its row: sorted needles search faster.
         needles = np.concatenate([key_old, key_new], axis=1)
         needle_order = np.argsort(needles, axis=1, kind="stable")
@@ -585,10 +775,9 @@ def evaluate_states(query_old, gallery_old, query_new, gallery_new, query_labels
             is_new = item_slice <= s
             key = np.where(is_new, key_new, key_old)
             ge_all = np.take_along_axis(ge, np.where(is_new, at_new, at_old), axis=1)
-            result.score_state(s, ch, ops, key, ge_all,
-                               [block for (j, space), block in blocks.items() if space == int(j <= s)],
-                               lambda resolve, key, best_ids: ops.tied_before(keys_old, keys_new, resolve, new_masks[s],
-                                                                              key, best_ids, layout))
+            result.score_state(s, ch, key, ge_all,
+                               _blocks_above(ops, [block for (j, space), block in blocks.items() if space == int(j <= s)]),
+                               tied(s))
     return StateMetrics(ap=result.ap, hits=result.hits, device=ops.name)
 
 
@@ -831,8 +1020,8 @@ def evaluate_version_states(queries, galleries, versions, query_labels, gallery_
             ge_all = np.take_along_axis(ge, np.take_along_axis(unsort, slots * width + np.arange(width), axis=1),
                                         axis=1)
             # Blocks are sorted only if a row needs them (lazily, by the generator).
-            result.score_state(s, ch, ops, key, ge_all,
-                               (block(j, history[j, s]) for j in range(len(history)) if sizes[j]),
+            result.score_state(s, ch, key, ge_all,
+                               _blocks_above(ops, [block(j, history[j, s]) for j in range(len(history)) if sizes[j]]),
                                lambda resolve, key, best_ids: _tied_before_versions(ops, keys, resolve, col_versions[s],
                                                                                     key, best_ids, layout))
     return StateMetrics(ap=result.ap, hits=result.hits, device=ops.name)

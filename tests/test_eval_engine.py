@@ -70,15 +70,21 @@ def cases(draw):
                 chunk_size=chunk_size), tied
 
 
+# Both ways the numpy path counts (binary searches in the slices; one sort of each query's 2N
+# scores) must give the reference's numbers; "auto" picks one of them per block of queries.
+COUNTINGS = ("blocks", "sorted")
+
+
 def _n_searchable(case):
     return len(case["gallery_old"]) - int(case["exclude_self"])
 
 
-@given(cases())
-def test_same_hits_as_the_reference_and_same_ap_without_ties(drawn):
+@pytest.mark.parametrize("counting", COUNTINGS)
+@given(drawn=cases())
+def test_same_hits_as_the_reference_and_same_ap_without_ties(counting, drawn):
     case, tied = drawn
     ks = tuple(sorted({1, min(5, _n_searchable(case))}))
-    new = evaluate_states(**case, ks=ks, device="numpy")
+    new = evaluate_states(**case, ks=ks, device="numpy", counting=counting)
     ap, hits = reference_states(**case, ks=ks)
     for k in ks:
         np.testing.assert_array_equal(new.hits[k], hits[k])
@@ -92,10 +98,11 @@ def test_same_hits_as_the_reference_and_same_ap_without_ties(drawn):
         np.testing.assert_allclose(new.ap[s, untied], ap[s, untied], rtol=0, atol=1e-9)
 
 
-@given(cases())
-def test_ap_is_sklearns_with_ties(drawn):
+@pytest.mark.parametrize("counting", COUNTINGS)
+@given(drawn=cases())
+def test_ap_is_sklearns_with_ties(counting, drawn):
     case, _ = drawn
-    new = evaluate_states(**case, ks=(1,), device="numpy")
+    new = evaluate_states(**case, ks=(1,), device="numpy", counting=counting)
     for s, m in enumerate(case["n_backfilled"]):
         scores = _merged_rows(case["query_old"], case["gallery_old"], case["query_new"], case["gallery_new"],
                               case["order"], m, case["exclude_self"])
@@ -120,11 +127,13 @@ def test_torch_on_the_cpu_gives_the_numpy_numbers(drawn):
         np.testing.assert_array_equal(a.hits[k], b.hits[k])
 
 
-def test_hand_computed_ties():
+@pytest.mark.parametrize("counting", COUNTINGS)
+def test_hand_computed_ties(counting):
     # Query 0 (label 0) against items 1..3 after leave-one-out; all scores tie at 0.
     x = np.eye(4, dtype=np.float32)
     y = np.array([0, 1, 0, 0])
-    m = evaluate_states(x, x, x, x, y, y, np.arange(4), [0], exclude_self=True, ks=(1, 2, 3), device="numpy")
+    m = evaluate_states(x, x, x, x, y, y, np.arange(4), [0], exclude_self=True, ks=(1, 2, 3), device="numpy",
+                        counting=counting)
     # Ranking 1, 2, 3 by index: top-1 is item 1 (wrong), top-2 has item 2.
     assert not m.hits[1][0, 0] and m.hits[2][0, 0]
     # One threshold holding 3 items, 2 relevant: AP = 2/3 for each of them.
@@ -197,3 +206,33 @@ def test_cuda_without_gpu_is_a_clear_error():
         pytest.skip("a GPU is present")
     with pytest.raises(ValueError, match="torch sees no GPU"):
         choose_device("cuda")
+
+
+def test_the_counting_is_chosen_by_the_number_of_relevant_items():
+    from backfill_lib.evaluation import _prefer_sorted
+    # 5,000 items, 11 states: 10 classes (500 relevant items per query) are counted sorted,
+    # 100 classes (50) by the blocks; one relevant item never sorted.
+    assert _prefer_sorted(500, 5000, 11) and not _prefer_sorted(50, 5000, 11) and not _prefer_sorted(1, 5000, 11)
+
+
+def test_an_unknown_counting_is_refused():
+    x = np.eye(3, dtype=np.float32)
+    with pytest.raises(ValueError, match="counting must be 'auto', 'blocks' or 'sorted', got 'fast'"):
+        evaluate_states(x, x, x, x, [0, 1, 1], [0, 1, 1], np.arange(3), [0], ks=(1,), counting="fast")
+
+
+@pytest.mark.parametrize("n_classes", [2, 10])
+def test_sorted_and_blocks_agree_at_scale_with_leave_one_out(n_classes):
+    # Several blocks of queries (chunk 64) and of the sorted path's scratch rows, 11 states.
+    rng = np.random.default_rng(n_classes)
+    n = 600
+    y = rng.integers(0, n_classes, size=n)
+    old, new = unit(rng.normal(size=(n, 8)) + 2 * np.eye(8)[y % 8]), unit(rng.normal(size=(n, 12)))
+    states = [int(round(r * n)) for r in np.linspace(0, 1, 11)]
+    args = (old, old, new, new, y, y, rng.permutation(n), states)
+    a = evaluate_states(*args, exclude_self=True, ks=(1, 5, 50), chunk_size=64, device="numpy", counting="blocks")
+    b = evaluate_states(*args, exclude_self=True, ks=(1, 5, 50), chunk_size=64, device="numpy", counting="sorted")
+    np.testing.assert_allclose(a.ap, b.ap, rtol=0, atol=1e-12)
+    for k in (1, 5, 50):
+        np.testing.assert_array_equal(a.hits[k], b.hits[k])
+    assert 0.2 < np.nanmean(b.ap) < 1.0  # a real ranking, not a degenerate one
