@@ -709,11 +709,15 @@ def evaluate_states(query_old, gallery_old, query_new, gallery_new, query_labels
     ops = _NumpyOps(*arrays) if device == "numpy" else _TorchOps(device, *arrays)
 
     result = _Scores(n_states, n_q, ks)
+    # Relevant items per query: at most the largest class (the width of every block of queries).
+    width = int(np.unique(gy, return_counts=True)[1].max(initial=1))
+    sorted_path = ops.name == "numpy" and (counting == "sorted" or
+                                           (counting == "auto" and _prefer_sorted(width, n, n_states)))
+    if sorted_path:  # its per-state counts take 12·S·2·width bytes a query: fewer queries at once
+        chunk_size = max(1, min(chunk_size, 2 * _SORTED_SCRATCH // (24 * n_states * width + 16 * n)))
     for ch in _query_chunks(qy, gy, position, exclude_self, chunk_size):
         rows, c, self_cols, ids, valid = ch.rows, ch.c, ch.self_cols, ch.ids, ch.valid
         width = ids.shape[1]
-        sorted_path = ops.name == "numpy" and (counting == "sorted" or
-                                               (counting == "auto" and _prefer_sorted(width, n, n_states)))
         cols = position[ids]
         item_slice = slice_at[cols]
 
