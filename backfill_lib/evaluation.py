@@ -466,7 +466,7 @@ _SORTED_SCRATCH = 64 * 2**20
 
 #: The sorted counting is used when the block counting would make more than this many binary
 #: searches per gallery item and query (see :func:`_prefer_sorted`).
-_SORTED_CROSSOVER = 2.0
+_SORTED_CROSSOVER = 2.5
 
 
 def _prefer_sorted(width: int, n: int, n_states: int) -> bool:
@@ -510,11 +510,10 @@ def _sorted_state_counts(keys_old, keys_new, valid, cols, item_slice, slice_at, 
     entries minus the active ones scoring less. Relevant items are counted likewise, among the
     needles alone (a tied group of needles counted from its first).
 
-    Returns ``ge``, ``rel_ge`` (n_states, c, 2·width), ``single`` (c, 2·width), all in the order
-    of the needles by key, and ``order`` (c, 2·width): which relevant entry each needle is, as an
-    index into ``[old keys of the relevant items, new keys]``. ``ge``/``rel_ge``: items and
-    relevant items scoring at least it in each state; ``single``: no other entry of the row has
-    its key (then exactly ``ge - 1`` items score more). Padding slots sort last, mean nothing.
+    Returns, all in the order of the needles by key (padding last): ``act`` (n_states, c, 2·width),
+    whether the needle is its item's entry in that state; ``ge``, ``rel_ge`` (same shape): items
+    and relevant items scoring at least it; ``single`` (c, 2·width): no other entry of the row has
+    its key (then exactly ``ge - 1`` items score more); ``key_k`` (c, 2·width): its key.
     """
     c, n = keys_old.shape
     width = cols.shape[1]
@@ -529,17 +528,18 @@ def _sorted_state_counts(keys_old, keys_new, valid, cols, item_slice, slice_at, 
     # entry's is 2**31 + its code, so that needles sort before the entries of their key.
     entry_flag = 1 << 31
     needle_valid = np.concatenate([valid, valid], axis=1)
-    needle_code = np.concatenate([item_slice, item_slice + n_slices], axis=1)
+    needle_code = np.concatenate([item_slice, item_slice + n_slices], axis=1).astype(np.int64)
     needle_key = np.concatenate([np.take_along_axis(keys_old, cols, axis=1),
                                  np.take_along_axis(keys_new, cols, axis=1)], axis=1).astype(np.int64)
     padding = (np.int64(np.iinfo(np.int32).max) << 32) | (entry_flag | n_codes)  # sorts last, bin n_codes
-    # Needles sort by key, then by code: so the k-th needle of the merged row is the k-th here.
-    order = np.argsort(np.where(needle_valid, (needle_key << 32) | needle_code, np.iinfo(np.int64).max), axis=1,
-                       kind="stable")
-    key_k = np.take_along_axis(needle_key, order, axis=1)
-    valid_k = np.take_along_axis(needle_valid, order, axis=1)
-    code_k = np.take_along_axis(needle_code, order, axis=1)
+    # Needles sorted by key (their code after it; padding last): the k-th needle of the merged row.
+    needle_sorted = np.where(needle_valid, (needle_key << 32) | needle_code, np.iinfo(np.int64).max)
+    needle_sorted.sort(axis=1)
+    valid_k = needle_sorted != np.iinfo(np.int64).max
+    key_k = needle_sorted >> 32
+    code_k = np.where(valid_k, needle_sorted & 0xFFFFFFFF, 0)
     needle_packed = np.where(valid_k, (key_k << 32) | n_codes, padding)
+    del needle_sorted
     # Needles tied with the one before: counted from the first of their key.
     tie = np.zeros((c, two_w), dtype=bool)
     tie[:, 1:] = (key_k[:, 1:] == key_k[:, :-1]) & valid_k[:, 1:]
@@ -550,10 +550,10 @@ def _sorted_state_counts(keys_old, keys_new, valid, cols, item_slice, slice_at, 
     alone = ~tie
     alone[:, :-1] &= ~tie[:, 1:]
     # Relevant items scoring at least each needle, per state: active needles from its group on.
-    act = (active.T[:, code_k] & valid_k).astype(np.int32)  # (states, c, 2w)
-    rel_ge = np.cumsum(act, axis=2, out=np.empty_like(act))
+    act = active.T[:, code_k] & valid_k  # (states, c, 2w)
+    rel_ge = act.astype(np.int32)
+    np.cumsum(rel_ge, axis=2, out=rel_ge)
     rel_ge -= act  # active needles before each one
-    del act
     if group is not None:
         tied_rows = np.flatnonzero(tie.any(axis=1))
         rel_ge[:, tied_rows] = np.take_along_axis(rel_ge[:, tied_rows], np.broadcast_to(
@@ -600,7 +600,39 @@ def _sorted_state_counts(keys_old, keys_new, valid, cols, item_slice, slice_at, 
         nxt = np.take_along_axis(packed, np.minimum(after, width_row - 1), axis=1)
         single[lo:hi] = alone[lo:hi] & ((nxt != key_k[lo:hi]) | (after >= width_row))
         del packed, hist
-    return ge, rel_ge, single, order
+    return act, ge, rel_ge, single, key_k
+
+
+def _score_sorted(result, ch, act, ge, rel_ge, single, key_k, key_old, key_new, item_slice, keys_old, keys_new,
+                  new_masks, tied_before):
+    """Fill every state of ``result`` for the queries of ``ch`` from the sorted counts (needle order).
+
+    AP: at each active needle (a relevant item's entry in that state), relevant items scoring at
+    least it over items scoring at least it. Top-k: the best relevant item is the last active
+    needle; when no other entry shares its key, ``ge - 1`` items are ahead of it. Otherwise (ties,
+    rare with continuous scores) the state's ranking is recounted for that query, as the block
+    path does it: items scoring more, plus tied items of smaller index (:meth:`_Scores.score_state`).
+    """
+    n_states, c, two_w = ge.shape
+    rows, has_rel = ch.rows, ch.has_rel
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision = np.where(act, rel_ge / np.maximum(ge, 1), 0.0)
+        result.ap[:, rows] = np.where(has_rel, precision.sum(axis=2) / ch.n_rel, np.nan)
+    del precision
+    best = two_w - 1 - np.argmax(act[:, :, ::-1], axis=2)  # (states, c): the active needle of highest key
+    arange_c = np.arange(c)
+    ahead = np.take_along_axis(ge, best[:, :, None], axis=2)[:, :, 0] - 1
+    exact = single[arange_c, best] & has_rel
+    for s, i in zip(*np.nonzero(has_rel & ~exact)):
+        key = np.where(item_slice[i] <= s, key_new[i], key_old[i])
+        key = np.where(ch.valid[i], key, _PAD)
+        b = int(np.argmax(key))  # the smaller index among the best (members are in ascending index)
+        merged = np.where(new_masks[s], keys_new[i], keys_old[i])
+        ahead[s, i] = int((merged > key[b]).sum())
+        if ahead[s, i] < result.k_max:
+            ahead[s, i] += int(tied_before(s, np.array([i]), key[b:b + 1], ch.ids[i:i + 1, b])[0])
+    for k in result.ks:
+        result.hits[k][:, rows] = has_rel & (ahead < k)
 
 
 def evaluate_states(query_old, gallery_old, query_new, gallery_new, query_labels, gallery_labels, order,
@@ -731,20 +763,9 @@ def evaluate_states(query_old, gallery_old, query_new, gallery_new, query_labels
                                                                   best_ids, layout)
 
         if sorted_path:
-            # Counts come in the order of the needles by key: take each item's active entry's.
-            ge_k, rel_k, single_k, entry_order = _sorted_state_counts(keys_old, keys_new, valid, cols, item_slice,
-                                                                      slice_at, bounds, n_states)
-            at = np.empty_like(entry_order)
-            np.put_along_axis(at, entry_order, np.broadcast_to(np.arange(2 * width), at.shape), axis=1)
-            for s in range(n_states):
-                is_new = item_slice <= s
-                idx = np.where(is_new, at[:, width:], at[:, :width])
-                key = np.where(is_new, key_new, key_old)
-                ge_all = np.take_along_axis(ge_k[s], idx, axis=1)
-                single = np.take_along_axis(single_k, idx, axis=1)
-                result.score_state(s, ch, key, ge_all, _sorted_above(ops, keys_old, keys_new, new_masks[s], ge_all,
-                                                                     single), tied(s),
-                                   np.take_along_axis(rel_k[s], idx, axis=1))
+            counts = _sorted_state_counts(keys_old, keys_new, valid, cols, item_slice, slice_at, bounds, n_states)
+            _score_sorted(result, ch, *counts, key_old, key_new, item_slice, keys_old, keys_new, new_masks,
+                          lambda s, resolve, key, best_ids: tied(s)(resolve, key, best_ids))
             continue
         # Every relevant item's old and new key, sorted in its row: sorted needles search faster.
         needles = np.concatenate([key_old, key_new], axis=1)
