@@ -22,6 +22,13 @@ How it works, for a chunk of queries at a time (memory ``O(chunk_size × N)``):
 - Top-k: a query has a hit in its top ``k`` when its best relevant item has fewer than ``k``
   items ahead of it. The items ahead are counted like above; ties at that score are resolved by
   a scan of the row, which happens only when the best relevant item is tied.
+- Many relevant items per query (few classes: the book's data sets have 10, so a query has
+  N/10 relevant items) make those binary searches outnumber the gallery. Such queries are
+  counted another way (``counting="sorted"``, chosen automatically): each query's ``2N`` old and
+  new scores are sorted once (each slice's own sort, then a merge), together with a copy of its
+  relevant entries, and one histogram over the sorted row counts, for every relevant entry, the
+  items of each (space, slice) that score less. Every state is then a sum over the slices stored
+  old and new in it, and AP and top-k hits of all states are computed at once.
 
 Ties, one rule for the whole evaluation
     The ranking is by descending score, ties broken by the smaller gallery index (id), as in
