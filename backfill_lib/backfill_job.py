@@ -53,6 +53,16 @@ items of the plan still stored old in the index, in the plan's order; the saved 
   checkpoint) holds, and a resumed run writes each item of the plan still stored old exactly
   once. An item of the plan removed from the index during a run is skipped.
 
+Pausing and watching. ``run_backfill(..., stop_when=f)`` asks ``f()`` at every batch boundary
+(after the commit of the previous batch, before the next is embedded) and stops cleanly when it
+returns True (``BackfillRun.stopped``); running the job again resumes it. Every record of the
+position also records the job's bookkeeping in the state file: its status (running, paused,
+finished, stopped at ``max_items``, failed), items written and seconds taken by all runs, the
+last run's rate and the items left. :func:`job_status` reads it without opening the index (so
+it answers while the job runs, even on a Qdrant local storage the job holds) and tells a job
+killed mid-run (its lock is free) from one that runs; :func:`job_running` asks the lock alone.
+``backfill status`` and ``backfill pause`` (:mod:`backfill_lib.cli`) are built on them.
+
 At a billion items the embedding is a batch-inference pipeline: :func:`run_backfill_ray` runs the
 same job with the model held by Ray Data actors (``map_batches``), the writes staying in one
 process.
@@ -103,6 +113,9 @@ class BackfillRun:
         Wall-clock time of the run.
     progress : float
         ``index.progress`` at the end of the run.
+    stopped : bool, default False
+        True when ``stop_when`` stopped the run at a batch boundary before its plan was done
+        (a pause: resume it later).
     """
 
     written: int
@@ -110,6 +123,7 @@ class BackfillRun:
     remaining: int
     seconds: float
     progress: float
+    stopped: bool = False
 
 
 def _order_digest(order: np.ndarray) -> str:
@@ -299,7 +313,7 @@ def _read_state(paths: _Paths, index):
     if state["index"] != here:
         raise ValueError(f"{paths.state!r} belongs to a job on another index, {_describe(state['index'])}, not this "
                          f"{_describe(here)}: resume it with the index it was planned on, or {_redo(paths)}")
-    return saved.astype(np.int64), state["cursor"], state["job_id"]
+    return saved.astype(np.int64), state["cursor"], state["job_id"], state
 
 
 def _write_state(state_path: str, order: np.ndarray, cursor: int, job_id: str, fingerprint: dict, **extra) -> None:
@@ -317,13 +331,16 @@ class _Job:
     todo: np.ndarray  # the plan's items stored old at the start, in the plan's order
     positions: np.ndarray  # their positions in the order
     skipped: int
+    cursor: int = 0  # the saved position at the start
+    stats: dict = None  # the bookkeeping of earlier runs (see _stats)
 
 
 def _plan(index, paths: _Paths, order, seed: int) -> _Job:
     """The plan (from the state file, or a new one written to it) and what is left of it."""
     old = index.old_ids()
     if os.path.exists(paths.state):
-        saved, cursor, job_id = _read_state(paths, index)
+        saved, cursor, job_id, state = _read_state(paths, index)
+        stats = state.get("stats") if isinstance(state.get("stats"), dict) else {}
         if order is not None and _order_digest(_ids_order(order)) != _order_digest(saved):
             raise ValueError(f"{paths.state!r} belongs to a job with another order: resume with the same order "
                              f"(or order=None), or {_redo(paths)}")
@@ -344,7 +361,7 @@ def _plan(index, paths: _Paths, order, seed: int) -> _Job:
                 raise ValueError(f"order misses {len(missing)} item(s) stored old, e.g. {missing[:5].tolist()}: it "
                                  "must hold every item still to backfill (e.g. ids[backfill_order(len(ids), seed, "
                                  "policy)])")
-        cursor, job_id = 0, uuid.uuid4().hex
+        cursor, job_id, stats = 0, uuid.uuid4().hex, {}
         _atomic_write(paths.order, lambda f: np.save(f, order))
         _write_state(paths.state, order, 0, job_id, _index_fingerprint(index))
     still_old = np.isin(order, old)
@@ -354,7 +371,7 @@ def _plan(index, paths: _Paths, order, seed: int) -> _Job:
                       "index is older than the job's position: loaded from an earlier checkpoint, or rebuilt); "
                       "the job backfills them too", RuntimeWarning, stacklevel=3)
     return _Job(paths, order, job_id, _index_fingerprint(index), order[still_old], np.nonzero(still_old)[0],
-                int((~still_old[cursor:]).sum()))
+                int((~still_old[cursor:]).sum()), cursor, stats)
 
 
 def _check_index(index, checkpoint_path) -> None:
@@ -386,24 +403,69 @@ def _embedded(ids: np.ndarray, vectors, dim) -> np.ndarray:
     return x
 
 
+def _stats(job: _Job, status: str, run_started: float, run_seconds: float, run_written: int, remaining: int,
+           batch_size, rate_limit, **extra) -> dict:
+    """The rate and ETA bookkeeping kept in the state file (read by :func:`job_status`)."""
+    before = job.stats or {}
+
+    def number(key):
+        v = before.get(key, 0)
+        return v if isinstance(v, (int, float)) and not isinstance(v, bool) else 0
+
+    return {"status": status, "written": int(number("written")) + run_written,
+            "seconds": float(number("seconds")) + run_seconds, "runs": int(number("runs")) + 1,
+            "run_started": run_started, "run_written": run_written, "run_seconds": run_seconds,
+            "remaining": int(remaining), "batch_size": int(batch_size),
+            "rate_limit": None if rate_limit is None else float(rate_limit), "updated": time.time(),
+            "pid": os.getpid(), **extra}
+
+
+def _until(batches, stop_when, stopped: list):
+    """``batches`` until ``stop_when()`` says stop: asked before each batch is embedded."""
+    batches = iter(batches)
+    while True:
+        if stop_when is not None and stop_when():
+            stopped.append(True)
+            return
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        yield batch
+
+
 def _write_batches(index, batches, job: _Job, batch_size, rate_limit, checkpoint_path, checkpoint_every,
-                   max_items, show_progress) -> BackfillRun:
+                   max_items, show_progress, stop_when=None) -> BackfillRun:
     """The writing half of the job: ``batches`` yields ``(ids, vectors)`` following ``job.todo``."""
     start = time.perf_counter()
+    started = time.time()
     todo, order = job.todo, job.order
     dim = getattr(index, "dim_new", None)
     dim = int(dim) if isinstance(dim, (int, np.integer)) and not isinstance(dim, bool) else None
     consumed, written, skipped, since_checkpoint = 0, 0, job.skipped, 0
+    cursor = job.cursor
+    stopped: list = []
     bar = tqdm(total=len(order), initial=len(order) - len(todo), unit="item", desc="backfill", disable=not show_progress)
 
+    def record(status: str, remaining: int, **extra) -> None:
+        seconds = time.perf_counter() - start
+        if rate_limit is not None and status == "running":
+            # A commit comes before the batch's wait for the rate limit: count the wait it is due.
+            seconds = max(seconds, written / rate_limit)
+        stats = _stats(job, status, started, seconds, written, remaining, batch_size, rate_limit, **extra)
+        _write_state(job.paths.state, order, cursor, job.job_id, job.fingerprint, stats=stats)
+
     def commit(n_done: int) -> None:
+        nonlocal cursor
         # The index first, then the position: the position is never ahead of what is durable.
         if checkpoint_path is not None:
             index.save(checkpoint_path)
-        _write_state(job.paths.state, order, int(job.positions[n_done - 1]) + 1, job.job_id, job.fingerprint)
+        cursor = int(job.positions[n_done - 1]) + 1
+        record("running", len(todo) - n_done)
 
     try:
-        for ids, vectors in batches:
+        record("running", len(todo))
+        for ids, vectors in _until(batches, stop_when, stopped):
             ids = np.asarray(ids, dtype=np.int64)
             n = len(ids)
             if not np.array_equal(ids, todo[consumed:consumed + n]):
@@ -435,6 +497,11 @@ def _write_batches(index, batches, job: _Job, batch_size, rate_limit, checkpoint
                 break
         if since_checkpoint:
             commit(consumed)
+    except BaseException as exc:
+        with contextlib.suppress(Exception):  # the position stays where the last commit put it
+            record("failed" if isinstance(exc, Exception) else "interrupted", len(todo) - consumed,
+                   error=f"{type(exc).__name__}: {exc}"[:500])
+        raise
     finally:
         bar.close()
     old = index.old_ids()
@@ -443,13 +510,15 @@ def _write_batches(index, batches, job: _Job, batch_size, rate_limit, checkpoint
         warnings.warn(f"{len(old) - remaining} item(s) stored old are not in the plan of {job.paths.state!r} (added "
                       "with add_old during the run): this job does not backfill them, and refuses to resume "
                       f"while they are old; {_redo(job.paths)}", RuntimeWarning, stacklevel=3)
+    paused = bool(stopped) and remaining > 0
+    record("finished" if remaining == 0 else "paused" if paused else "stopped", remaining)
     return BackfillRun(written=written, skipped=skipped, remaining=remaining,
-                       seconds=time.perf_counter() - start, progress=float(index.progress))
+                       seconds=time.perf_counter() - start, progress=float(index.progress), stopped=paused)
 
 
 def run_backfill(index, embed, state_path, order=None, seed: int = 0, batch_size: int = 256,
                  rate_limit: float | None = None, checkpoint_path=None, checkpoint_every: int = 1,
-                 max_items: int | None = None, show_progress: bool = True) -> BackfillRun:
+                 max_items: int | None = None, show_progress: bool = True, stop_when=None) -> BackfillRun:
     """Backfill every item still stored old, in order, in batches; resumable after a crash.
 
     Parameters
@@ -489,18 +558,23 @@ def run_backfill(index, embed, state_path, order=None, seed: int = 0, batch_size
         batches); the job can be resumed.
     show_progress : bool, default True
         Show a tqdm progress bar.
+    stop_when : callable, optional
+        ``stop_when() -> bool``, asked at every batch boundary (before the next batch is
+        embedded, after the previous one is committed): when it returns True the run commits
+        what it wrote and stops, with ``stopped=True`` in the result and ``"paused"`` in the
+        state file (a pause: run the job again to resume). E.g. ``lambda: os.path.exists(flag)``.
 
     Returns
     -------
     BackfillRun
         Items written and skipped, items of the plan still stored old (counted in the index),
-        time taken and the index's progress.
+        time taken, the index's progress and whether ``stop_when`` stopped it.
 
     Raises
     ------
     TypeError
-        If ``index`` lacks ``old_ids``/``backfill``, ``embed`` is not callable, or a path is
-        not a path.
+        If ``index`` lacks ``old_ids``/``backfill``, ``embed`` or ``stop_when`` is not callable,
+        or a path is not a path.
     ValueError
         If ``batch_size``, ``rate_limit``, ``checkpoint_every`` or ``max_items`` is not
         positive or ``seed`` not a non-negative integer; ``order`` is not 1-D non-negative
@@ -535,13 +609,159 @@ def run_backfill(index, embed, state_path, order=None, seed: int = 0, batch_size
     _check_positive("max_items", max_items, allow_none=True)
     if not callable(embed):
         raise TypeError(f"embed must be a function embed(ids) -> new_vectors, got {type(embed).__name__}")
+    _check_stop_when(stop_when)
     paths = _job_paths(state_path, checkpoint_path)
     with _job_locks(paths):
         job = _plan(index, paths, order, seed)
         todo = job.todo
         batches = ((todo[i:i + batch_size], embed(todo[i:i + batch_size])) for i in range(0, len(todo), batch_size))
         return _write_batches(index, batches, job, batch_size, rate_limit, paths.checkpoint, checkpoint_every,
-                              max_items, show_progress)
+                              max_items, show_progress, stop_when)
+
+
+def _check_stop_when(stop_when) -> None:
+    if stop_when is not None and not callable(stop_when):
+        raise TypeError(f"stop_when must be None or a function stop_when() -> bool, got {type(stop_when).__name__}")
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    """A job's state file read without its index (:func:`job_status`). Each parameter is an attribute.
+
+    Parameters
+    ----------
+    status : str
+        ``"running"`` (a process holds the job's lock), ``"paused"`` (stopped by ``stop_when``),
+        ``"finished"`` (no item of the plan stored old), ``"stopped"`` (``max_items`` reached),
+        ``"failed"`` or ``"interrupted"`` (an exception or Ctrl-C ended it: see ``error``),
+        ``"killed"`` (the file says running but no process holds the lock: killed, e.g. by
+        ``SIGKILL``) or ``"planned"`` (no run has written a batch yet).
+    running : bool
+        Whether a process holds the job's lock now.
+    n_order : int
+        Items in the plan.
+    cursor : int
+        The saved position in the plan.
+    remaining : int
+        Items of the plan still stored old at the last record (exact at the end of a run).
+    written : int
+        Items written by every run together (up to the last record).
+    seconds : float
+        Seconds the runs took together (time between runs not counted).
+    rate : float or None
+        Items per second of the last run (of all runs when the last wrote nothing), None
+        before any item is written.
+    eta_seconds : float or None
+        ``remaining / rate``: the time left at that rate (0 when done).
+    updated : float or None
+        When the state was last recorded (Unix time).
+    pid : int or None
+        The process that recorded it.
+    error : str or None
+        What ended a failed run.
+    """
+
+    status: str
+    running: bool
+    n_order: int
+    cursor: int
+    remaining: int
+    written: int
+    seconds: float
+    rate: float | None
+    eta_seconds: float | None
+    updated: float | None
+    pid: int | None
+    error: str | None
+
+
+def job_running(state_path) -> bool:
+    """Whether a process holds the lock of the job of ``state_path`` now (its job is running).
+
+    Parameters
+    ----------
+    state_path : str or os.PathLike
+        The job's state file (it need not exist).
+
+    Returns
+    -------
+    bool
+        True while a :func:`run_backfill` on it runs (the OS releases the lock when the process
+        ends, even by ``SIGKILL``).
+    """
+    lock = os.path.realpath(check_path(state_path, "state_path")) + ".lock"
+    if not os.path.exists(lock) or fcntl is None:
+        return False
+    fd = os.open(lock, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
+def job_status(state_path) -> JobStatus:
+    """Progress, rate and ETA of a job, read from its state file (the index is not opened).
+
+    Parameters
+    ----------
+    state_path : str or os.PathLike
+        The job's state file, as given to :func:`run_backfill`.
+
+    Returns
+    -------
+    JobStatus
+        What the last record of the job says, and whether it runs now.
+
+    Raises
+    ------
+    FileNotFoundError
+        If there is no state file at ``state_path`` (no job was planned there).
+    ValueError
+        If the file is not a backfill job state.
+
+    Examples
+    --------
+    >>> from backfill_lib.live_index import OnlineBackfillIndex
+    >>> import tempfile, os
+    >>> index = OnlineBackfillIndex(2, 2)
+    >>> index.add_old([1, 2, 3], [[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    >>> state = os.path.join(tempfile.mkdtemp(), "job.json")
+    >>> _ = run_backfill(index, lambda ids: [[1.0, 0.0]] * len(ids), state, batch_size=2, max_items=2,
+    ...                  show_progress=False)
+    >>> s = job_status(state)
+    >>> s.status, s.written, s.remaining
+    ('stopped', 2, 1)
+    """
+    path = os.path.realpath(check_path(state_path, "state_path"))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"state_path: no backfill job state at {path!r} (no job was planned there)")
+    try:
+        with open(path, "rb") as f:
+            state = json.loads(f.read().decode())
+        n_order, cursor = int(state["n_order"]), int(state["cursor"])
+    except (OSError, ValueError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path!r} is not a backfill job state ({type(exc).__name__}: {exc})") from None
+    stats = state.get("stats") if isinstance(state.get("stats"), dict) else {}
+    running = job_running(path)
+    status = stats.get("status", "planned")
+    if running:
+        status = "running"
+    elif status == "running":
+        status = "killed" if stats.get("runs") else "planned"
+    written, seconds = int(stats.get("written", 0)), float(stats.get("seconds", 0.0))
+    run_written, run_seconds = int(stats.get("run_written", 0)), float(stats.get("run_seconds", 0.0))
+    rate = (run_written / run_seconds if run_written and run_seconds > 0
+            else written / seconds if written and seconds > 0 else None)
+    remaining = int(stats.get("remaining", n_order - cursor))
+    eta = 0.0 if remaining == 0 else (remaining / rate if rate else None)
+    return JobStatus(status=status, running=running, n_order=n_order, cursor=cursor, remaining=remaining,
+                     written=written, seconds=seconds, rate=rate, eta_seconds=eta, updated=stats.get("updated"),
+                     pid=stats.get("pid"), error=stats.get("error"))
 
 
 class _RayEmbedder:
@@ -561,7 +781,8 @@ class _RayEmbedder:
 
 def run_backfill_ray(index, make_embedder, state_path, order=None, seed: int = 0, batch_size: int = 256,
                      concurrency: int = 1, num_gpus: float = 0, rate_limit: float | None = None,
-                     checkpoint_path=None, checkpoint_every: int = 1, show_progress: bool = True) -> BackfillRun:
+                     checkpoint_path=None, checkpoint_every: int = 1, show_progress: bool = True,
+                     stop_when=None) -> BackfillRun:
     """:func:`run_backfill` with the embedding on Ray Data: ``map_batches`` over model-holding actors.
 
     Each of ``concurrency`` actors calls ``make_embedder()`` once (loading the new model) and then
@@ -597,6 +818,8 @@ def run_backfill_ray(index, make_embedder, state_path, order=None, seed: int = 0
         Save the checkpoint and the position every this many batches.
     show_progress : bool, default True
         Show a tqdm progress bar.
+    stop_when : callable, optional
+        Asked at every batch boundary, as in :func:`run_backfill` (a pause).
 
     Returns
     -------
@@ -628,6 +851,7 @@ def run_backfill_ray(index, make_embedder, state_path, order=None, seed: int = 0
         raise ValueError(f"num_gpus must be a non-negative number (GPUs per actor), got {num_gpus!r}")
     if not callable(make_embedder):
         raise TypeError(f"make_embedder must be a function make_embedder() -> embed, got {type(make_embedder).__name__}")
+    _check_stop_when(stop_when)
     paths = _job_paths(state_path, checkpoint_path)
     with _job_locks(paths):
         job = _plan(index, paths, order, seed)
@@ -636,7 +860,7 @@ def run_backfill_ray(index, make_embedder, state_path, order=None, seed: int = 0
         else:
             batches = _ray_batches(ray, job.todo, make_embedder, batch_size, concurrency, num_gpus)
         return _write_batches(index, batches, job, batch_size, rate_limit, paths.checkpoint, checkpoint_every,
-                              None, show_progress)
+                              None, show_progress, stop_when)
 
 
 def _ray_batches(ray, todo, make_embedder, batch_size, concurrency, num_gpus):
