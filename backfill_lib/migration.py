@@ -63,18 +63,6 @@ class MigrationError(ValueError):
     """A migration command cannot go on; the message says why and what to do."""
 
 
-def _register_adapters() -> None:
-    # A faiss migration saves its live index with the bridge attached; an index file names its
-    # ψ's class, so the closed-form adapters must be registered transforms too.
-    from .adapters import LowRankAffineAdapter, ProcrustesAdapter
-    from .transforms import register_transform, transform_name
-
-    for cls in (ProcrustesAdapter, LowRankAffineAdapter):
-        if transform_name(cls) is None:
-            register_transform(cls)
-
-
-
 # ---- inputs: the sample, the embedding function, the bridge ----------------------------------------
 
 def read_sample(path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -202,7 +190,6 @@ def load_bridge(path):
     from .adapters import ClosedFormAdapter
     from .transforms import FittedTransform, ReverseTransform
 
-    _register_adapters()
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise MigrationError(f"--bridge: no file at {path!r}")
@@ -667,7 +654,6 @@ class Migration:
             If the migration was rolled back or finalized.
         """
         self._check_phase("open the index of")
-        _register_adapters()
         if self.backend == "faiss":
             from .live_index import OnlineBackfillIndex
 

@@ -1624,3 +1624,9 @@ class ForwardTransform(FittedTransform):
 
 for _cls in (ReverseTransform, ForwardTransform):
     register_transform(_cls)  # as "backfill_lib.transforms:<name>": index files store these names
+
+# The closed-form adapters bridge new to old like ψ: a live index saved with one attached names it.
+from .adapters import LowRankAffineAdapter, ProcrustesAdapter  # noqa: E402  (numpy and scipy only)
+
+for _cls in (ProcrustesAdapter, LowRankAffineAdapter):
+    register_transform(_cls)

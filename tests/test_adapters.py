@@ -341,3 +341,24 @@ class TestCalibratedLiveIndex:
             OnlineBackfillIndex(4, 4, score_maps={"old": ScoreMap(1.0, 0.0, "znorm")})
         with pytest.raises(TypeError, match="score_maps"):
             OnlineBackfillIndex(4, 4, score_maps={"old": (1.0, 0.0), "new": (1.0, 0.0)})
+
+
+def test_an_index_saved_with_an_adapter_attached_loads_in_a_fresh_process(tmp_path):
+    # The index file names its bridge's class; the adapters are registered transforms wherever
+    # backfill_lib.transforms is imported (the file's loader imports it), not only by the CLI.
+    import subprocess
+    import sys
+
+    from backfill_lib.adapters import ProcrustesAdapter
+    from backfill_lib.live_index import OnlineBackfillIndex
+
+    rng = np.random.default_rng(0)
+    x = normalize_rows(rng.normal(size=(60, 5)).astype(np.float32))
+    y = normalize_rows(x @ np.linalg.qr(rng.normal(size=(5, 5)))[0].astype(np.float32))
+    index = OnlineBackfillIndex(5, 5, psi=ProcrustesAdapter().fit(y, x))
+    index.add_old(np.arange(60), x)
+    index.save(tmp_path / "live.obi")
+    code = ("from backfill_lib.live_index import OnlineBackfillIndex as I; i = I.load(%r); "
+            "print(type(i.psi).__name__, i.n_old)" % str(tmp_path / "live.obi"))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["ProcrustesAdapter", "60"]
