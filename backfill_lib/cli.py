@@ -207,9 +207,11 @@ def _run_and_report(migration, max_items, progress) -> int:
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=1, show_default=True,
               help="faiss: save the live index every this many batches (each save writes the whole index).")
 @click.option("--new-vector", default="new", show_default=True, help="Qdrant: the name of the new vector.")
+@click.option("--calibration", type=click.Choice(["none", "znorm", "neighbours"]), default="none", show_default=True,
+              help="Serve the calibrated merge: a label-free score map per space, fitted on a sample of the index.")
 @_progress_option
 def migrate(workdir, faiss_path, qdrant_path, qdrant_url, collection, embed, bridge, dim_new, batch_size, rate_limit,
-            order, seed, max_items, checkpoint_every, new_vector, progress):
+            order, seed, max_items, checkpoint_every, new_vector, calibration, progress):
     """Adopt the index that serves and run the resumable backfill job; its files go to WORKDIR.
 
     The faiss file is never written (it is the rollback point); a Qdrant collection gets the
@@ -220,7 +222,7 @@ def migrate(workdir, faiss_path, qdrant_path, qdrant_url, collection, embed, bri
     migration = Migration.create(workdir, embed, faiss_path=faiss_path, qdrant_path=qdrant_path,
                                  qdrant_url=qdrant_url, collection=collection, bridge=bridge, dim_new=dim_new,
                                  batch_size=batch_size, rate_limit=rate_limit, order=order, seed=seed,
-                                 checkpoint_every=checkpoint_every, new_vector=new_vector)
+                                 checkpoint_every=checkpoint_every, new_vector=new_vector, calibration=calibration)
     return _run_and_report(migration, max_items, progress)
 
 

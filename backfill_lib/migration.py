@@ -59,6 +59,13 @@ PHASES = ("migrating", "rolled_back", "finalized")
 CONFIG, STATE, INDEX, PAUSE = "migration.json", "job.json", "index.obi", "pause"
 
 
+#: ``--calibration`` choices: raw scores, or a label-free score map per space (backfill_lib.calibration).
+CALIBRATIONS = ("none", "znorm", "neighbours")
+
+#: Items a ``--calibration`` map is fitted on (a random sample of the index).
+CALIBRATION_ITEMS = 2000
+
+
 class MigrationError(ValueError):
     """A migration command cannot go on; the message says why and what to do."""
 
@@ -402,7 +409,7 @@ class Migration:
     def create(cls, workdir, embed: str, faiss_path=None, qdrant_path=None, qdrant_url=None,
                collection: str | None = None, bridge=None, dim_new: int | None = None, batch_size: int = 256,
                rate_limit: float | None = None, order: str = "random", seed: int = 0,
-               checkpoint_every: int = 1, new_vector: str = "new") -> "Migration":
+               checkpoint_every: int = 1, new_vector: str = "new", calibration: str = "none") -> "Migration":
         """Adopt the index that serves and set up the work directory (the job is not started).
 
         Parameters
@@ -436,6 +443,13 @@ class Migration:
             faiss: save the live index every this many batches.
         new_vector : str, default "new"
             Qdrant: the name of the new vector added to the collection.
+        calibration : {"none", "znorm", "neighbours"}, default "none"
+            Serve the calibrated merge: a label-free score map per space
+            (:func:`backfill_lib.calibration.fit_score_map`), fitted on up to
+            :data:`CALIBRATION_ITEMS` items of the index, their stored old vectors and the new
+            vectors the embedding function (and ρ) gives them. Kept in ``migration.json`` and
+            attached to the index (saved with a faiss live index; attached by
+            :meth:`backfill_lib.migration.Migration.open_index` for Qdrant, which stores no maps).
 
         Returns
         -------
@@ -463,6 +477,8 @@ class Migration:
             raise MigrationError("--collection is for Qdrant targets; a faiss file holds one index")
         if order not in ORDERS:
             raise MigrationError(f"--order must be one of {', '.join(ORDERS)}, got {order!r}")
+        if calibration not in CALIBRATIONS:
+            raise MigrationError(f"--calibration must be one of {', '.join(CALIBRATIONS)}, got {calibration!r}")
         try:
             batch_size = check_positive_int(batch_size, "--batch-size", "items per batch")
             checkpoint_every = check_positive_int(checkpoint_every, "--checkpoint-every", "batches between saves")
@@ -519,6 +535,10 @@ class Migration:
             if len(ids):  # one call before anything is written: a broken function fails here
                 as_embeddings(migration.embed_stored(ids[:1]), f"the vectors {config['embed']} returned",
                               dim=int(dim_new), unit_norm=True)
+            config["calibration"] = None
+            if calibration != "none":
+                config["calibration"] = migration._fit_calibration(index, ids, calibration, seed)
+                index.score_maps = migration.score_maps
             made = not os.path.exists(workdir)
             os.makedirs(workdir, exist_ok=True)
             try:
@@ -622,19 +642,49 @@ class Migration:
                     from None
         return QdrantClient(url=self.config["qdrant_url"])
 
+    @property
+    def score_maps(self):
+        """``{"old": ScoreMap, "new": ScoreMap}`` of ``--calibration``, or None (raw scores)."""
+        from .calibration import ScoreMap
+
+        cal = self.config.get("calibration")
+        if not cal:
+            return None
+        return {part: ScoreMap(cal[part]["scale"], cal[part]["offset"], cal["method"], cal[part]["n_pairs"])
+                for part in ("old", "new")}
+
+    def _fit_calibration(self, index, old_ids, method: str, seed: int) -> dict:
+        """Label-free score maps of both spaces, from a sample of the items stored old."""
+        from .calibration import fit_score_map
+
+        if len(old_ids) < 3:
+            raise MigrationError(f"--calibration {method} needs at least 3 items stored old to fit on, the index holds "
+                                 f"{len(old_ids)}: use --calibration none")
+        rng = np.random.default_rng(seed)
+        sample = np.sort(rng.choice(old_ids, size=min(CALIBRATION_ITEMS, len(old_ids)), replace=False))
+        old = np.asarray(index.old_vectors(sample), dtype=np.float32)
+        new = as_embeddings(self.embed_stored(sample), f"the vectors {self.config['embed']} returned",
+                            dim=self.config["dim_new"], unit_norm=True)
+        maps = {"old": fit_score_map(old, method=method, seed=seed), "new": fit_score_map(new, method=method, seed=seed)}
+        return {"method": method, "n_items": int(len(sample)),
+                **{part: {"scale": float(m.scale), "offset": float(m.offset), "n_pairs": int(m.n_pairs)}
+                   for part, m in maps.items()}}
+
     def _adopt(self, with_bridge: bool = True):
         """The index of a new migration, adopted from the target (re-attached, for Qdrant)."""
         psi = self.bridge if with_bridge else None
         if self.backend == "faiss":
             from .live_index import OnlineBackfillIndex
 
-            return OnlineBackfillIndex.from_faiss(self.config["faiss"], self.config["dim_new"], psi=psi)
+            return OnlineBackfillIndex.from_faiss(self.config["faiss"], self.config["dim_new"], psi=psi,
+                                                  score_maps=self.score_maps)
         from .qdrant_index import QdrantBackfillIndex
 
         client = self._client()
         try:
             return QdrantBackfillIndex.adopt(client, self.config["collection"], self.config["dim_new"],
-                                             new_vector=self.config["new_vector"], psi=psi)
+                                             new_vector=self.config["new_vector"], psi=psi,
+                                             score_maps=self.score_maps)
         except BaseException:
             client.close()
             raise
@@ -659,6 +709,7 @@ class Migration:
 
             index = OnlineBackfillIndex.load(self.path(INDEX))
             index.psi = self.bridge
+            index.score_maps = self.score_maps
             return index
         return self._adopt()
 
@@ -817,8 +868,15 @@ class Migration:
             "dim_new": c["bridge_dims"][0], "dim_old": c["bridge_dims"][1],
             "serves": ("ψ̂(φ_n(q)) queries the items stored old; ρ̂(φ_n(·)) is stored and queries the new ones"
                        if c["bridge_kind"] == "psi_rho" else "it maps new queries onto the items stored old")}
-        out["calibration"] = {"score_maps": None,
-                              "text": "none: the merged search compares raw scores (no score maps attached)"}
+        cal = c.get("calibration")
+        out["calibration"] = ({"score_maps": None,
+                               "text": "none: the merged search compares raw scores (no score maps attached)"}
+                              if not cal else
+                              {"score_maps": {part: {k: cal[part][k] for k in ("scale", "offset")}
+                                              for part in ("old", "new")},
+                               "method": cal["method"], "n_items": cal["n_items"],
+                               "text": f"{cal['method']} (label-free), fitted on {cal['n_items']} items: the merged "
+                                       "search compares each space's scores on one scale"})
         out["rollback"] = self._rollback_cost(job)
         live = self.path(INDEX)
         out["live_index"] = ({"file": live, "bytes": os.path.getsize(live)}

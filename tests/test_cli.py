@@ -298,6 +298,31 @@ def test_status_json_fields(world, tmp_path):
     assert "stored new 100" in text and "rollback: keeps the original file" in text and "psi_rho" in text
 
 
+def test_calibration_is_fitted_without_labels_saved_and_served(world, tmp_path):
+    from backfill_lib.calibration import fit_score_map
+    from backfill_lib.live_index import OnlineBackfillIndex
+    from backfill_lib.migration import Migration
+
+    work = tmp_path / "work"
+    ok(run(*migrate_args(world, tmp_path, "--max-items", "100", "--calibration", "znorm")))
+    s = status(work)
+    assert s["calibration"]["method"] == "znorm" and s["calibration"]["n_items"] == N  # every item: fewer than 2000
+    maps = s["calibration"]["score_maps"]
+    # The maps are those of the index's own vectors: old stored, new = ρ̂(φ_n) of the same items.
+    expect_old = fit_score_map(world["old"], method="znorm", seed=0)
+    expect_new = fit_score_map(expected_new(world, IDS), method="znorm", seed=0)
+    assert maps["old"]["scale"] == pytest.approx(expect_old.scale, rel=1e-5)
+    assert maps["new"]["offset"] == pytest.approx(expect_new.offset, rel=1e-5, abs=1e-6)
+    assert maps["old"]["scale"] != pytest.approx(maps["new"]["scale"])  # two spaces, two scales
+    # Saved with the live index (a service loading it serves the calibrated merge) and re-attached.
+    assert OnlineBackfillIndex.load(work / "index.obi").score_maps["old"].scale == pytest.approx(maps["old"]["scale"])
+    index = Migration.open(work).open_index()
+    assert index.score_maps["new"].method == "znorm"
+    assert "znorm (label-free)" in ok(run("status", work)).stdout
+    ok(run("migrate", tmp_path / "work2", "--faiss", copy_gallery(world, tmp_path), "--embed", world["embed"],
+           "--dim-new", D_NEW, "--calibration", "platt"), 2)
+
+
 def test_verify_names_a_planted_wrong_vector_and_exits_4(world, tmp_path):
     from backfill_lib.live_index import OnlineBackfillIndex
 
