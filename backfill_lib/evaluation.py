@@ -531,21 +531,21 @@ def _sorted_state_counts(keys_old, keys_new, valid, cols, item_slice, slice_at, 
     active = np.concatenate([slices[:, None] > states, slices[:, None] <= states])  # (codes, states)
     sizes = np.concatenate([np.diff(bounds), np.diff(bounds)])
     total_active = sizes @ active  # (n_states,)
-    # Low half of a packed value: a needle's is n_codes (its histogram bin: not counted), an
-    # entry's is 2**31 + its code, so that needles sort before the entries of their key.
+    # Low half of a packed value: its histogram bin, code·r + row (a needle's code is n_codes:
+    # not counted), plus 2**31 for an entry, so that needles sort before the entries of their key.
+    # Padding needles have the largest key: every row has 2·width needles, the last ones padding.
     entry_flag = 1 << 31
     needle_valid = np.concatenate([valid, valid], axis=1)
     needle_code = np.concatenate([item_slice, item_slice + n_slices], axis=1).astype(np.int64)
     needle_key = np.concatenate([np.take_along_axis(keys_old, cols, axis=1),
                                  np.take_along_axis(keys_new, cols, axis=1)], axis=1).astype(np.int64)
-    padding = (np.int64(np.iinfo(np.int32).max) << 32) | (entry_flag | n_codes)  # sorts last, bin n_codes
     # Needles sorted by key (their code after it; padding last): the k-th needle of the merged row.
     needle_sorted = np.where(needle_valid, (needle_key << 32) | needle_code, np.iinfo(np.int64).max)
     needle_sorted.sort(axis=1)
     valid_k = needle_sorted != np.iinfo(np.int64).max
     key_k = needle_sorted >> 32
     code_k = np.where(valid_k, needle_sorted & 0xFFFFFFFF, 0)
-    needle_packed = np.where(valid_k, (key_k << 32) | n_codes, padding)
+    needle_high = np.where(valid_k, key_k, np.iinfo(np.int32).max) << 32
     del needle_sorted
     # Needles tied with the one before: counted from the first of their key.
     tie = np.zeros((c, two_w), dtype=bool)
@@ -566,13 +566,15 @@ def _sorted_state_counts(keys_old, keys_new, valid, cols, item_slice, slice_at, 
         rel_ge[:, tied_rows] = np.take_along_axis(rel_ge[:, tied_rows], np.broadcast_to(
             group[tied_rows], (n_states, len(tied_rows), two_w)), axis=2)
     np.subtract(valid.sum(axis=1, dtype=np.int32)[None, :, None], rel_ge, out=rel_ge)
-    ge = np.empty((n_states, c, two_w), dtype=np.int32)
-    # Counts are exact in float32 below 2**24; larger galleries multiply in float64.
+    rel_ge = rel_ge.astype(np.float64)  # AP divides them (in float64, the reference's precision)
+    # Counts are exact in float32 below 2**24; larger galleries count in float64.
     float_t = np.float32 if 2 * n < 2**24 else np.float64
+    ge = np.empty((n_states, c, two_w), dtype=float_t)
     active_t = active.T.astype(float_t)  # (states, codes)
     single = np.empty((c, two_w), dtype=bool)
     width_row = 2 * n + two_w
-    step = max(1, min(c, _SORTED_SCRATCH // (width_row * 32 + n_seg * (n_codes + 1) * 8)))
+    step = max(1, min(c, _SORTED_SCRATCH // (width_row * 32 + n_seg * (n_codes + 1) * 8),
+                      (entry_flag - 1) // (n_codes + 1)))  # code·r + row fits in 31 bits
     for lo in range(0, c, step):
         hi = min(lo + step, c)
         r, rows_r = hi - lo, np.arange(hi - lo)[:, None]
@@ -584,14 +586,14 @@ def _sorted_state_counts(keys_old, keys_new, valid, cols, item_slice, slice_at, 
                     block = packed[:, half * n + a:half * n + b]
                     block[:] = np.sort(keys[lo:hi, a:b], axis=1)
                     block <<= 32
-                    block |= entry_flag | (half * n_slices + j)
-        packed[:, 2 * n:] = needle_packed[lo:hi]
+                    block |= entry_flag | ((half * n_slices + j) * r + rows_r)
+        packed[:, 2 * n:] = needle_high[lo:hi] | (n_codes * r + rows_r)
         packed.sort(axis=1, kind="stable")  # merges the sorted runs
         low = packed & 0xFFFFFFFF
-        seg = np.cumsum(low < entry_flag, axis=1)  # needles at or before each position
-        low &= entry_flag - 1  # the histogram bin: the code, or n_codes for a needle
-        low *= r
-        low += rows_r
+        is_needle = low < entry_flag
+        seg = is_needle.astype(np.int32)
+        np.cumsum(seg, axis=1, out=seg)  # needles at or before each position
+        low &= entry_flag - 1  # the histogram bin: code·r + row
         low *= n_seg
         low += seg
         del seg
@@ -602,7 +604,8 @@ def _sorted_state_counts(keys_old, keys_new, valid, cols, item_slice, slice_at, 
         ge[:, lo:hi] = (total_active[:, None] - active_t @ less.reshape(n_codes, -1)).reshape(n_states, r, two_w)
         # Alone in the row: alone among the needles, and the entry after its own (the first of
         # its key, right after the needle) has another key.
-        after = np.arange(two_w) + less.sum(axis=0, dtype=np.float64).astype(np.int64) + 2  # the needle's position + 2
+        after = np.flatnonzero(is_needle).reshape(r, two_w) - rows_r * width_row + 2  # the needle's position + 2
+        del is_needle
         packed >>= 32
         nxt = np.take_along_axis(packed, np.minimum(after, width_row - 1), axis=1)
         single[lo:hi] = alone[lo:hi] & ((nxt != key_k[lo:hi]) | (after >= width_row))
@@ -622,13 +625,14 @@ def _score_sorted(result, ch, act, ge, rel_ge, single, key_k, key_old, key_new, 
     """
     n_states, c, two_w = ge.shape
     rows, has_rel = ch.rows, ch.has_rel
+    precision = np.divide(rel_ge, np.maximum(ge, 1.0))  # an active needle has ge >= 1 (itself)
+    precision *= act
     with np.errstate(invalid="ignore", divide="ignore"):
-        precision = np.where(act, rel_ge / np.maximum(ge, 1), 0.0)
         result.ap[:, rows] = np.where(has_rel, precision.sum(axis=2) / ch.n_rel, np.nan)
     del precision
     best = two_w - 1 - np.argmax(act[:, :, ::-1], axis=2)  # (states, c): the active needle of highest key
     arange_c = np.arange(c)
-    ahead = np.take_along_axis(ge, best[:, :, None], axis=2)[:, :, 0] - 1
+    ahead = np.take_along_axis(ge, best[:, :, None], axis=2)[:, :, 0].astype(np.int64) - 1
     exact = single[arange_c, best] & has_rel
     for s, i in zip(*np.nonzero(has_rel & ~exact)):
         key = np.where(item_slice[i] <= s, key_new[i], key_old[i])
@@ -752,8 +756,8 @@ def evaluate_states(query_old, gallery_old, query_new, gallery_new, query_labels
     width = int(np.unique(gy, return_counts=True)[1].max(initial=1))
     sorted_path = ops.name == "numpy" and (counting == "sorted" or
                                            (counting == "auto" and _prefer_sorted(width, n, n_states)))
-    if sorted_path:  # its per-state counts take 12·S·2·width bytes a query: fewer queries at once
-        chunk_size = max(1, min(chunk_size, 2 * _SORTED_SCRATCH // (24 * n_states * width + 16 * n)))
+    if sorted_path:  # its per-state counts take about 32·S·2·width bytes a query: fewer queries at once
+        chunk_size = max(1, min(chunk_size, 2 * _SORTED_SCRATCH // (64 * n_states * width + 16 * n)))
     for ch in _query_chunks(qy, gy, position, exclude_self, chunk_size):
         rows, c, self_cols, ids, valid = ch.rows, ch.c, ch.self_cols, ch.ids, ch.valid
         width = ids.shape[1]
