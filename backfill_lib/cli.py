@@ -290,7 +290,8 @@ def status(workdir, as_json):
     else:
         lines.append(f"  bridge: {b['kind']} ({b['dim_new']} d → {b['dim_old']} d, {b['file']}): {b['serves']}")
     lines.append(f"  calibration: {s['calibration']['text']}")
-    lines.append(f"  rollback: {s['rollback']['text']}")
+    text = s["rollback"]["text"]
+    lines.append(f"  {text}" if text.startswith(("rollback", "no rollback")) else f"  rollback: {text}")
     if s.get("live_index"):
         lines.append(f"  live index: {s['live_index']['file']} ({s['live_index']['bytes']:,} bytes)")
     if s.get("finalized"):

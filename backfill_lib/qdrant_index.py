@@ -55,7 +55,7 @@ import inspect
 
 import numpy as np
 
-from .live_index import _calibrated, _check_dim, _check_psi, _check_score_maps, _merged_topk, _RWLock
+from .live_index import _bridge_queries, _calibrated, _check_dim, _check_psi, _check_score_maps, _merged_topk, _RWLock
 from .retrieval import _as_ids
 from .validation import UNIT_NORM_TOL, as_embeddings, check_no_repeats
 
@@ -1239,7 +1239,11 @@ class QdrantBackfillIndex:
         Parameters
         ----------
         query_new : array (n_q, dim_new)
-            New-model query vectors, unit-norm rows.
+            New-model query vectors, unit-norm rows: ``φ_n(q)`` when the attached bridge makes
+            the queries (``ψ̂`` for the points stored old and, if it has a learned ``ρ``,
+            ``ρ̂(φ_n(q))`` for the points stored new, as
+            :meth:`backfill_lib.live_index.OnlineBackfillIndex.search`); the vectors to score the
+            points stored new with when ``query_old`` is given.
         k : int
             Results per query, at least 1; rows are padded with ``-1`` / ``-inf`` when the
             collection holds fewer than ``k`` points (up to :data:`MAX_PADDED_RESULTS`
@@ -1273,10 +1277,8 @@ class QdrantBackfillIndex:
             qo = as_embeddings(query_old, "query_old", dim=self.dim_old, unit_norm=True)
             if len(qo) != len(qn):
                 raise ValueError(f"query_old has {len(qo)} rows but query_new has {len(qn)}: one of each per query")
-        elif psi is not None:
-            qo = as_embeddings(psi.transform(qn), "psi.transform(query_new)", dim=self.dim_old, unit_norm=True)
-            if len(qo) != len(qn):
-                raise ValueError(f"psi.transform returned {len(qo)} rows for {len(qn)} queries: one per query")
+        elif psi is not None:  # ψ̂ for the points stored old, and ρ̂ for the new ones if it has a ρ
+            qn, qo = _bridge_queries(psi, qn, self.dim_new, self.dim_old)
         else:
             qo = None
         with self._lock.read():

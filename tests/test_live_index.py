@@ -716,6 +716,31 @@ def test_with_the_real_reverse_transform_saved_and_loaded_with_the_index(tmp_pat
         np.testing.assert_array_equal(a, b)
 
 
+def test_a_bridge_with_a_learned_rho_queries_the_new_part_with_rho():
+    # ψ + ρ (metric-compatible): the backfill stores ρ̂(φ_n(g)); a search given φ_n(q) alone must
+    # score the items stored new against ρ̂(φ_n(q)) (and the old ones against ψ̂(φ_n(q))), exactly
+    # as a search given both queries; the raw φ_n(q) against ρ̂-stored items is another ranking.
+    from backfill_lib.transforms import ReverseTransform
+
+    rng = np.random.default_rng(8)
+    labels = rng.integers(0, 4, size=200)
+    centres = rng.normal(size=(4, D_NEW))
+    new = normalize_rows(centres[labels] + 0.8 * rng.normal(size=(200, D_NEW)))
+    old = normalize_rows(new[:, :D_OLD] + 0.3 * rng.normal(size=(200, D_OLD)))
+    psi = ReverseTransform(objective="mc", learn_rho=True, steps=30, device="cpu", seed=0).fit(
+        new[:100], old[:100], labels[:100])
+    index = OnlineBackfillIndex(D_OLD, D_NEW, psi=psi)
+    index.add_old(np.arange(100, 200), old[100:])
+    index.backfill(np.arange(100, 160), psi.new_embedding(new[100:160]))
+    q = new[:20]
+    by_bridge = index.search(q, 10)
+    explicit = index.search(psi.new_embedding(q), 10, query_old=psi.transform(q))
+    for a, b in zip(by_bridge, explicit):
+        np.testing.assert_array_equal(a, b)
+    raw = index.search(q, 10, query_old=psi.transform(q))
+    assert not np.allclose(raw[0], by_bridge[0])  # the raw query would rank the new part otherwise
+
+
 def test_trained_flat_codes_parts_are_chunked_and_equal_one_faiss_index(tmp_path):
     # SQ8 parts, trained on the first batch, in chunks of 37: the old part's results are those of
     # one faiss SQ8 index trained on the same vectors; a save and load keep them.

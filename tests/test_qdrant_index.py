@@ -134,3 +134,25 @@ def test_missing_qdrant_client_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "qdrant_client", None)
     with pytest.raises(ImportError, match=r"backfill_lib\[qdrant\]"):
         QdrantBackfillIndex(object(), "c", 4, 4)
+
+
+def test_a_bridge_with_a_learned_rho_queries_the_new_points_with_rho():
+    # As the faiss index: given φ_n(q) alone, the points stored new (ρ̂(φ_n(g))) are scored
+    # against ρ̂(φ_n(q)), the old ones against ψ̂(φ_n(q)).
+    from backfill_lib.transforms import ReverseTransform
+    from backfill_lib.validation import normalize_rows
+
+    rng = np.random.default_rng(8)
+    labels = rng.integers(0, 4, size=120)
+    new = normalize_rows(rng.normal(size=(4, D_NEW))[labels] + 0.8 * rng.normal(size=(120, D_NEW)))
+    old = normalize_rows(new[:, :D_OLD] + 0.3 * rng.normal(size=(120, D_OLD)))
+    psi = ReverseTransform(objective="mc", learn_rho=True, steps=30, device="cpu", seed=0).fit(
+        new[:60], old[:60], labels[:60])
+    index = QdrantBackfillIndex(qdrant_client.QdrantClient(":memory:"), "rho", D_OLD, D_NEW, psi=psi)
+    index.add_old(np.arange(60, 120), old[60:])
+    index.backfill(np.arange(60, 95), psi.new_embedding(new[60:95]))
+    q = new[:10]
+    by_bridge = index.search(q, 8)
+    explicit = index.search(psi.new_embedding(q), 8, query_old=psi.transform(q))
+    np.testing.assert_array_equal(by_bridge[1], explicit[1])
+    np.testing.assert_allclose(by_bridge[0], explicit[0], atol=1e-6)

@@ -33,7 +33,7 @@ from ._lock import _RWLock
 from .fileformat import (CHECKSUM, FILE_MAGIC, FILE_VERSION, HEADER_CHECKSUM, LEGACY_TEMP_AGE, _HOST, _atomic_write,
                          _remove_stale_temps, _seal)
 from .index import PARTS, OnlineBackfillIndex, _check_dim, _check_psi, _check_score_maps, _check_spec, _TwoPartWrites
-from .merge import _calibrated, _merged_topk
+from .merge import _bridge_queries, _calibrated, _merged_topk
 from .parts import CHUNK_ROWS, SUPPORTED_TYPES
 
 __all__ = ["OnlineBackfillIndex", "CHUNK_ROWS", "CHECKSUM", "FILE_MAGIC", "FILE_VERSION", "HEADER_CHECKSUM",

@@ -19,7 +19,7 @@ from ..validation import as_embeddings, check_k, check_no_repeats, check_path
 from ._lock import _RWLock
 from .adopt import _from_faiss
 from .fileformat import _load, _save
-from .merge import _calibrated, _merged_topk
+from .merge import _bridge_queries, _calibrated, _merged_topk
 from .parts import CHUNK_ROWS, _check_search_param, _isin_sorted, _make_part
 
 #: The two parts of an index, in the order they are saved and searched.
@@ -606,13 +606,18 @@ class OnlineBackfillIndex(_TwoPartWrites):
         """Merged top-``k`` over both parts: ``(scores, ids)``, best first, ties by smaller id.
 
         Items stored new are scored against ``query_new``; items stored old against
-        ``query_old`` if it is given (rank merge), else against ``psi.transform(query_new)``
-        (reverse transformation). When no item is stored old, neither is needed.
+        ``query_old`` if it is given (rank merge, or queries you transformed yourself), else the
+        attached bridge makes both queries of ``query_new = φ_n(q)``: ``psi.transform(query_new)``
+        (``ψ̂``, reverse transformation) for the items stored old, and, when the bridge has a
+        learned ``ρ`` (``psi.new_embedding``, ψ + ρ trained metric-compatibly), ``ρ̂(query_new)``
+        for the items stored new, which were backfilled as ``ρ̂(φ_n(g))``. When no item is stored
+        old, neither is needed (but a ``ρ`` still applies).
 
         Parameters
         ----------
         query_new : array (n_q, dim_new)
-            New-model query vectors, unit-norm rows.
+            New-model query vectors, unit-norm rows: ``φ_n(q)`` when the bridge makes the queries;
+            the vectors to score the items stored new with when ``query_old`` is given.
         k : int
             Results per query, from 1 to :attr:`ntotal`.
         query_old : array (n_q, dim_old), optional
@@ -641,10 +646,8 @@ class OnlineBackfillIndex(_TwoPartWrites):
             if len(qo) != len(qn):
                 raise ValueError(f"query_old has {len(qo)} rows but query_new has {len(qn)}: one of each per query")
         elif self.psi is not None:
-            # ψ̂ runs outside the lock: it is the query's own work, not the index's.
-            qo = as_embeddings(self.psi.transform(qn), "psi.transform(query_new)", dim=self.dim_old, unit_norm=True)
-            if len(qo) != len(qn):
-                raise ValueError(f"psi.transform returned {len(qo)} rows for {len(qn)} queries")
+            # ψ̂ (and ρ̂) run outside the lock: they are the query's own work, not the index's.
+            qn, qo = _bridge_queries(self.psi, qn, self.dim_new, self.dim_old)
         with self._lock.read():
             k = check_k(k, self.ntotal)
             if self.n_old and qo is None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..retrieval import _sorted_topk
+from ..validation import as_embeddings
 
 
 def _calibrated(search, score_map):
@@ -78,3 +79,22 @@ def _merged_topk(sources, k: int, clean=None) -> tuple[np.ndarray, np.ndarray]:
             fetched[j] = (s, i)
         if done:
             return scores, ids
+
+
+def _bridge_queries(psi, qn: np.ndarray, dim_new: int, dim_old: int) -> tuple[np.ndarray, np.ndarray]:
+    """The two queries an attached bridge makes of the new model's query ``qn = φ_n(q)``.
+
+    ``ψ̂(φ_n(q))`` searches the items stored old; the items stored new are searched with
+    ``ρ̂(φ_n(q))`` when the bridge has a learned ``ρ`` (``psi.new_embedding``: the new vectors the
+    backfill stored are ``ρ̂(φ_n(g))``), else with ``φ_n(q)`` itself. Searching ``ρ̂``-stored items
+    with the raw query would rank them by the wrong geometry, without any error.
+    """
+    qo = as_embeddings(psi.transform(qn), "psi.transform(query_new)", dim=dim_old, unit_norm=True)
+    if len(qo) != len(qn):
+        raise ValueError(f"psi.transform returned {len(qo)} rows for {len(qn)} queries: one per query")
+    new_embedding = getattr(psi, "new_embedding", None)
+    if callable(new_embedding):
+        qn = as_embeddings(new_embedding(qn), "psi.new_embedding(query_new)", dim=dim_new, unit_norm=True)
+        if len(qn) != len(qo):
+            raise ValueError(f"psi.new_embedding returned {len(qn)} rows for {len(qo)} queries: one per query")
+    return qn, qo
