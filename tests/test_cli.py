@@ -143,6 +143,7 @@ def check_every_item_new_once(world, workdir):
     assert index.ntotal == N and index.n_old == 0
     np.testing.assert_array_equal(np.sort(index.new_ids()), IDS)
     want = expected_new(world, IDS)
+    index.psi = None  # search with the stored vectors themselves (the bridge would apply ρ̂ to a query)
     scores, found = index.search(want, 1)
     np.testing.assert_array_equal(found[:, 0], IDS)  # each item is the best match of its own vector,
     np.testing.assert_allclose(scores[:, 0], 1.0, atol=1e-5)  # with score 1: it holds exactly that vector
