@@ -421,20 +421,17 @@ class _Scores:
         self.hits = {k: np.zeros((n_states, n_q), dtype=bool) for k in ks}
         self.ks, self.k_max = ks, max(ks)
 
-    def score_state(self, s: int, ch: _QueryChunk, key, ge_all, count_above, tied_before, rel_ge=None) -> None:
+    def score_state(self, s: int, ch: _QueryChunk, key, ge_all, count_above, tied_before) -> None:
         """Fill state ``s`` for the queries of ``ch``.
 
         ``key``/``ge_all`` (c, width): each relevant item's key in this state and how many items
-        score at least that (``rel_ge``: how many relevant items; counted from ``key`` if not
-        given); ``count_above(best_key, best, counted)``: how many items score more
+        score at least that; ``count_above(best_key, best, counted)``: how many items score more
         than ``best_key`` (the key of relevant item ``best`` of each row), for the rows
         ``counted`` (others may be anything); ``tied_before(rows, key, ids)``: how many items
         tie ``key`` and come before gallery index ``ids``, for those rows.
         """
         valid, has_rel, rows = ch.valid, ch.has_rel, ch.rows
-        if rel_ge is None:
-            rel_ge = _count_ge_within_rows(key)
-        self.ap[s, rows] = _average_precision(rel_ge, ge_all, valid, has_rel, ch.n_rel)
+        self.ap[s, rows] = _average_precision(_count_ge_within_rows(key), ge_all, valid, has_rel, ch.n_rel)
         # The best relevant item (ties: the smaller index, first in its row) and the items ahead.
         arange_c = np.arange(ch.c)
         best = np.argmax(key, axis=1)
@@ -489,20 +486,6 @@ def _prefer_sorted(width: int, n: int, n_states: int) -> bool:
     the ``S · 2 · width`` counts it keeps per query. See :data:`_SORTED_CROSSOVER`.
     """
     return 2 * width * (2 * n_states + 1) > _SORTED_CROSSOVER * n
-
-
-def _sorted_above(ops, keys_old, keys_new, new_mask, ge_all, single):
-    """``count_above`` of :meth:`_Scores.score_state` from the sorted counts of one state: a key no
-    other entry shares has ``ge - 1`` items above it; a shared one is counted in its row."""
-    def count_above(best_key, best, counted):
-        arange_c = np.arange(len(best))
-        ahead = ge_all[arange_c, best] - 1
-        shared = np.flatnonzero(counted & ~single[arange_c, best])
-        if len(shared):
-            merged = np.where(new_mask[None, :], keys_new[shared], keys_old[shared])
-            ahead[shared] = (merged > best_key[shared, None]).sum(axis=1)
-        return ahead
-    return count_above
 
 
 def _sorted_state_counts(keys_old, keys_new, valid, cols, item_slice, slice_at, bounds, n_states):
@@ -624,7 +607,8 @@ def _score_sorted(result, ch, act, ge, rel_ge, single, key_k, key_old, key_new, 
     least it over items scoring at least it. Top-k: the best relevant item is the last active
     needle; when no other entry shares its key, ``ge - 1`` items are ahead of it. Otherwise (ties,
     rare with continuous scores) the state's ranking is recounted for that query, as the block
-    path does it: items scoring more, plus tied items of smaller index (:meth:`_Scores.score_state`).
+    path does it: items scoring more, plus tied items of smaller index (:meth:`_Scores.score_state`;
+    ``tied_before(s)`` is state ``s``'s count of those).
     """
     n_states, c, two_w = ge.shape
     rows, has_rel = ch.rows, ch.has_rel
@@ -644,7 +628,7 @@ def _score_sorted(result, ch, act, ge, rel_ge, single, key_k, key_old, key_new, 
         merged = np.where(new_masks[s], keys_new[i], keys_old[i])
         ahead[s, i] = int((merged > key[b]).sum())
         if ahead[s, i] < result.k_max:
-            ahead[s, i] += int(tied_before(s, np.array([i]), key[b:b + 1], ch.ids[i:i + 1, b])[0])
+            ahead[s, i] += int(tied_before(s)(np.array([i]), key[b:b + 1], ch.ids[i:i + 1, b])[0])
     for k in result.ks:
         result.hits[k][:, rows] = has_rel & (ahead < k)
 
@@ -778,8 +762,7 @@ def evaluate_states(query_old, gallery_old, query_new, gallery_new, query_labels
 
         if sorted_path:
             counts = _sorted_state_counts(keys_old, keys_new, valid, cols, item_slice, slice_at, bounds, n_states)
-            _score_sorted(result, ch, *counts, key_old, key_new, item_slice, keys_old, keys_new, new_masks,
-                          lambda s, resolve, key, best_ids: tied(s)(resolve, key, best_ids))
+            _score_sorted(result, ch, *counts, key_old, key_new, item_slice, keys_old, keys_new, new_masks, tied)
             continue
         # Every relevant item's old and new key, sorted in its row: sorted needles search faster.
         needles = np.concatenate([key_old, key_new], axis=1)

@@ -69,3 +69,24 @@ def brute_force_merged(query_old, query_new, ids, old_vectors, new_vectors, stor
         out_s.append(row[order])
         out_i.append(ids[order])
     return np.array(out_s), np.array(out_i)
+
+
+def backfill_in_batches(index, rng, ids, new_vectors, n_batches: int) -> np.ndarray:
+    """Backfill a random order of ``ids`` in up to ``n_batches`` batches at random cuts; which are stored new."""
+    stored_new = np.zeros(len(ids), dtype=bool)
+    order = rng.permutation(len(ids))
+    start = 0
+    for cut in np.sort(rng.integers(0, len(ids) + 1, size=n_batches)):
+        if cut > start:
+            index.backfill(ids[order[start:cut]], new_vectors[order[start:cut]])
+            stored_new[order[start:cut]] = True
+            start = cut
+    return stored_new
+
+
+def assert_search_is_brute_force(index, qn, qo, k, ids, old_vectors, new_vectors, stored_new, by_psi: bool):
+    """The index's merged top-``k`` (through its psi, or with ``query_old=qo``) is the brute-force one."""
+    scores, got = index.search(qn, k) if by_psi else index.search(qn, k, query_old=qo)
+    want_s, want_i = brute_force_merged(qo, qn, ids, old_vectors, new_vectors, stored_new, k)
+    np.testing.assert_array_equal(got, want_i)
+    np.testing.assert_allclose(scores, want_s, atol=1e-6)

@@ -21,7 +21,7 @@ from backfill_lib import live_index
 from backfill_lib.live_index import CHUNK_ROWS, FILE_MAGIC, OnlineBackfillIndex
 from backfill_lib.retrieval import MixedGallery
 from backfill_lib.validation import normalize_rows
-from live_helpers import PsiStandIn, brute_force_merged, grid_unit
+from live_helpers import PsiStandIn, assert_search_is_brute_force, brute_force_merged, grid_unit
 
 D_OLD, D_NEW = 6, 8
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -85,10 +85,7 @@ def test_merged_search_equals_brute_force(seed, n, n_batches, use_psi, spec, chu
     qn = grid_unit(rng, 7, D_NEW)
     qo = psi.transform(qn) if use_psi else grid_unit(rng, 7, D_OLD)
     k = data.draw(st.integers(1, len(all_ids)))
-    scores, got = index.search(qn, k) if use_psi else index.search(qn, k, query_old=qo)
-    want_s, want_i = brute_force_merged(qo, qn, all_ids, all_old, all_new, all_stored_new, k)
-    np.testing.assert_array_equal(got, want_i)
-    np.testing.assert_allclose(scores, want_s, atol=1e-6)
+    assert_search_is_brute_force(index, qn, qo, k, all_ids, all_old, all_new, all_stored_new, use_psi)
     if spec == "Flat":
         assert_chunk_bounds(index)
     else:

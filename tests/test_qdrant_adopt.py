@@ -22,7 +22,7 @@ from qdrant_client import models  # noqa: E402
 
 from backfill_lib.backfill_job import run_backfill  # noqa: E402
 from backfill_lib.qdrant_index import QdrantBackfillIndex  # noqa: E402
-from live_helpers import PsiStandIn, brute_force_merged, grid_unit  # noqa: E402
+from live_helpers import PsiStandIn, assert_search_is_brute_force, backfill_in_batches, grid_unit  # noqa: E402
 
 D_OLD, D_NEW = 6, 8
 DIST = {"dot": models.Distance.DOT, "cosine": models.Distance.COSINE}
@@ -97,14 +97,7 @@ def test_merged_search_on_an_adopted_collection_equals_brute_force(seed, n, layo
     ids, old, new = serving(client, rng, n, *layout)
     psi = PsiStandIn(D_NEW, D_OLD, seed) if use_psi else None
     index = QdrantBackfillIndex.adopt(client, "g", D_NEW, psi=psi)
-    stored_new = np.zeros(n, dtype=bool)
-    order = rng.permutation(n)
-    start = 0
-    for cut in np.sort(rng.integers(0, n + 1, size=n_batches)):
-        if cut > start:
-            index.backfill(ids[order[start:cut]], new[order[start:cut]])
-            stored_new[order[start:cut]] = True
-            start = cut
+    stored_new = backfill_in_batches(index, rng, ids, new, n_batches)
     if data.draw(st.booleans()):  # items arriving during the migration go straight to new
         extra = np.array([10**9 + 1, 10**9 + 2], dtype=np.int64)
         extra_new = grid_unit(rng, 2, D_NEW)
@@ -115,10 +108,7 @@ def test_merged_search_on_an_adopted_collection_equals_brute_force(seed, n, layo
     qn = grid_unit(rng, 4, D_NEW)
     qo = psi.transform(qn) if use_psi else grid_unit(rng, 4, D_OLD)
     k = data.draw(st.integers(1, len(ids)))
-    scores, got = index.search(qn, k) if use_psi else index.search(qn, k, query_old=qo)
-    want_s, want_i = brute_force_merged(qo, qn, ids, old, new, stored_new, k)
-    np.testing.assert_array_equal(got, want_i)
-    np.testing.assert_allclose(scores, want_s, atol=1e-6)
+    assert_search_is_brute_force(index, qn, qo, k, ids, old, new, stored_new, use_psi)
     # Each item exactly once: a backfilled point holds both vectors but is found by its new one only.
     _, everything = index.search(qn[:1], len(ids), query_old=qo[:1])
     assert sorted(everything[0].tolist()) == sorted(ids.tolist())

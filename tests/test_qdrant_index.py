@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 qdrant_client = pytest.importorskip("qdrant_client", reason="qdrant-client is not installed (pip install qdrant-client)")
 
 from backfill_lib.qdrant_index import QdrantBackfillIndex  # noqa: E402
-from live_helpers import PsiStandIn, brute_force_merged, grid_unit  # noqa: E402
+from live_helpers import PsiStandIn, assert_search_is_brute_force, backfill_in_batches, grid_unit  # noqa: E402
 
 D_OLD, D_NEW = 6, 8
 
@@ -32,14 +32,7 @@ def test_merged_search_equals_brute_force(seed, n, n_batches, use_psi, data):
     rng = np.random.default_rng(seed)
     psi = PsiStandIn(D_NEW, D_OLD, seed) if use_psi else None
     index, ids, old, new = build(rng, n, psi)
-    stored_new = np.zeros(n, dtype=bool)
-    order = rng.permutation(n)
-    start = 0
-    for cut in np.sort(rng.integers(0, n + 1, size=n_batches)):
-        if cut > start:
-            index.backfill(ids[order[start:cut]], new[order[start:cut]])
-            stored_new[order[start:cut]] = True
-            start = cut
+    stored_new = backfill_in_batches(index, rng, ids, new, n_batches)
     keep = np.ones(n, dtype=bool)
     if n > 1 and data.draw(st.booleans()):
         gone = rng.choice(n, size=rng.integers(1, n), replace=False)
@@ -52,10 +45,7 @@ def test_merged_search_equals_brute_force(seed, n, n_batches, use_psi, data):
     qn = grid_unit(rng, 5, D_NEW)
     qo = psi.transform(qn) if use_psi else grid_unit(rng, 5, D_OLD)
     k = data.draw(st.integers(1, int(keep.sum())))
-    scores, got = index.search(qn, k) if use_psi else index.search(qn, k, query_old=qo)
-    want_s, want_i = brute_force_merged(qo, qn, ids[keep], old[keep], new[keep], stored_new[keep], k)
-    np.testing.assert_array_equal(got, want_i)
-    np.testing.assert_allclose(scores, want_s, atol=1e-6)
+    assert_search_is_brute_force(index, qn, qo, k, ids[keep], old[keep], new[keep], stored_new[keep], use_psi)
 
 
 def test_a_point_holds_only_the_vector_it_is_stored_with_and_keeps_its_payload():
