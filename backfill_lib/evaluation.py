@@ -24,11 +24,13 @@ How it works, for a chunk of queries at a time (memory ``O(chunk_size × N)``):
   a scan of the row, which happens only when the best relevant item is tied.
 - Many relevant items per query (few classes: the book's data sets have 10, so a query has
   N/10 relevant items) make those binary searches outnumber the gallery. Such queries are
-  counted another way (``counting="sorted"``, chosen automatically): each query's ``2N`` old and
-  new scores are sorted once (each slice's own sort, then a merge), together with a copy of its
-  relevant entries, and one histogram over the sorted row counts, for every relevant entry, the
-  items of each (space, slice) that score less. Every state is then a sum over the slices stored
-  old and new in it, and AP and top-k hits of all states are computed at once.
+  counted another way (``counting="sorted"``, chosen automatically), without sorting the row:
+  each query's relevant scores (old and new) are sorted, every one of its ``2N`` old and new
+  scores is placed among them (a score bucket, then a comparison with the few relevant scores
+  sharing its bucket), and one histogram by (space, slice) and place counts, for every
+  relevant score, the items of each (space, slice) that score less. Every state is then a sum
+  over the slices stored old and new in it, and AP and top-k hits of all states are computed
+  at once.
 
 Ties, one rule for the whole evaluation
     The ranking is by descending score, ties broken by the smaller gallery index (id), as in
@@ -462,175 +464,261 @@ def _blocks_above(ops, state_blocks):
 
 
 # ---------------------------------------------------------------------------------------------
-# Many relevant items per query (few classes): one sort of each query's 2N old and new scores.
+# Many relevant items per query (few classes): each query's 2N scores placed among its relevant ones.
 # ---------------------------------------------------------------------------------------------
 
-#: Bytes of scratch memory the sorted counting may use per block of queries.
-_SORTED_SCRATCH = 64 * 2**20
+#: Bytes of scratch memory the sorted counting uses per block of rows (small enough that a
+#: block's arrays stay in the processor's cache: 16 MiB ran 10-20 % faster than 64 MiB).
+_SORTED_SCRATCH = 16 * 2**20
 
 #: The sorted counting is used when the block counting would make more than this many binary
 #: searches per gallery item and query (see :func:`_prefer_sorted`).
-_SORTED_CROSSOVER = 2.5
+_SORTED_CROSSOVER = 0.7
+
+#: Low bits of a packed needle (key << bits | code) that hold the code of its (space, slice).
+_CODE_BITS = 16
+_CODE_MASK = (1 << _CODE_BITS) - 1
+
+#: The key of padding needles: above the key of every score (+inf is 0x7F800000; NaN never occurs).
+_TOP = np.iinfo(np.int32).max
+
+#: Score buckets per needle (relevant score) when the sorted counting places a row's scores.
+_BUCKETS_PER_NEEDLE = 8
 
 
 def _prefer_sorted(width: int, n: int, n_states: int) -> bool:
-    """Whether a chunk with ``width`` relevant items per query is cheaper to count by one sort per
-    query of its ``2N`` old and new keys than by binary searches in the slice blocks.
+    """Whether a chunk with ``width`` relevant items per query is cheaper to count by placing
+    each query's ``2N`` old and new keys among its sorted relevant ones than by binary searches
+    in the slice blocks.
 
     The block counting makes about ``2 · width · (2S + 1)`` binary searches per query (each
-    relevant item's two keys in every slice of both spaces); the sorted counting sorts ``2N``
-    keys per query and passes over them a few times. Measured (N = 5,000, 11 states, one thread,
-    both countings in one run, ratio to one argsort): 10 classes, blocks 5.0x, sorted 3.95x;
-    20 classes about even (2.5x to 2.8x); 50 classes, blocks 1.2x, sorted 2.0x. The sorted
-    counting is bounded below by its merge of ``2N`` keys (about one argsort of ``N``) and by
-    the ``S · 2 · width`` counts it keeps per query. See :data:`_SORTED_CROSSOVER`.
+    relevant item's two keys in every slice of both spaces); the sorted counting passes over the
+    ``2N`` keys a few times and keeps ``S · 2 · width`` counts per query. Measured (11 states,
+    one thread, both countings in one run, ratio to one argsort of the N x N scores), N = 5,000:
+    10 classes, blocks 4.8x, sorted 1.6-2.3x; 50 classes 1.2x against 1.0x; 100 classes 0.89x
+    against 0.93x. N = 2,000: 50 classes about even (1.7x), 100 classes 1.0x against 1.45x.
+    See :data:`_SORTED_CROSSOVER`.
     """
     return 2 * width * (2 * n_states + 1) > _SORTED_CROSSOVER * n
 
 
-def _sorted_state_counts(keys_old, keys_new, valid, cols, item_slice, slice_at, bounds, n_states):
-    """Per state, how many items and how many relevant items score at least each relevant item.
+def _sorted_needles(key_old, key_new, valid, item_slice, code_of):
+    """Each row's relevant entries (every relevant item's old and new key), ascending by key.
 
-    For each query row, the ``2N`` entries (every item's old key and new key) are put in one
-    ascending order together with a copy of the relevant entries (the *needles*): each slice's
-    old keys and new keys are sorted (small sorts), tagged with their (space, slice) *code*, and
-    merged with the sorted needles by a stable sort of the row (which finds the sorted runs),
-    each needle before the entries of its own key. In state ``s`` an item's old entry is
-    *active* if its slice is after ``s``, its new entry if its slice is at most ``s``: the
-    merged ranking of state ``s`` is its active entries in order. One histogram over the row,
-    by code and by how many needles come before, gives for every needle how many entries of
-    each code score less than it; items scoring at least it in state ``s`` are the active
-    entries minus the active ones scoring less. Relevant items are counted likewise, among the
-    needles alone (a tied group of needles counted from its first).
+    ``key_old``/``key_new`` (c, width) int32: the keys of each row's relevant items. Returns
+    ``key_k`` (c, 2·width) int32, padding last with the key ``_TOP`` (above every real score);
+    ``code_k``: the (space, slice) code of each (0: padding).
+    """
+    packed = np.concatenate([np.where(valid, key_old, _TOP), np.where(valid, key_new, _TOP)],
+                            axis=1).astype(np.int64)
+    packed <<= _CODE_BITS
+    packed |= np.concatenate([np.where(valid, code_of[0][item_slice], 0), np.where(valid, code_of[1][item_slice], 0)],
+                             axis=1)
+    packed.sort(axis=1)  # by key, then code: one order however the sort breaks ties
+    code_k = (packed & _CODE_MASK).astype(np.int32)
+    packed >>= _CODE_BITS
+    return packed.astype(np.int32), code_k
 
-    Returns, all in the order of the needles by key (padding last): ``act`` (n_states, c, 2·width),
-    whether the needle is its item's entry in that state; ``ge``, ``rel_ge`` (same shape): items
-    and relevant items scoring at least it; ``single`` (c, 2·width): no other entry of the row has
-    its key (then exactly ``ge - 1`` items score more); ``key_k`` (c, 2·width): its key.
+
+def _needles_at_or_below(entry_key, needle_key, valid, cols, n, n_buckets):
+    """For each entry of each row, how many of the row's needles score at most it.
+
+    ``entry_key`` (r, 2N) int32 keys, old entries then new ones; ``needle_key`` (r, 2w) ascending,
+    padding (above every key) last: the keys of the entries ``cols`` and ``N + cols`` where
+    ``valid`` (r, w). Returns that count ``seg`` (r, 2N) int32, and for each needle how many entries have
+    exactly its key (``equal_to`` (r, 2w), counted for needles alone among the needles).
+
+    Without a sort: each row's scores are cut into ``n_buckets`` buckets of equal width between
+    its lowest and highest needle, by a float computation that is monotone in the score (so a
+    needle in a lower bucket scores less than the entry, one in a higher bucket more); a table
+    of the needles below each bucket gives the count, and only an entry sharing its bucket with
+    needles is compared with them, key against key.
+    """
+    r, two_w = needle_key.shape
+    rows = np.arange(r)[:, None]
+    # The scores back from the keys (the key map is its own inverse), to place them in buckets.
+    scores = entry_key ^ ((entry_key >> 31) & _SIGN_OFF)
+    scores = scores.view(np.float32)
+    at = np.concatenate([cols, cols + n], axis=1)  # each needle's own entry
+    valid_k = np.concatenate([valid, valid], axis=1)  # (in this order, not the needles')
+    needle_scores = np.take_along_axis(scores, at, axis=1)
+    lowest = np.where(valid_k, needle_scores, np.inf).min(axis=1)
+    highest = np.where(valid_k, needle_scores, -np.inf).max(axis=1)
+    lowest[~np.isfinite(lowest)], highest[~np.isfinite(highest)] = 0.0, 1.0  # a row without needles
+    spread = highest.astype(np.float64) - lowest
+    # A finite positive scale (a spread of 0 or a tiny one: any; a huge one: down to subnormal).
+    scale = np.minimum(max(n_buckets - 3, 1) / np.where(spread > 0, spread, 1.0), 1e30).astype(np.float32)[:, None]
+    # bucket = floor((score - lowest) · scale + 1), clipped to [0, n_buckets - 1]: each step is a
+    # rounded float operation, monotone in the score (the scale is positive and finite, so no
+    # step makes a NaN), so the bucket never decreases as the score grows; the needles are in
+    # buckets >= 1, scores below them in 0 or 1, -inf (leave-one-out) in 0.
+    with np.errstate(over="ignore"):  # a score far above the needles may go to +inf: clipped below
+        bucket = np.subtract(scores, lowest[:, None])
+        bucket *= scale
+        bucket += 1
+    np.clip(bucket, 0, n_buckets - 1, out=bucket)
+    bucket = bucket.astype(np.int32)
+    needle_bucket = np.take_along_axis(bucket, at, axis=1)
+    # below[b]: needles in buckets < b (b = 0 .. n_buckets), row by row.
+    in_bucket = np.bincount((needle_bucket + rows * n_buckets)[valid_k], minlength=r * n_buckets)
+    # table[b] = 2 · (needles in buckets < b) + (whether bucket b holds needles), row by row.
+    has = in_bucket > 0
+    np.cumsum(in_bucket.reshape(r, n_buckets), axis=1, out=in_bucket.reshape(r, n_buckets))
+    table = np.empty(r * n_buckets, dtype=np.int32)
+    table[0] = 0
+    np.left_shift(in_bucket[:-1], 1, out=table[1:], casting="unsafe")
+    table[::n_buckets] = 0  # the counts start again in each row
+    table |= has
+    del in_bucket, has
+    bucket += (np.arange(r, dtype=np.int32) * n_buckets)[:, None]
+    seg = table[bucket]
+    del bucket
+    seg_flat = seg.ravel()
+    share = np.flatnonzero(seg_flat & 1)  # entries whose bucket holds needles
+    seg >>= 1
+    row_of = share // entry_key.shape[1]
+    key_at = entry_key.ravel()[share]
+    first = seg_flat[share].astype(np.int64)
+    # Compare with the needles of the bucket one at a time (few share a bucket).
+    base = row_of * two_w
+    flat_needles = needle_key.ravel()
+    pos = first.copy()
+    equal = np.zeros(len(share), dtype=bool)  # the last needle at or below the entry has its key
+    todo = np.arange(len(share))
+    while len(todo):
+        at_or_below, key_todo = pos[todo], key_at[todo]
+        nxt = flat_needles[base[todo] + np.minimum(at_or_below, two_w - 1)]
+        more = (at_or_below < two_w) & (nxt <= key_todo)
+        todo = todo[more]
+        equal[todo] = nxt[more] == key_todo[more]
+        pos[todo] += 1
+    seg_flat[share] = pos
+    equal_to = np.bincount(base[equal] + pos[equal] - 1, minlength=r * two_w).reshape(r, two_w)
+    return seg, equal_to
+
+
+def _score_sorted(result, ch, keys_old, keys_new, key_old, key_new, cols, item_slice, bounds, n_states, new_masks,
+                  tied_before):
+    """Fill every state of ``result`` for the queries of ``ch``, counting row by row over the ``2N`` entries.
+
+    A row's *entries* are every item's old key and new key, each in the block of its *code*
+    (space, slice); its *needles* are its relevant entries, sorted. Each entry is placed among
+    the needles (:func:`_needles_at_or_below`: how many needles score at most it), and one
+    histogram by (code, place) counts, for every needle, the entries of each code scoring less.
+    In state ``s`` the old entries of the slices after ``s`` and the new entries of the slices
+    up to ``s`` are *active* (they make the merged ranking of state ``s``); with the codes in
+    the order old slices then new slices, they are one range of codes, so a cumulative sum over
+    the codes gives, for every state, the active entries scoring less than each needle; the
+    items scoring at least it are the others.
+
+    AP: in state ``s`` a row has one active needle per relevant item; taken in ascending key,
+    the ``t``-th of ``R`` has ``R - t`` relevant items scoring at least it (a tied group counts
+    from its first), so AP is ``Σ_t (R - t) / ge_t / R``. Top-k: the best relevant item is the
+    last active needle; when no other entry shares its key, ``ge - 1`` items are ahead of it.
+    Otherwise (ties, rare with continuous scores) the state's ranking is recounted for that
+    query as the block counting does it (items scoring more, plus tied items of smaller index:
+    ``tied_before(s)``).
     """
     c, n = keys_old.shape
     width = cols.shape[1]
     two_w, n_seg = 2 * width, 2 * width + 1
     n_slices = n_states + 1
-    n_codes = 2 * n_slices
-    states, slices = np.arange(n_states), np.arange(n_slices)
-    active = np.concatenate([slices[:, None] > states, slices[:, None] <= states])  # (codes, states)
-    sizes = np.concatenate([np.diff(bounds), np.diff(bounds)])
-    total_active = sizes @ active  # (n_states,)
-    # Low half of a packed value: its histogram bin, code·r + row (a needle's code is n_codes:
-    # not counted), plus 2**31 for an entry, so that needles sort before the entries of their key.
-    # Padding needles have the largest key: every row has 2·width needles, the last ones padding.
-    entry_flag = 1 << 31
-    needle_valid = np.concatenate([valid, valid], axis=1)
-    needle_code = np.concatenate([item_slice, item_slice + n_slices], axis=1).astype(np.int64)
-    needle_key = np.concatenate([np.take_along_axis(keys_old, cols, axis=1),
-                                 np.take_along_axis(keys_new, cols, axis=1)], axis=1).astype(np.int64)
-    # Needles sorted by key (their code after it; padding last): the k-th needle of the merged row.
-    needle_sorted = np.where(needle_valid, (needle_key << 32) | needle_code, np.iinfo(np.int64).max)
-    needle_sorted.sort(axis=1)
-    valid_k = needle_sorted != np.iinfo(np.int64).max
-    key_k = needle_sorted >> 32
-    code_k = np.where(valid_k, needle_sorted & 0xFFFFFFFF, 0)
-    needle_high = np.where(valid_k, key_k, np.iinfo(np.int32).max) << 32
-    del needle_sorted
-    # Needles tied with the one before: counted from the first of their key.
+    states = np.arange(n_states)
+    # Codes 1.. of the non-empty (space, slice) blocks (0: a padding needle, no entry).
+    blocks = [(half, j) for half in (0, 1) for j in range(n_slices) if bounds[j + 1] > bounds[j]]
+    n_codes = len(blocks)
+    code_of = np.zeros((2, n_slices), dtype=np.int64)
+    for q, (half, j) in enumerate(blocks, start=1):
+        code_of[half, j] = q
+    block_space = np.array([half for half, _ in blocks])
+    block_slice = np.array([j for _, j in blocks])
+    active = np.where(block_space[:, None] == 0, block_slice[:, None] > states,
+                      block_slice[:, None] <= states)  # (codes, states)
+    total_active = (bounds[block_slice + 1] - bounds[block_slice]) @ active  # (states,)
+    # Codes are ordered old slices, then new slices, each ascending: the codes active in state s
+    # (old entries of the slices after s, new entries of those up to s) are one range of codes.
+    n_old = int((block_space == 0).sum())
+    range_lo = np.array([int(((block_space == 0) & (block_slice <= s)).sum()) for s in states])
+    range_hi = np.array([n_old + int(((block_space == 1) & (block_slice <= s)).sum()) for s in states])
+
+    key_k, code_k = _sorted_needles(key_old, key_new, ch.valid, item_slice, code_of)
+    valid_k = code_k > 0
+    code_active = np.concatenate([np.zeros((1, n_states), dtype=bool), active])  # by code, 0: padding
     tie = np.zeros((c, two_w), dtype=bool)
     tie[:, 1:] = (key_k[:, 1:] == key_k[:, :-1]) & valid_k[:, 1:]
-    group = None
-    if tie.any():
-        group = np.where(tie, 0, np.arange(two_w))
-        np.maximum.accumulate(group, axis=1, out=group)
     alone = ~tie
     alone[:, :-1] &= ~tie[:, 1:]
-    # Relevant items scoring at least each needle, per state: active needles from its group on.
-    act = active.T[:, code_k] & valid_k  # (states, c, 2w)
-    rel_ge = act.astype(np.int32)
-    np.cumsum(rel_ge, axis=2, out=rel_ge)
-    rel_ge -= act  # active needles before each one
-    if group is not None:
-        tied_rows = np.flatnonzero(tie.any(axis=1))
-        rel_ge[:, tied_rows] = np.take_along_axis(rel_ge[:, tied_rows], np.broadcast_to(
-            group[tied_rows], (n_states, len(tied_rows), two_w)), axis=2)
-    np.subtract(valid.sum(axis=1, dtype=np.int32)[None, :, None], rel_ge, out=rel_ge)
-    rel_ge = rel_ge.astype(np.float64)  # AP divides them (in float64, the reference's precision)
-    # Counts are exact in float32 below 2**24; larger galleries count in float64.
-    float_t = np.float32 if 2 * n < 2**24 else np.float64
-    ge = np.empty((n_states, c, two_w), dtype=float_t)
-    active_t = active.T.astype(float_t)  # (states, codes)
-    single = np.empty((c, two_w), dtype=bool)
-    width_row = 2 * n + two_w
-    step = max(1, min(c, _SORTED_SCRATCH // (width_row * 32 + n_seg * (n_codes + 1) * 8),
-                      (entry_flag - 1) // (n_codes + 1)))  # code·r + row fits in 31 bits
+    n_rel = ch.n_rel
+    # Every (state, row) keeps `width` needles: its n_rel active ones, then padding to fill up.
+    k = np.arange(two_w)
+    fill = ~valid_k & (k - 2 * n_rel[:, None] < width - n_rel[:, None])
+    t = np.arange(width)
+    rel_share = np.where(t < n_rel[:, None], (n_rel[:, None] - t) / np.maximum(n_rel[:, None], 1), 0.0)
+    tied_rows = tie.any(axis=1)
+
+    # Every entry's code times the places, in the layout's column order: old entries, then new ones.
+    slice_at = np.repeat(np.arange(n_slices), np.diff(bounds))
+    column_bin = np.concatenate([code_of[0][slice_at], code_of[1][slice_at]]).astype(np.int32) * n_seg
+    n_buckets = _BUCKETS_PER_NEEDLE * two_w + 3
+    per_row = 2 * n * 32 + (n_codes + 1) * n_seg * 8 + n_states * two_w * 8 + n_buckets * 13  # bytes of scratch
+    step = max(1, min(c, _SORTED_SCRATCH // per_row, (2**31 - 1) // ((n_codes + 1) * n_seg)))
     for lo in range(0, c, step):
         hi = min(lo + step, c)
-        r, rows_r = hi - lo, np.arange(hi - lo)[:, None]
-        packed = np.empty((r, width_row), dtype=np.int64)
-        for half, keys in enumerate((keys_old, keys_new)):
-            for j in range(n_slices):
-                a, b = bounds[j], bounds[j + 1]
-                if b > a:
-                    block = packed[:, half * n + a:half * n + b]
-                    block[:] = np.sort(keys[lo:hi, a:b], axis=1)
-                    block <<= 32
-                    block |= entry_flag | ((half * n_slices + j) * r + rows_r)
-        packed[:, 2 * n:] = needle_high[lo:hi] | (n_codes * r + rows_r)
-        packed.sort(axis=1, kind="stable")  # merges the sorted runs
-        low = packed & 0xFFFFFFFF
-        is_needle = low < entry_flag
-        seg = is_needle.astype(np.int32)
-        np.cumsum(seg, axis=1, out=seg)  # needles at or before each position
-        low &= entry_flag - 1  # the histogram bin: code·r + row
-        low *= n_seg
-        low += seg
+        r = hi - lo
+        entry_key = np.concatenate([keys_old[lo:hi], keys_new[lo:hi]], axis=1)  # (r, 2N) int32
+        seg, equal_to = _needles_at_or_below(entry_key, key_k[lo:hi], ch.valid[lo:hi], cols[lo:hi], n,
+                                             n_buckets)
+        # Histogram bin, row-major (one row's bins stay in cache): row, code, then segment (the
+        # entries scoring at least needle k-1 and less than needle k). Code 0 has no entry.
+        seg += column_bin
+        seg += (np.arange(r, dtype=np.int32) * ((n_codes + 1) * n_seg))[:, None]
+        hist = np.bincount(seg.ravel(), minlength=r * (n_codes + 1) * n_seg).reshape(r, n_codes + 1, n_seg)
         del seg
-        hist = np.bincount(low.ravel(), minlength=(n_codes + 1) * r * n_seg).reshape(n_codes + 1, r, n_seg)
-        del low
-        np.cumsum(hist, axis=2, out=hist)
-        less = hist[:n_codes, :, :two_w].astype(float_t)  # (codes, r, 2w): entries scoring less than needle k
-        ge[:, lo:hi] = (total_active[:, None] - active_t @ less.reshape(n_codes, -1)).reshape(n_states, r, two_w)
-        # Alone in the row: alone among the needles, and the entry after its own (the first of
-        # its key, right after the needle) has another key.
-        after = np.flatnonzero(is_needle).reshape(r, two_w) - rows_r * width_row + 2  # the needle's position + 2
-        del is_needle
-        packed >>= 32
-        nxt = np.take_along_axis(packed, np.minimum(after, width_row - 1), axis=1)
-        single[lo:hi] = alone[lo:hi] & ((nxt != key_k[lo:hi]) | (after >= width_row))
-        del packed, hist
-    return act, ge, rel_ge, single, key_k
-
-
-def _score_sorted(result, ch, act, ge, rel_ge, single, key_k, key_old, key_new, item_slice, keys_old, keys_new,
-                  new_masks, tied_before):
-    """Fill every state of ``result`` for the queries of ``ch`` from the sorted counts (needle order).
-
-    AP: at each active needle (a relevant item's entry in that state), relevant items scoring at
-    least it over items scoring at least it. Top-k: the best relevant item is the last active
-    needle; when no other entry shares its key, ``ge - 1`` items are ahead of it. Otherwise (ties,
-    rare with continuous scores) the state's ranking is recounted for that query, as the block
-    path does it: items scoring more, plus tied items of smaller index (:meth:`_Scores.score_state`;
-    ``tied_before(s)`` is state ``s``'s count of those).
-    """
-    n_states, c, two_w = ge.shape
-    rows, has_rel = ch.rows, ch.has_rel
-    precision = np.divide(rel_ge, np.maximum(ge, 1.0))  # an active needle has ge >= 1 (itself)
-    precision *= act
-    with np.errstate(invalid="ignore", divide="ignore"):
-        result.ap[:, rows] = np.where(has_rel, precision.sum(axis=2) / ch.n_rel, np.nan)
-    del precision
-    best = two_w - 1 - np.argmax(act[:, :, ::-1], axis=2)  # (states, c): the active needle of highest key
-    arange_c = np.arange(c)
-    ahead = np.take_along_axis(ge, best[:, :, None], axis=2)[:, :, 0].astype(np.int64) - 1
-    exact = single[arange_c, best] & has_rel
-    for s, i in zip(*np.nonzero(has_rel & ~exact)):
-        key = np.where(item_slice[i] <= s, key_new[i], key_old[i])
-        key = np.where(ch.valid[i], key, _PAD)
-        b = int(np.argmax(key))  # the smaller index among the best (members are in ascending index)
-        merged = np.where(new_masks[s], keys_new[i], keys_old[i])
-        ahead[s, i] = int((merged > key[b]).sum())
-        if ahead[s, i] < result.k_max:
-            ahead[s, i] += int(tied_before(s)(np.array([i]), key[b:b + 1], ch.ids[i:i + 1, b])[0])
-    for k in result.ks:
-        result.hits[k][:, rows] = has_rel & (ahead < k)
+        np.cumsum(hist, axis=2, out=hist)  # entries of each code scoring less than needle k: segments 0..k
+        for q in range(2, n_codes + 1):  # ... of the codes up to each (numpy's cumsum is slow on this axis)
+            hist[:, q] += hist[:, q - 1]
+        # The active codes of state s are one range, codes range_lo[s]+1 .. range_hi[s].
+        ge = np.empty((n_states, r, two_w), dtype=np.int32)  # items scoring at least each needle
+        for s in range(n_states):
+            np.subtract(hist[:, range_lo[s], :two_w], hist[:, range_hi[s], :two_w], out=ge[s])
+            ge[s] += total_active[s]
+        del hist
+        # Alone in the row: alone among the needles, and no entry but its own has its key.
+        single = alone[lo:hi] & (equal_to == 1)
+        rows = slice(ch.rows.start + lo, ch.rows.start + hi)
+        act = code_active.T[:, code_k[lo:hi]]  # (states, r, 2w): the needle is its item's entry in that state
+        # Each (state, row) keeps its active needles and padding: `width` of them, ascending key.
+        kept_mask = act | fill[None, lo:hi]
+        kept = np.maximum(ge.ravel()[np.flatnonzero(kept_mask)].reshape(n_states, r, width), 1)  # a needle counts itself
+        share = rel_share[lo:hi]
+        tr = np.flatnonzero(tied_rows[lo:hi])
+        if len(tr):  # a tied group of needles: relevant items counted from its first
+            kk = np.broadcast_to(key_k[lo:hi][tr], (n_states, len(tr), two_w))[kept_mask[:, tr]]
+            kk = kk.reshape(n_states, len(tr), width)
+            first = np.zeros(kk.shape, dtype=np.int64)
+            first[..., 1:] = np.where(kk[..., 1:] != kk[..., :-1], t[1:], 0)
+            np.maximum.accumulate(first, axis=2, out=first)
+            m = n_rel[lo:hi][tr][:, None]
+            share = np.repeat(share[None], n_states, axis=0)
+            share[:, tr] = np.where(t < m, (m - first) / np.maximum(m, 1), 0.0)
+        has_rel = ch.has_rel[lo:hi]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            result.ap[:, rows] = np.where(has_rel, (share / kept).sum(axis=2), np.nan)
+        # The best relevant item: the last active needle; items ahead of it.
+        best = two_w - 1 - np.argmax(act[:, :, ::-1], axis=2)  # (states, r)
+        ahead = np.take_along_axis(ge, best[:, :, None], axis=2)[:, :, 0].astype(np.int64) - 1
+        exact = single[np.arange(r), best] & has_rel
+        for s, i in zip(*np.nonzero(has_rel & ~exact)):
+            ci = lo + i
+            key = np.where(item_slice[ci] <= s, key_new[ci], key_old[ci])
+            key = np.where(ch.valid[ci], key, _PAD)
+            b = int(np.argmax(key))  # the smaller index among the best (members are in ascending index)
+            merged = np.where(new_masks[s], keys_new[ci], keys_old[ci])
+            ahead[s, i] = int((merged > key[b]).sum())
+            if ahead[s, i] < result.k_max:
+                ahead[s, i] += int(tied_before(s)(np.array([ci]), key[b:b + 1], ch.ids[ci:ci + 1, b])[0])
+        for kk_ in result.ks:
+            result.hits[kk_][:, rows] = has_rel & (ahead < kk_)
 
 
 def evaluate_states(query_old, gallery_old, query_new, gallery_new, query_labels, gallery_labels, order,
@@ -675,9 +763,9 @@ def evaluate_states(query_old, gallery_old, query_new, gallery_new, query_labels
     counting : {"auto", "blocks", "sorted"}, default "auto"
         How the numpy path counts the items ahead of each relevant item: ``"blocks"`` by binary
         searches in the sorted slices (cheap with few relevant items per query, i.e. many
-        classes), ``"sorted"`` by one sort of each query's ``2N`` old and new scores (cheap with
-        many, i.e. few classes); ``"auto"`` picks the cheaper per block of queries. The results
-        are the same; a torch device always counts by blocks.
+        classes), ``"sorted"`` by placing each query's ``2N`` old and new scores among its
+        sorted relevant ones (cheap with many, i.e. few classes); ``"auto"`` picks the cheaper
+        per block of queries. The results are the same; a torch device always counts by blocks.
 
     Returns
     -------
@@ -743,8 +831,8 @@ def evaluate_states(query_old, gallery_old, query_new, gallery_new, query_labels
     width = int(np.unique(gy, return_counts=True)[1].max(initial=1))
     sorted_path = ops.name == "numpy" and (counting == "sorted" or
                                            (counting == "auto" and _prefer_sorted(width, n, n_states)))
-    if sorted_path:  # its per-state counts take about 32·S·2·width bytes a query: fewer queries at once
-        chunk_size = max(1, min(chunk_size, 2 * _SORTED_SCRATCH // (64 * n_states * width + 16 * n)))
+    if sorted_path:  # it keeps about 8·N + 48·width bytes a query besides its scratch rows
+        chunk_size = max(1, min(chunk_size, 2 * _SORTED_SCRATCH // (8 * n + 48 * width)))
     for ch in _query_chunks(qy, gy, position, exclude_self, chunk_size):
         rows, c, self_cols, ids, valid = ch.rows, ch.c, ch.self_cols, ch.ids, ch.valid
         width = ids.shape[1]
@@ -761,8 +849,8 @@ def evaluate_states(query_old, gallery_old, query_new, gallery_new, query_labels
                                                                   best_ids, layout)
 
         if sorted_path:
-            counts = _sorted_state_counts(keys_old, keys_new, valid, cols, item_slice, slice_at, bounds, n_states)
-            _score_sorted(result, ch, *counts, key_old, key_new, item_slice, keys_old, keys_new, new_masks, tied)
+            _score_sorted(result, ch, keys_old, keys_new, key_old, key_new, cols, item_slice, bounds, n_states,
+                          new_masks, tied)
             continue
         # Every relevant item's old and new key, sorted in its row: sorted needles search faster.
         needles = np.concatenate([key_old, key_new], axis=1)

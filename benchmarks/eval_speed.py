@@ -9,8 +9,8 @@ tighter). For each N and class count this one process measures
 - ``argsort``: one row-wise ``np.argsort`` (default kind) of the N × N old/old score matrix, in
   chunks of 1024 rows (the scores are computed outside the timed part);
 - ``engine``: :func:`backfill_lib.backfill.evaluate_backfill`, the whole 11-ratio curve, numpy path
-  (which counts by blocks or by one sort per query, whichever is cheaper: see
-  :func:`backfill_lib.evaluation.evaluate_states`'s ``counting``);
+  (which counts by blocks or row by row against each query's sorted relevant scores, whichever
+  is cheaper: see :func:`backfill_lib.evaluation.evaluate_states`'s ``counting``);
 - ``stable argsort``: the same with ``kind="stable"``, for scale (one run);
 - ``reference``: the old engine (tests/reference_engine.py), which sorts every merged row twice
   per ratio,

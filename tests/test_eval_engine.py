@@ -211,8 +211,9 @@ def test_cuda_without_gpu_is_a_clear_error():
 def test_the_counting_is_chosen_by_the_number_of_relevant_items():
     from backfill_lib.evaluation import _prefer_sorted
     # 5,000 items, 11 states: 10 classes (500 relevant items per query) are counted sorted,
-    # 100 classes (50) by the blocks; one relevant item never sorted.
-    assert _prefer_sorted(500, 5000, 11) and not _prefer_sorted(50, 5000, 11) and not _prefer_sorted(1, 5000, 11)
+    # 50 classes (100) too, 100 classes (50) by the blocks; one relevant item never sorted.
+    assert _prefer_sorted(500, 5000, 11) and _prefer_sorted(100, 5000, 11)
+    assert not _prefer_sorted(50, 5000, 11) and not _prefer_sorted(1, 5000, 11)
 
 
 def test_an_unknown_counting_is_refused():
@@ -236,3 +237,78 @@ def test_sorted_and_blocks_agree_at_scale_with_leave_one_out(n_classes):
     for k in (1, 5, 50):
         np.testing.assert_array_equal(a.hits[k], b.hits[k])
     assert 0.2 < np.nanmean(b.ap) < 1.0  # a real ranking, not a degenerate one
+
+
+# The sorted counting places every score among the query's relevant scores (the needles) through
+# score buckets, without sorting the row; it must be an exact searchsorted whatever the scores.
+_SCORE_KINDS = st.sampled_from(["normal", "ties", "huge", "tiny spread", "signed zeros", "subnormal"])
+
+
+def _scores_of(kind, rng, shape):
+    if kind == "normal":
+        x = rng.normal(size=shape)
+    elif kind == "ties":
+        x = rng.integers(-3, 4, size=shape) / 4
+    elif kind == "huge":
+        x = rng.choice([-1, 1], size=shape) * 10.0 ** rng.uniform(30, 38, size=shape)
+    elif kind == "tiny spread":
+        x = 0.5 + rng.integers(-3, 4, size=shape) * np.finfo(np.float32).eps
+    elif kind == "signed zeros":
+        x = rng.choice([-0.0, 0.0, 1.0, -1.0], size=shape)
+    else:
+        x = rng.integers(-5, 6, size=shape) * np.finfo(np.float32).smallest_subnormal
+    return x.astype(np.float32)
+
+
+@given(kind=_SCORE_KINDS, seed=st.integers(0, 2**32 - 1), buckets=st.sampled_from([3, 4, 11, 64]))
+def test_needles_are_placed_exactly(kind, seed, buckets):
+    from backfill_lib.evaluation import _TOP, _keys_inplace, _needles_at_or_below
+    rng = np.random.default_rng(seed)
+    r, n, width = int(rng.integers(1, 5)), int(rng.integers(1, 30)), int(rng.integers(1, 6))
+    scores = _scores_of(kind, rng, (r, 2 * n))
+    scores[rng.random(scores.shape) < 0.05] = -np.inf  # leave-one-out marks
+    cols = np.sort(np.stack([rng.choice(n, size=min(width, n), replace=False) for _ in range(r)]), axis=1)
+    valid = rng.random(cols.shape) < 0.8
+    at = np.concatenate([cols, cols + n], axis=1)
+    scores[np.arange(r)[:, None], at] = np.where(np.isinf(scores[np.arange(r)[:, None], at]), 0.0,
+                                                 scores[np.arange(r)[:, None], at])  # a needle is a real score
+    keys = _keys_inplace(scores.copy())
+    needles = np.where(np.concatenate([valid, valid], axis=1), np.take_along_axis(keys, at, axis=1), _TOP)
+    needles.sort(axis=1)
+    seg, equal_to = _needles_at_or_below(keys, needles, valid, cols, n, buckets)
+    for i in range(r):
+        real = needles[i][needles[i] < _TOP]
+        np.testing.assert_array_equal(seg[i], np.searchsorted(real, keys[i], side="right"))
+        for k, v in enumerate(real):
+            if (real == v).sum() == 1:  # counted for needles alone among the needles
+                assert equal_to[i, k] == (keys[i] == v).sum()
+
+
+@pytest.mark.parametrize("kind", ["huge", "tiny spread", "signed zeros"])
+def test_sorted_counting_with_extreme_scores(kind):
+    # Scores near float32's limits, all but equal, or signed zeros: the buckets must stay exact.
+    rng = np.random.default_rng(11)
+    n, d = 60, 4
+    if kind == "huge":
+        old, new = unit(rng.normal(size=(n, d))) * 3e18, unit(rng.normal(size=(n, d))) * 2e18
+    elif kind == "tiny spread":
+        base = unit(rng.normal(size=(1, d)))
+        old = (base + 1e-7 * rng.integers(-2, 3, size=(n, d))).astype(np.float32)
+        new = (base + 1e-6 * rng.normal(size=(n, d))).astype(np.float32)
+    else:
+        old, new = np.eye(d, dtype=np.float32)[rng.integers(d, size=n)], -np.eye(d, dtype=np.float32)[rng.integers(d, size=n)]
+    y = rng.integers(0, 3, size=n)
+    order, states = rng.permutation(n), [0, 15, 30, 45, 60]
+    case = dict(query_old=old, gallery_old=old, query_new=new, gallery_new=new, query_labels=y, gallery_labels=y,
+                order=order, n_backfilled=states, exclude_self=True)
+    got = evaluate_states(**case, ks=(1, 5), device="numpy", counting="sorted")
+    _, hits = reference_states(**case, ks=(1, 5))
+    for k in (1, 5):
+        np.testing.assert_array_equal(got.hits[k], hits[k])
+    for s, m in enumerate(states):
+        scores = _merged_rows(old, old, new, new, order, m, True)
+        for i, row in enumerate(scores):
+            keep = np.isfinite(row)
+            rel = (y == y[i])[keep]
+            expected = average_precision_score(rel, row[keep]) if rel.any() else np.nan
+            np.testing.assert_allclose(got.ap[s, i], expected, rtol=0, atol=1e-12)
