@@ -150,10 +150,15 @@ class _NumpyOps:
     def __init__(self, *arrays):
         self.arrays = arrays
 
-    def keys(self, query: int, rows: slice, gallery: int, self_cols):
+    def scores(self, query: int, rows: slice, gallery: int, self_cols):
+        """The float32 scores of the query rows ``rows``; leave-one-out: ``-inf`` at ``self_cols``."""
         scores = self.arrays[query][rows] @ self.arrays[gallery].T
         if self_cols is not None:
             scores[np.arange(len(self_cols)), self_cols] = -np.inf
+        return scores
+
+    def keys(self, query: int, rows: slice, gallery: int, self_cols):
+        scores = self.scores(query, rows, gallery, self_cols)
         # As _keys_inplace, a block of rows at a time with one scratch buffer: the temporaries
         # of the whole matrix would cost more than the arithmetic.
         step = max(1, 2 ** 18 // scores.shape[1])
@@ -520,10 +525,10 @@ def _sorted_needles(key_old, key_new, valid, item_slice, code_of):
     return packed.astype(np.int32), code_k
 
 
-def _needles_at_or_below(entry_key, needle_key, valid, cols, n, n_buckets):
+def _needles_at_or_below(entries, needle_key, valid, cols, n, n_buckets):
     """For each entry of each row, how many of the row's needles score at most it.
 
-    ``entry_key`` (r, 2N) int32 keys, old entries then new ones; ``needle_key`` (r, 2w) ascending,
+    ``entries`` (r, 2N) float32 scores, old entries then new ones; ``needle_key`` (r, 2w) ascending,
     padding (above every key) last: the keys of the entries ``cols`` and ``N + cols`` where
     ``valid`` (r, w). Returns that count ``seg`` (r, 2N) int32, and for each needle how many entries have
     exactly its key (``equal_to`` (r, 2w), counted for needles alone among the needles).
@@ -536,9 +541,7 @@ def _needles_at_or_below(entry_key, needle_key, valid, cols, n, n_buckets):
     """
     r, two_w = needle_key.shape
     rows = np.arange(r)[:, None]
-    # The scores back from the keys (the key map is its own inverse), to place them in buckets.
-    scores = entry_key ^ ((entry_key >> 31) & _SIGN_OFF)
-    scores = scores.view(np.float32)
+    scores = entries
     at = np.concatenate([cols, cols + n], axis=1)  # each needle's own entry
     valid_k = np.concatenate([valid, valid], axis=1)  # (in this order, not the needles')
     needle_scores = np.take_along_axis(scores, at, axis=1)
@@ -576,8 +579,8 @@ def _needles_at_or_below(entry_key, needle_key, valid, cols, n, n_buckets):
     seg_flat = seg.ravel()
     share = np.flatnonzero(seg_flat & 1)  # entries whose bucket holds needles
     seg >>= 1
-    row_of = share // entry_key.shape[1]
-    key_at = entry_key.ravel()[share]
+    row_of = share // entries.shape[1]
+    key_at = _keys_inplace(entries.ravel()[share])  # compared as keys: -0.0 is 0.0
     first = seg_flat[share].astype(np.int64)
     # Compare with the needles of the bucket one at a time (few share a bucket).
     base = row_of * two_w
@@ -597,8 +600,8 @@ def _needles_at_or_below(entry_key, needle_key, valid, cols, n, n_buckets):
     return seg, equal_to
 
 
-def _score_sorted(result, ch, keys_old, keys_new, key_old, key_new, cols, item_slice, bounds, n_states, new_masks,
-                  tied_before):
+def _score_sorted(result, ch, scores_old, scores_new, key_old, key_new, cols, item_slice, bounds, n_states, new_masks,
+                  layout):
     """Fill every state of ``result`` for the queries of ``ch``, counting row by row over the ``2N`` entries.
 
     A row's *entries* are every item's old key and new key, each in the block of its *code*
@@ -616,10 +619,13 @@ def _score_sorted(result, ch, keys_old, keys_new, key_old, key_new, cols, item_s
     from its first), so AP is ``Σ_t (R - t) / ge_t / R``. Top-k: the best relevant item is the
     last active needle; when no other entry shares its key, ``ge - 1`` items are ahead of it.
     Otherwise (ties, rare with continuous scores) the state's ranking is recounted for that
-    query as the block counting does it (items scoring more, plus tied items of smaller index:
-    ``tied_before(s)``).
+    query: items scoring more, plus tied items of smaller gallery index (``layout``: the index
+    of each column).
+
+    ``scores_old``/``scores_new`` (c, N) float32 (``-inf``: left out); ``key_old``/``key_new``
+    (c, width) int32: the keys of each row's relevant items (``_PAD`` where not ``ch.valid``).
     """
-    c, n = keys_old.shape
+    c, n = scores_old.shape
     width = cols.shape[1]
     two_w, n_seg = 2 * width, 2 * width + 1
     n_slices = n_states + 1
@@ -665,8 +671,8 @@ def _score_sorted(result, ch, keys_old, keys_new, key_old, key_new, cols, item_s
     for lo in range(0, c, step):
         hi = min(lo + step, c)
         r = hi - lo
-        entry_key = np.concatenate([keys_old[lo:hi], keys_new[lo:hi]], axis=1)  # (r, 2N) int32
-        seg, equal_to = _needles_at_or_below(entry_key, key_k[lo:hi], ch.valid[lo:hi], cols[lo:hi], n,
+        entries = np.concatenate([scores_old[lo:hi], scores_new[lo:hi]], axis=1)  # (r, 2N) float32
+        seg, equal_to = _needles_at_or_below(entries, key_k[lo:hi], ch.valid[lo:hi], cols[lo:hi], n,
                                              n_buckets)
         # Histogram bin, row-major (one row's bins stay in cache): row, code, then segment (the
         # entries scoring at least needle k-1 and less than needle k). Code 0 has no entry.
@@ -710,13 +716,13 @@ def _score_sorted(result, ch, keys_old, keys_new, key_old, key_new, cols, item_s
         exact = single[np.arange(r), best] & has_rel
         for s, i in zip(*np.nonzero(has_rel & ~exact)):
             ci = lo + i
-            key = np.where(item_slice[ci] <= s, key_new[ci], key_old[ci])
-            key = np.where(ch.valid[ci], key, _PAD)
+            key = np.where(ch.valid[ci], np.where(item_slice[ci] <= s, key_new[ci], key_old[ci]), _PAD)
             b = int(np.argmax(key))  # the smaller index among the best (members are in ascending index)
-            merged = np.where(new_masks[s], keys_new[ci], keys_old[ci])
-            ahead[s, i] = int((merged > key[b]).sum())
+            best_score = (scores_new if item_slice[ci, b] <= s else scores_old)[ci, cols[ci, b]]
+            merged = np.where(new_masks[s], scores_new[ci], scores_old[ci])  # (-0.0 == 0.0, as the keys)
+            ahead[s, i] = int((merged > best_score).sum())
             if ahead[s, i] < result.k_max:
-                ahead[s, i] += int(tied_before(s)(np.array([ci]), key[b:b + 1], ch.ids[ci:ci + 1, b])[0])
+                ahead[s, i] += int(((merged == best_score) & (layout < ch.ids[ci, b])).sum())
         for kk_ in result.ks:
             result.hits[kk_][:, rows] = has_rel & (ahead < kk_)
 
@@ -839,6 +845,14 @@ def evaluate_states(query_old, gallery_old, query_new, gallery_new, query_labels
         cols = position[ids]
         item_slice = slice_at[cols]
 
+        if sorted_path:  # on the float scores: keys only where compared
+            scores_old, scores_new = ops.scores(0, rows, 1, self_cols), ops.scores(2, rows, 3, self_cols)
+            key_old = np.where(valid, _keys_inplace(np.take_along_axis(scores_old, cols, axis=1)), _PAD)
+            key_new = np.where(valid, _keys_inplace(np.take_along_axis(scores_new, cols, axis=1)), _PAD)
+            _score_sorted(result, ch, scores_old, scores_new, key_old, key_new, cols, item_slice, bounds, n_states,
+                          new_masks, layout)
+            continue
+
         keys_old = ops.keys(0, rows, 1, self_cols)
         keys_new = ops.keys(2, rows, 3, self_cols)
         key_old = np.where(valid, ops.gather(keys_old, cols), _PAD).astype(np.int32)
@@ -848,10 +862,6 @@ def evaluate_states(query_old, gallery_old, query_new, gallery_new, query_labels
             return lambda resolve, key, best_ids: ops.tied_before(keys_old, keys_new, resolve, new_masks[s], key,
                                                                   best_ids, layout)
 
-        if sorted_path:
-            _score_sorted(result, ch, keys_old, keys_new, key_old, key_new, cols, item_slice, bounds, n_states,
-                          new_masks, tied)
-            continue
         # Every relevant item's old and new key, sorted in its row: sorted needles search faster.
         needles = np.concatenate([key_old, key_new], axis=1)
         needle_order = np.argsort(needles, axis=1, kind="stable")

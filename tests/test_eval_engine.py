@@ -275,7 +275,7 @@ def test_needles_are_placed_exactly(kind, seed, buckets):
     keys = _keys_inplace(scores.copy())
     needles = np.where(np.concatenate([valid, valid], axis=1), np.take_along_axis(keys, at, axis=1), _TOP)
     needles.sort(axis=1)
-    seg, equal_to = _needles_at_or_below(keys, needles, valid, cols, n, buckets)
+    seg, equal_to = _needles_at_or_below(scores, needles, valid, cols, n, buckets)
     for i in range(r):
         real = needles[i][needles[i] < _TOP]
         np.testing.assert_array_equal(seg[i], np.searchsorted(real, keys[i], side="right"))
