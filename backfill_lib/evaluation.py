@@ -541,10 +541,9 @@ def _needles_at_or_below(entries, needle_key, valid, cols, n, n_buckets):
     """
     r, two_w = needle_key.shape
     rows = np.arange(r)[:, None]
-    scores = entries
     at = np.concatenate([cols, cols + n], axis=1)  # each needle's own entry
     valid_k = np.concatenate([valid, valid], axis=1)  # (in this order, not the needles')
-    needle_scores = np.take_along_axis(scores, at, axis=1)
+    needle_scores = np.take_along_axis(entries, at, axis=1)
     lowest = np.where(valid_k, needle_scores, np.inf).min(axis=1)
     highest = np.where(valid_k, needle_scores, -np.inf).max(axis=1)
     lowest[~np.isfinite(lowest)], highest[~np.isfinite(highest)] = 0.0, 1.0  # a row without needles
@@ -556,7 +555,7 @@ def _needles_at_or_below(entries, needle_key, valid, cols, n, n_buckets):
     # step makes a NaN), so the bucket never decreases as the score grows; the needles are in
     # buckets >= 1, scores below them in 0 or 1, -inf (leave-one-out) in 0.
     with np.errstate(over="ignore"):  # a score far above the needles may go to +inf: clipped below
-        bucket = np.subtract(scores, lowest[:, None])
+        bucket = np.subtract(entries, lowest[:, None])
         bucket *= scale
         bucket += 1
     np.clip(bucket, 0, n_buckets - 1, out=bucket)
@@ -600,8 +599,8 @@ def _needles_at_or_below(entries, needle_key, valid, cols, n, n_buckets):
     return seg, equal_to
 
 
-def _score_sorted(result, ch, scores_old, scores_new, key_old, key_new, cols, item_slice, bounds, n_states, new_masks,
-                  layout):
+def _score_sorted(result, ch, scores_old, scores_new, key_old, key_new, cols, item_slice, bounds, slice_at, new_masks,
+                  tied_before):
     """Fill every state of ``result`` for the queries of ``ch``, counting row by row over the ``2N`` entries.
 
     A row's *entries* are every item's old key and new key, each in the block of its *code*
@@ -619,8 +618,8 @@ def _score_sorted(result, ch, scores_old, scores_new, key_old, key_new, cols, it
     from its first), so AP is ``Σ_t (R - t) / ge_t / R``. Top-k: the best relevant item is the
     last active needle; when no other entry shares its key, ``ge - 1`` items are ahead of it.
     Otherwise (ties, rare with continuous scores) the state's ranking is recounted for that
-    query: items scoring more, plus tied items of smaller gallery index (``layout``: the index
-    of each column).
+    query: items scoring more, plus tied items of smaller gallery index (``tied_before(s)``, as
+    :meth:`_NumpyOps.tied_before` on the scores).
 
     ``scores_old``/``scores_new`` (c, N) float32 (``-inf``: left out); ``key_old``/``key_new``
     (c, width) int32: the keys of each row's relevant items (``_PAD`` where not ``ch.valid``).
@@ -628,6 +627,7 @@ def _score_sorted(result, ch, scores_old, scores_new, key_old, key_new, cols, it
     c, n = scores_old.shape
     width = cols.shape[1]
     two_w, n_seg = 2 * width, 2 * width + 1
+    n_states = len(new_masks)
     n_slices = n_states + 1
     states = np.arange(n_states)
     # Codes 1.. of the non-empty (space, slice) blocks (0: a padding needle, no entry).
@@ -663,7 +663,6 @@ def _score_sorted(result, ch, scores_old, scores_new, key_old, key_new, cols, it
     tied_rows = tie.any(axis=1)
 
     # Every entry's code times the places, in the layout's column order: old entries, then new ones.
-    slice_at = np.repeat(np.arange(n_slices), np.diff(bounds))
     column_bin = np.concatenate([code_of[0][slice_at], code_of[1][slice_at]]).astype(np.int32) * n_seg
     n_buckets = _BUCKETS_PER_NEEDLE * two_w + 3
     per_row = 2 * n * 32 + (n_codes + 1) * n_seg * 8 + n_states * two_w * 8 + n_buckets * 13  # bytes of scratch
@@ -722,7 +721,7 @@ def _score_sorted(result, ch, scores_old, scores_new, key_old, key_new, cols, it
             merged = np.where(new_masks[s], scores_new[ci], scores_old[ci])  # (-0.0 == 0.0, as the keys)
             ahead[s, i] = int((merged > best_score).sum())
             if ahead[s, i] < result.k_max:
-                ahead[s, i] += int(((merged == best_score) & (layout < ch.ids[ci, b])).sum())
+                ahead[s, i] += int(tied_before(s)(np.array([ci]), np.array([best_score]), ch.ids[ci:ci + 1, b])[0])
         for kk_ in result.ks:
             result.hits[kk_][:, rows] = has_rel & (ahead < kk_)
 
@@ -849,8 +848,12 @@ def evaluate_states(query_old, gallery_old, query_new, gallery_new, query_labels
             scores_old, scores_new = ops.scores(0, rows, 1, self_cols), ops.scores(2, rows, 3, self_cols)
             key_old = np.where(valid, _keys_inplace(np.take_along_axis(scores_old, cols, axis=1)), _PAD)
             key_new = np.where(valid, _keys_inplace(np.take_along_axis(scores_new, cols, axis=1)), _PAD)
-            _score_sorted(result, ch, scores_old, scores_new, key_old, key_new, cols, item_slice, bounds, n_states,
-                          new_masks, layout)
+            def tied_scores(s):  # tied items of smaller index, compared as scores (-0.0 == 0.0, as the keys)
+                return lambda resolve, score, best_ids: ops.tied_before(scores_old, scores_new, resolve, new_masks[s],
+                                                                        score, best_ids, layout)
+
+            _score_sorted(result, ch, scores_old, scores_new, key_old, key_new, cols, item_slice, bounds, slice_at,
+                          new_masks, tied_scores)
             continue
 
         keys_old = ops.keys(0, rows, 1, self_cols)
